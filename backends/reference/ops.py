@@ -1,0 +1,271 @@
+"""Reference backend: every op in plain PyTorch, on any device. The executable specification.
+
+Written for clarity and for bit-level agreement with transformers where that is cheap (same op order);
+not for speed. FP8 weights are dequantized once at load.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from dsv32.core.kv_cache import index_key_bytes, latent_entry_bytes, latent_scale_blocks
+from dsv32.core.ops import FP8_E4M3_MAX, ExpertWeights, AttnMetadata, LinearWeight, Ops
+
+FP8 = torch.float8_e4m3fn
+
+
+def _fp8_scale(amax: torch.Tensor, ue8m0: bool) -> torch.Tensor:
+    scale = amax.float().clamp(min=1e-4) / FP8_E4M3_MAX
+    if ue8m0:
+        scale = torch.pow(2.0, torch.ceil(torch.log2(scale)))
+    return scale
+
+
+def _dequant_blocks(weight: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int], dtype) -> torch.Tensor:
+    """W[.., n, k] = weight[.., n, k] · scale_inv[.., n // bn, k // bk] (last row/col blocks may be partial)."""
+    bn, bk = block
+    n, k = weight.shape[-2:]
+    s = scale_inv.float().repeat_interleave(bn, dim=-2)[..., :n, :].repeat_interleave(bk, dim=-1)[..., :k]
+    return (weight.float() * s).to(dtype)
+
+
+class ReferenceOps(Ops):
+    name = "reference"
+
+    # ---- weights ------------------------------------------------------------------------------------
+    def dequantize(self, w: LinearWeight, dtype: torch.dtype) -> torch.Tensor:
+        if w.scale_inv is None:
+            return w.weight.to(dtype)
+        return _dequant_blocks(w.weight, w.scale_inv, w.block, dtype)
+
+    def prepare_linear(self, w: LinearWeight, dtype: torch.dtype) -> LinearWeight:
+        return LinearWeight(self.dequantize(w, dtype))
+
+    def prepare_experts(self, w: ExpertWeights, dtype: torch.dtype) -> ExpertWeights:
+        gate_up = torch.cat([self.dequantize(w.gate, dtype), self.dequantize(w.up, dtype)], dim=-2)
+        return ExpertWeights(None, None, self.prepare_linear(w.down, dtype), gate_up=LinearWeight(gate_up))
+
+    def linear(self, x: torch.Tensor, w: LinearWeight) -> torch.Tensor:
+        weight = w.weight if w.scale_inv is None else self.dequantize(w, x.dtype)
+        return F.linear(x, weight.to(x.dtype))
+
+    # ---- elementwise / norms ------------------------------------------------------------------------
+    def rms_norm(self, x, weight, eps, residual=None):
+        if residual is not None:
+            x = x + residual
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+        y = weight * h.to(x.dtype)
+        return (y, x) if residual is not None else y
+
+    def layer_norm(self, x, weight, bias, eps):
+        return F.layer_norm(x, (x.shape[-1],), weight, bias, eps)
+
+    def silu_and_mul(self, x):
+        gate, up = x.chunk(2, dim=-1)
+        return F.silu(gate) * up
+
+    def rotary_embedding(self, x, positions, cos_sin, interleaved):
+        half = x.shape[-1] // 2
+        cs = cos_sin[positions].to(x.dtype)
+        cos, sin = cs[:, None, :half], cs[:, None, half:]
+        if interleaved:
+            x1, x2 = x[..., 0::2], x[..., 1::2]
+            out = torch.empty_like(x)
+            out[..., 0::2] = x1 * cos - x2 * sin
+            out[..., 1::2] = x2 * cos + x1 * sin
+            return out
+        x1, x2 = x[..., :half], x[..., half:]
+        cos2, sin2 = torch.cat([cos, cos], -1), torch.cat([sin, sin], -1)
+        return x * cos2 + torch.cat([-x2, x1], dim=-1) * sin2
+
+    def hadamard_transform(self, x):
+        d = x.shape[-1]
+        if d & (d - 1):
+            raise ValueError(f"hadamard_transform needs a power-of-two width, got {d}")
+        h = x.float().reshape(-1, d)
+        step = 1
+        while step < d:  # Sylvester butterfly: pairs (i, i+step) within blocks of 2·step
+            h = h.view(-1, d // (2 * step), 2, step)
+            a, b = h[:, :, 0, :], h[:, :, 1, :]
+            h = torch.stack([a + b, a - b], dim=2).reshape(-1, d)
+            step *= 2
+        return (h * d**-0.5).view(x.shape).to(x.dtype)
+
+    def quantize_fp8(self, x, block, ue8m0=True):
+        d = x.shape[-1]
+        nb = math.ceil(d / block)
+        pad = nb * block - d
+        xf = F.pad(x.float(), (0, pad)).view(*x.shape[:-1], nb, block)
+        scale = _fp8_scale(xf.abs().amax(-1), ue8m0)
+        q = (xf / scale[..., None]).clamp(-FP8_E4M3_MAX, FP8_E4M3_MAX).to(FP8)
+        return q.view(*x.shape[:-1], nb * block)[..., :d], scale
+
+    # ---- KV cache -----------------------------------------------------------------------------------
+    def write_latent_cache(self, latent_cache, latent, k_pe, slots):
+        keep = slots >= 0
+        slots, latent, k_pe = slots[keep], latent[keep], k_pe[keep]
+        flat = latent_cache.view(-1, latent_cache.shape[-1])
+        if latent_cache.dtype != torch.uint8:
+            flat[slots] = torch.cat([latent, k_pe], dim=-1).to(flat.dtype)
+            return
+        L, R = latent.shape[-1], k_pe.shape[-1]
+        nb = latent_scale_blocks(L)
+        assert flat.shape[-1] == latent_entry_bytes(L, R)
+        q, scale = self.quantize_fp8(latent, 128, ue8m0=True)
+        entry = torch.cat([
+            q.view(torch.uint8),
+            scale.view(-1, nb).contiguous().view(torch.uint8),
+            k_pe.to(torch.bfloat16).contiguous().view(torch.uint8),
+        ], dim=-1)
+        flat[slots] = entry
+
+    def read_latent(self, latent_cache: torch.Tensor, slots: torch.Tensor, L: int, R: int, dtype) -> torch.Tensor:
+        """Gather [n, L+R] entries (dequantized for the fp8 pool). Helper, not part of the interface."""
+        flat = latent_cache.view(-1, latent_cache.shape[-1])
+        e = flat[slots]
+        if latent_cache.dtype != torch.uint8:
+            return e.to(dtype)
+        nb = latent_scale_blocks(L)
+        c = e[:, :L].contiguous().view(FP8).float()
+        scale = e[:, L:L + 4 * nb].contiguous().view(torch.float32)
+        c = c * scale.repeat_interleave(128, dim=-1)[:, :L]  # scale j covers elements 128j..128j+127
+        k_pe = e[:, L + 4 * nb:].contiguous().view(torch.bfloat16).float()
+        return torch.cat([c, k_pe], dim=-1).to(dtype)
+
+    def write_index_keys(self, index_cache, keys, slots):
+        keep = slots >= 0
+        slots, keys = slots[keep], keys[keep]
+        if index_cache.dtype != torch.uint8:
+            index_cache.view(-1, index_cache.shape[-1])[slots] = keys.to(index_cache.dtype)
+            return
+        pages, page_bytes = index_cache.shape
+        d = keys.shape[-1]
+        page_size = page_bytes // index_key_bytes(d)
+        q, scale = self.quantize_fp8(keys, d, ue8m0=True)
+        page, off = slots // page_size, slots % page_size
+        key_pos = page[:, None] * page_bytes + off[:, None] * d + torch.arange(d, device=keys.device)
+        scale_pos = page[:, None] * page_bytes + page_size * d + off[:, None] * 4 + torch.arange(4, device=keys.device)
+        flat = index_cache.view(-1)
+        flat[key_pos.reshape(-1)] = q.view(torch.uint8).reshape(-1)
+        flat[scale_pos.reshape(-1)] = scale.view(-1).contiguous().view(torch.uint8)
+
+    def read_index_keys(self, index_cache: torch.Tensor, slots: torch.Tensor, d: int):
+        """Gather keys [n, d] (fp8 or float) and scales [n] fp32 (ones for float pools). Helper."""
+        if index_cache.dtype != torch.uint8:
+            k = index_cache.view(-1, d)[slots]
+            return k, torch.ones(k.shape[0], dtype=torch.float32, device=k.device)
+        pages, page_bytes = index_cache.shape
+        page_size = page_bytes // index_key_bytes(d)
+        page, off = slots // page_size, slots % page_size
+        flat = index_cache.view(-1)
+        key_pos = page[:, None] * page_bytes + off[:, None] * d + torch.arange(d, device=slots.device)
+        scale_pos = page[:, None] * page_bytes + page_size * d + off[:, None] * 4 + torch.arange(4, device=slots.device)
+        k = flat[key_pos].contiguous().view(FP8)
+        s = flat[scale_pos].contiguous().view(torch.float32).view(-1)
+        return k, s
+
+    # ---- indexer ------------------------------------------------------------------------------------
+    @staticmethod
+    def _slots_of(batch: AttnMetadata, req: int, n: int) -> torch.Tensor:
+        pos = torch.arange(n, device=batch.block_table.device)
+        pages = batch.block_table[req, pos // batch.page_size].long()
+        return pages * batch.page_size + pos % batch.page_size
+
+    def indexer_topk(self, q, head_weights, index_cache, batch, softmax_scale, topk):
+        T = q.shape[0]
+        out = torch.full((T, topk), -1, dtype=torch.int32, device=q.device)
+        d = q.shape[-1]
+        for r, kv_len in enumerate(batch.kv_lens_cpu):
+            rows = (batch.token_req == r).nonzero().flatten()
+            if rows.numel() == 0 or kv_len == 0:
+                continue
+            slots = self._slots_of(batch, r, kv_len)
+            k, k_scale = self.read_index_keys(index_cache, slots, d)
+            # Same op order and row layout as transformers' indexer, so ties break the same way.
+            scores = torch.matmul(q[rows].float().unsqueeze(0), k.float().T.unsqueeze(0).unsqueeze(1)) * softmax_scale
+            scores = F.relu(scores) * k_scale
+            index_scores = torch.matmul(head_weights[rows].float().unsqueeze(-2).unsqueeze(0), scores).squeeze(-2)[0]
+            future = torch.arange(kv_len, device=q.device)[None, :] > batch.positions[rows][:, None]
+            index_scores = index_scores.masked_fill(future, float("-inf"))
+            k_sel = min(topk, kv_len)
+            idx = index_scores.topk(k_sel, dim=-1).indices
+            chosen = slots[idx]
+            chosen[idx > batch.positions[rows][:, None]] = -1  # picked only because the row has < k_sel keys
+            out[rows, :k_sel] = chosen.to(torch.int32)
+        return out
+
+    # ---- attention ----------------------------------------------------------------------------------
+    def sparse_mla_attention(self, q, latent_cache, topk_slots, softmax_scale, kv_lora_rank):
+        T, H, D = q.shape
+        L, R = kv_lora_rank, D - kv_lora_rank
+        n_slots = latent_cache.shape[0] * latent_cache.shape[1]
+        valid = (topk_slots >= 0) & (topk_slots < n_slots)
+        safe = torch.where(valid, topk_slots, torch.zeros_like(topk_slots)).long()
+        kv = self.read_latent(latent_cache, safe.view(-1), L, R, q.dtype).view(T, -1, L + R)
+        scores = torch.einsum("thd,tkd->thk", q, kv) * softmax_scale
+        scores = scores.float().masked_fill(~valid[:, None, :], float("-inf"))
+        probs = torch.softmax(scores, dim=-1).nan_to_num(0.0).to(q.dtype)
+        return torch.einsum("thk,tkl->thl", probs, kv[..., :L])
+
+    def dense_mla_attention(self, q, latent_cache, batch, softmax_scale, kv_lora_rank):
+        max_len = int(batch.positions.max().item()) + 1 if q.shape[0] else 0
+        pos = torch.arange(max_len, device=q.device)
+        pages = batch.block_table[batch.token_req][:, pos // batch.page_size].long()
+        slots = pages * batch.page_size + pos % batch.page_size
+        slots = torch.where(pos[None, :] <= batch.positions[:, None], slots, torch.full_like(slots, -1))
+        return self.sparse_mla_attention(q, latent_cache, slots.to(torch.int32), softmax_scale, kv_lora_rank)
+
+    # ---- MoE ----------------------------------------------------------------------------------------
+    def moe_route(self, router_logits, correction_bias, n_group, topk_group, top_k, renormalize,
+                  routed_scaling_factor):
+        T, E = router_logits.shape
+        scores = router_logits.float().sigmoid()
+        choice = scores + correction_bias.float()
+        group_scores = choice.view(T, n_group, E // n_group).topk(2, dim=-1)[0].sum(dim=-1)
+        group_idx = torch.topk(group_scores, k=topk_group, dim=-1, sorted=False)[1]
+        group_mask = torch.zeros_like(group_scores).scatter_(1, group_idx, 1)
+        score_mask = group_mask.unsqueeze(-1).expand(T, n_group, E // n_group).reshape(T, E)
+        choice = choice.masked_fill(~score_mask.bool(), float("-inf"))
+        ids = torch.topk(choice, k=top_k, dim=-1, sorted=False)[1]
+        weights = scores.gather(1, ids)
+        if renormalize:
+            weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+        return weights * routed_scaling_factor, ids
+
+    def moe_experts(self, x, experts, topk_weights, topk_ids):
+        out = torch.zeros_like(x)
+        w13, w2 = experts.gate_up.weight, experts.down.weight
+        for e in torch.unique(topk_ids).tolist():  # ascending expert order, as transformers
+            tok, slot = torch.where(topk_ids == e)
+            h = self.silu_and_mul(F.linear(x[tok], w13[e].to(x.dtype)))
+            h = F.linear(h, w2[e].to(x.dtype)) * topk_weights[tok, slot, None]
+            out.index_add_(0, tok, h.to(out.dtype))
+        return out
+
+    # ---- sampling -----------------------------------------------------------------------------------
+    def sample(self, logits, temperatures, top_ps, top_ks, generators):
+        out = torch.empty(logits.shape[0], dtype=torch.int64, device=logits.device)
+        for i in range(logits.shape[0]):
+            row = logits[i].float()
+            t = float(temperatures[i])
+            if t <= 0.0:
+                out[i] = row.argmax()
+                continue
+            row = row / t
+            k = int(top_ks[i])
+            if 0 < k < row.numel():
+                kth = row.topk(k).values[-1]
+                row = row.masked_fill(row < kth, float("-inf"))
+            p = float(top_ps[i])
+            if p < 1.0:
+                sorted_logits, order = row.sort(descending=True)
+                cum = sorted_logits.softmax(-1).cumsum(-1)
+                drop = cum - sorted_logits.softmax(-1) >= p  # keep the smallest prefix reaching p
+                row = row.scatter(0, order, sorted_logits.masked_fill(drop, float("-inf")))
+            probs = row.softmax(-1)
+            out[i] = torch.multinomial(probs, 1, generator=generators[i])[0]
+        return out

@@ -1,0 +1,291 @@
+"""Model configuration: parse a DeepSeek-V3.2 `config.json` (official or HF-transformers-5.x spelling).
+
+One frozen dataclass, `ModelConfig`, is the single source of truth handed down to the model graph, the
+KV-cache manager and the loader. Unknown architectures and missing required fields raise `ConfigError`
+naming the field and the file.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+SUPPORTED_ARCHITECTURES = ("DeepseekV32ForCausalLM",)
+
+# Fields without a sensible default: a config.json lacking one is rejected.
+REQUIRED_FIELDS = (
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "moe_intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "q_lora_rank",
+    "kv_lora_rank",
+    "qk_nope_head_dim",
+    "qk_rope_head_dim",
+    "v_head_dim",
+    "n_routed_experts",
+    "num_experts_per_tok",
+    "index_n_heads",
+    "index_head_dim",
+    "index_topk",
+)
+
+# Optional fields and their defaults — the same defaults transformers' DeepseekV32Config uses, so a
+# config.json that omits them means the same model to us and to the HF reference.
+OPTIONAL_DEFAULTS: dict[str, Any] = {
+    "n_shared_experts": 1,
+    "routed_scaling_factor": 2.5,
+    "n_group": 8,
+    "topk_group": 4,
+    "norm_topk_prob": True,
+    "scoring_func": "sigmoid",
+    "topk_method": "noaux_tc",
+    "hidden_act": "silu",
+    "rms_norm_eps": 1e-6,
+    "first_k_dense_replace": 3,
+    "moe_layer_freq": 1,
+    "max_position_embeddings": 163840,
+    "tie_word_embeddings": False,
+    "num_nextn_predict_layers": 0,
+    "bos_token_id": 0,
+    "eos_token_id": 1,
+    "attention_bias": False,
+}
+
+
+class ConfigError(ValueError):
+    """A config.json that this engine cannot serve; the message names the field and what to do."""
+
+
+@dataclass(frozen=True)
+class RopeConfig:
+    """RoPE / YaRN parameters shared by MLA (interleaved) and the indexer (half-split)."""
+
+    theta: float = 10000.0
+    rope_type: str = "default"  # "default" or "yarn"
+    factor: float = 1.0
+    original_max_position_embeddings: int = 4096
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    mscale: float | None = None
+    mscale_all_dim: float | None = None
+    attention_factor: float | None = None
+    truncate: bool = True
+
+
+@dataclass(frozen=True)
+class Fp8BlockQuantConfig:
+    """DeepSeek FP8 e4m3 weights with `weight_scale_inv` per (block_n × block_k) block."""
+
+    block_n: int = 128
+    block_k: int = 128
+    scale_fmt: str | None = None  # "ue8m0" on V3.2; informational — scales are read from the file
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    moe_intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    q_lora_rank: int
+    kv_lora_rank: int
+    qk_nope_head_dim: int
+    qk_rope_head_dim: int
+    v_head_dim: int
+    n_routed_experts: int
+    num_experts_per_tok: int
+    index_n_heads: int
+    index_head_dim: int
+    index_topk: int
+    n_shared_experts: int = 1
+    routed_scaling_factor: float = 2.5
+    n_group: int = 8
+    topk_group: int = 4
+    norm_topk_prob: bool = True
+    rms_norm_eps: float = 1e-6
+    first_k_dense_replace: int = 3
+    max_position_embeddings: int = 163840
+    tie_word_embeddings: bool = False
+    num_nextn_predict_layers: int = 0
+    bos_token_id: int | None = 0
+    eos_token_ids: tuple[int, ...] = (1,)
+    dense_layers: tuple[bool, ...] = ()  # per layer: True = dense MLP, False = MoE
+    rope: RopeConfig = field(default_factory=RopeConfig)
+    quant: Fp8BlockQuantConfig | None = None
+    torch_dtype: str = "bfloat16"
+
+    # ---- derived quantities -------------------------------------------------------------------------
+    @property
+    def qk_head_dim(self) -> int:
+        return self.qk_nope_head_dim + self.qk_rope_head_dim
+
+    @property
+    def latent_dim(self) -> int:
+        """Width of one token's MLA cache entry: compressed latent c plus the shared rope key."""
+        return self.kv_lora_rank + self.qk_rope_head_dim
+
+    @property
+    def softmax_scale(self) -> float:
+        """MLA softmax scale: qk_head_dim^-0.5 times YaRN mscale² (0.1352338 for V3.2)."""
+        scale = self.qk_head_dim**-0.5
+        r = self.rope
+        if r.rope_type != "default" and r.mscale_all_dim:
+            m = yarn_get_mscale(r.factor, r.mscale_all_dim)
+            scale = scale * m * m
+        return scale
+
+    def is_dense_layer(self, layer: int) -> bool:
+        return self.dense_layers[layer]
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any], source: str = "config.json") -> "ModelConfig":
+        return _parse(raw, source)
+
+    @classmethod
+    def from_pretrained(cls, model_dir: str) -> "ModelConfig":
+        path = os.path.join(model_dir, "config.json")
+        if not os.path.isfile(path):
+            raise ConfigError(f"{path} not found: --model must be a directory holding config.json and *.safetensors")
+        try:
+            with open(path, encoding="utf-8") as f:
+                raw = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{path} is not valid JSON: {e}") from None
+        return _parse(raw, path)
+
+
+def yarn_get_mscale(scale: float, mscale: float = 1.0) -> float:
+    if scale <= 1:
+        return 1.0
+    return 0.1 * mscale * math.log(scale) + 1.0
+
+
+def _parse(raw: dict[str, Any], source: str) -> ModelConfig:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: expected a JSON object")
+    archs = raw.get("architectures") or []
+    if not archs:
+        raise ConfigError(f"{source}: missing required field 'architectures' (expected {list(SUPPORTED_ARCHITECTURES)})")
+    if not any(a in SUPPORTED_ARCHITECTURES for a in archs):
+        raise ConfigError(
+            f"{source}: unsupported architecture {archs}; dsv32 serves {list(SUPPORTED_ARCHITECTURES)} "
+            "(DeepSeek-V3.2, V3.2-Exp, V3.2-Speciale)"
+        )
+    missing = [k for k in REQUIRED_FIELDS if raw.get(k) is None]
+    if missing:
+        raise ConfigError(f"{source}: missing required field(s) {missing}")
+    vals: dict[str, Any] = {k: raw[k] for k in REQUIRED_FIELDS}
+    for k, default in OPTIONAL_DEFAULTS.items():
+        v = raw.get(k)
+        vals[k] = default if v is None else v
+
+    _check(vals["hidden_act"] == "silu", source, "hidden_act", f"only 'silu' is supported, got {vals['hidden_act']!r}")
+    _check(vals["scoring_func"] == "sigmoid", source, "scoring_func", f"only 'sigmoid' is supported, got {vals['scoring_func']!r}")
+    _check(vals["moe_layer_freq"] == 1, source, "moe_layer_freq", f"only 1 is supported, got {vals['moe_layer_freq']}")
+    _check(not vals["attention_bias"], source, "attention_bias", "biased attention projections are not part of DeepSeek-V3.2")
+    _check(vals["n_routed_experts"] % vals["n_group"] == 0, source, "n_group",
+           f"n_routed_experts={vals['n_routed_experts']} is not divisible by n_group={vals['n_group']}")
+    _check(vals["topk_group"] <= vals["n_group"], source, "topk_group", f"topk_group={vals['topk_group']} > n_group={vals['n_group']}")
+    _check(vals["index_head_dim"] > vals["qk_rope_head_dim"], source, "index_head_dim",
+           f"index_head_dim={vals['index_head_dim']} must exceed qk_rope_head_dim={vals['qk_rope_head_dim']}")
+    _check(vals["qk_rope_head_dim"] % 2 == 0, source, "qk_rope_head_dim", "must be even")
+    nkv = raw.get("num_key_value_heads")
+    _check(nkv is None or nkv == vals["num_attention_heads"], source, "num_key_value_heads",
+           f"MLA needs num_key_value_heads == num_attention_heads, got {nkv}")
+
+    n_layers = vals["num_hidden_layers"]
+    mlp_types = raw.get("mlp_layer_types")
+    if mlp_types is not None:
+        _check(len(mlp_types) >= n_layers and all(t in ("dense", "sparse") for t in mlp_types), source,
+               "mlp_layer_types", f"expected {n_layers} entries of 'dense'/'sparse', got {mlp_types}")
+        dense_layers = tuple(t == "dense" for t in mlp_types[:n_layers])
+    else:
+        n_dense = min(vals["first_k_dense_replace"], n_layers)
+        dense_layers = tuple(i < n_dense for i in range(n_layers))
+
+    eos = vals["eos_token_id"]
+    eos_ids = tuple(eos) if isinstance(eos, (list, tuple)) else ((eos,) if eos is not None else ())
+
+    return ModelConfig(
+        **{k: vals[k] for k in REQUIRED_FIELDS},
+        n_shared_experts=vals["n_shared_experts"],
+        routed_scaling_factor=float(vals["routed_scaling_factor"]),
+        n_group=vals["n_group"],
+        topk_group=vals["topk_group"],
+        norm_topk_prob=bool(vals["norm_topk_prob"]),
+        rms_norm_eps=float(vals["rms_norm_eps"]),
+        first_k_dense_replace=vals["first_k_dense_replace"],
+        max_position_embeddings=vals["max_position_embeddings"],
+        tie_word_embeddings=bool(vals["tie_word_embeddings"]),
+        num_nextn_predict_layers=vals["num_nextn_predict_layers"],
+        bos_token_id=vals["bos_token_id"],
+        eos_token_ids=eos_ids,
+        dense_layers=dense_layers,
+        rope=_parse_rope(raw, source),
+        quant=_parse_quant(raw.get("quantization_config"), source),
+        torch_dtype=str(raw.get("torch_dtype") or raw.get("dtype") or "bfloat16"),
+    )
+
+
+def _check(ok: bool, source: str, name: str, why: str) -> None:
+    if not ok:
+        raise ConfigError(f"{source}: field '{name}': {why}")
+
+
+def _parse_rope(raw: dict[str, Any], source: str) -> RopeConfig:
+    # HF 5.x: rope_parameters {rope_type, rope_theta, ...}; official: rope_scaling {type, ...} + rope_theta.
+    params = raw.get("rope_parameters")
+    if params is None:
+        params = dict(raw.get("rope_scaling") or {})
+    else:
+        params = dict(params)
+    theta = params.get("rope_theta", raw.get("rope_theta", 10000.0))
+    rope_type = params.get("rope_type", params.get("type", "default")) or "default"
+    if rope_type not in ("default", "yarn"):
+        raise ConfigError(f"{source}: field 'rope_scaling.type': only 'yarn' or default RoPE is supported, got {rope_type!r}")
+    if rope_type == "default":
+        return RopeConfig(theta=float(theta))
+    if params.get("factor") is None:
+        raise ConfigError(f"{source}: missing required field 'rope_scaling.factor' for YaRN")
+    return RopeConfig(
+        theta=float(theta),
+        rope_type="yarn",
+        factor=float(params["factor"]),
+        original_max_position_embeddings=int(
+            params.get("original_max_position_embeddings") or raw.get("max_position_embeddings") or 4096
+        ),
+        beta_fast=float(params.get("beta_fast") or 32),
+        beta_slow=float(params.get("beta_slow") or 1),
+        mscale=params.get("mscale"),
+        mscale_all_dim=params.get("mscale_all_dim"),
+        attention_factor=params.get("attention_factor"),
+        truncate=bool(params.get("truncate", True)),
+    )
+
+
+def _parse_quant(q: dict[str, Any] | None, source: str) -> Fp8BlockQuantConfig | None:
+    if not q:
+        return None
+    method = q.get("quant_method")
+    if method != "fp8":
+        raise ConfigError(
+            f"{source}: field 'quantization_config.quant_method': {method!r} checkpoints are not supported yet "
+            "(supported: bf16/fp32 weights and DeepSeek FP8 block 'fp8')"
+        )
+    fmt = q.get("fmt", "e4m3")
+    if fmt != "e4m3":
+        raise ConfigError(f"{source}: field 'quantization_config.fmt': only 'e4m3' is supported, got {fmt!r}")
+    block = q.get("weight_block_size")
+    if not (isinstance(block, (list, tuple)) and len(block) == 2 and all(isinstance(b, int) and b > 0 for b in block)):
+        raise ConfigError(f"{source}: field 'quantization_config.weight_block_size': expected [n, k], got {block!r}")
+    if q.get("activation_scheme", "dynamic") != "dynamic":
+        raise ConfigError(f"{source}: field 'quantization_config.activation_scheme': only 'dynamic' is supported")
+    return Fp8BlockQuantConfig(block_n=block[0], block_k=block[1], scale_fmt=q.get("scale_fmt"))

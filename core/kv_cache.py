@@ -1,0 +1,153 @@
+"""Paged KV cache: per-layer pools for the MLA latent and the indexer keys, a page allocator with
+reference counts, and per-request page lists turned into block tables.
+
+Pools (one per layer, page size P tokens; a token at position pos of a request lives at physical slot
+block_table[pos // P] * P + pos % P):
+- latent, float: [pages, P, L+R] in the cache dtype (bf16: 1152 B/token at V3.2 sizes) = [c | k_pe];
+- latent, fp8: uint8 [pages, P, L + 4·ceil(L/128) + 2R] (656 B/token: FlashMLA's layout) =
+  [c e4m3 | fp32 scale per 128 elements | k_pe bf16];
+- index keys, fp8 mode: uint8 [pages, P·(D+4)] = per page all D-byte e4m3 keys, then all fp32 scales
+  (132 B/token, DeepGEMM's paged layout);
+- index keys, exact mode: [pages, P, D] in the model dtype.
+The model reads and writes KV only through these pools and the ops that own their layout.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+
+def latent_scale_blocks(kv_lora_rank: int) -> int:
+    return math.ceil(kv_lora_rank / 128)
+
+
+def latent_entry_bytes(kv_lora_rank: int, rope_dim: int) -> int:
+    """Bytes per token of the fp8 latent entry: 656 for kv_lora_rank 512, rope 64."""
+    return kv_lora_rank + 4 * latent_scale_blocks(kv_lora_rank) + 2 * rope_dim
+
+
+def index_key_bytes(index_head_dim: int) -> int:
+    """Bytes per token of an fp8 indexer key with its fp32 scale: 132 for head dim 128."""
+    return index_head_dim + 4
+
+
+class OutOfPagesError(RuntimeError):
+    """Raised when an allocation asks for more pages than are free (the scheduler preempts on it)."""
+
+
+class PageAllocator:
+    """Free list plus a reference count per page (a page shared by several requests through a prefix
+    cache is freed when the last holder releases it)."""
+
+    def __init__(self, num_pages: int):
+        self.num_pages = num_pages
+        self._free = list(range(num_pages - 1, -1, -1))  # pop() hands out low page ids first
+        self._refs = [0] * num_pages
+
+    @property
+    def num_free(self) -> int:
+        return len(self._free)
+
+    def alloc(self, n: int) -> list[int]:
+        if n > len(self._free):
+            raise OutOfPagesError(f"need {n} KV pages, {len(self._free)} free of {self.num_pages}")
+        pages = [self._free.pop() for _ in range(n)]
+        for p in pages:
+            self._refs[p] = 1
+        return pages
+
+    def incref(self, page: int) -> None:
+        if self._refs[page] <= 0:
+            raise ValueError(f"page {page} is not allocated")
+        self._refs[page] += 1
+
+    def release(self, pages: list[int]) -> None:
+        for p in pages:
+            if self._refs[p] <= 0:
+                raise ValueError(f"double free of page {p}")
+            self._refs[p] -= 1
+            if self._refs[p] == 0:
+                self._free.append(p)
+
+    def refcount(self, page: int) -> int:
+        return self._refs[page]
+
+
+@dataclass(frozen=True)
+class KVCacheSpec:
+    num_layers: int
+    num_pages: int
+    page_size: int
+    kv_lora_rank: int
+    rope_dim: int
+    index_head_dim: int
+    latent_dtype: torch.dtype | str  # a float dtype, or "fp8_e4m3"
+    index_fp8: bool  # fp8 keys + scales (132 B/token) vs keys in index_dtype
+    index_dtype: torch.dtype
+
+    def latent_bytes_per_token(self) -> int:
+        if self.latent_dtype == "fp8_e4m3":
+            return latent_entry_bytes(self.kv_lora_rank, self.rope_dim)
+        return (self.kv_lora_rank + self.rope_dim) * torch.empty((), dtype=self.latent_dtype).element_size()
+
+    def index_bytes_per_token(self) -> int:
+        if self.index_fp8:
+            return index_key_bytes(self.index_head_dim)
+        return self.index_head_dim * torch.empty((), dtype=self.index_dtype).element_size()
+
+    def bytes_per_page(self) -> int:
+        return self.num_layers * self.page_size * (self.latent_bytes_per_token() + self.index_bytes_per_token())
+
+
+class KVCache:
+    """Owns the pools and the allocator; hands out pages to requests and builds block tables."""
+
+    def __init__(self, spec: KVCacheSpec, device: torch.device | str):
+        self.spec = spec
+        self.device = torch.device(device)
+        P, n = spec.page_size, spec.num_pages
+        if spec.latent_dtype == "fp8_e4m3":
+            shape, dtype = (n, P, latent_entry_bytes(spec.kv_lora_rank, spec.rope_dim)), torch.uint8
+        else:
+            shape, dtype = (n, P, spec.kv_lora_rank + spec.rope_dim), spec.latent_dtype
+        self.latent = [torch.zeros(shape, dtype=dtype, device=self.device) for _ in range(spec.num_layers)]
+        if spec.index_fp8:
+            ishape, idtype = (n, P * index_key_bytes(spec.index_head_dim)), torch.uint8
+        else:
+            ishape, idtype = (n, P, spec.index_head_dim), spec.index_dtype
+        self.index_keys = [torch.zeros(ishape, dtype=idtype, device=self.device) for _ in range(spec.num_layers)]
+        self.allocator = PageAllocator(n)
+
+    @property
+    def page_size(self) -> int:
+        return self.spec.page_size
+
+    def pages_needed(self, num_tokens: int, have_pages: int = 0) -> int:
+        return max(0, math.ceil(num_tokens / self.page_size) - have_pages)
+
+    def grow(self, pages: list[int], num_tokens: int) -> None:
+        """Extend a request's page list in place so it can hold num_tokens tokens."""
+        need = self.pages_needed(num_tokens, len(pages))
+        if need:
+            pages.extend(self.allocator.alloc(need))
+
+    def free(self, pages: list[int]) -> None:
+        self.allocator.release(pages)
+        pages.clear()
+
+    def slots(self, pages: list[int], start: int, end: int) -> torch.Tensor:
+        """Physical slots of positions [start, end) of a request holding `pages`."""
+        pos = torch.arange(start, end)
+        page_ids = torch.tensor(pages, dtype=torch.int64)[pos // self.page_size]
+        return page_ids * self.page_size + pos % self.page_size
+
+    def block_table(self, page_lists: list[list[int]]) -> torch.Tensor:
+        width = max((len(p) for p in page_lists), default=0) or 1
+        table = torch.full((len(page_lists), width), -1, dtype=torch.int32)
+        for i, pages in enumerate(page_lists):
+            if pages:
+                table[i, : len(pages)] = torch.tensor(pages, dtype=torch.int32)
+        return table

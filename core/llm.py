@@ -1,0 +1,185 @@
+"""Offline engine front: `LLM(model=dir).generate(...)`, shaped like vLLM's."""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from dsv32.core.config import ModelConfig
+from dsv32.core.engine import Engine
+from dsv32.core.kv_cache import KVCache, KVCacheSpec
+from dsv32.core.loader import load_weights
+from dsv32.core.model import DeepseekV32
+from dsv32.core.registry import create_ops, select_backend
+from dsv32.core.sampling import SamplingParams
+
+log = logging.getLogger("dsv32")
+
+_DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float32": torch.float32, "fp32": torch.float32,
+           "float": torch.float32}
+_KV_DTYPES = ("auto", "bfloat16", "bf16", "float32", "fp8_e4m3", "fp8")
+_INDEXER_PRECISIONS = ("auto", "exact", "fp8")
+
+
+@dataclass
+class CompletionOutput:
+    index: int
+    text: str | None
+    token_ids: list[int]
+    finish_reason: str | None
+
+
+@dataclass
+class RequestOutput:
+    """One prompt's result. `token_ids` / `text` / `finish_reason` are the (first) completion's, also
+    available vLLM-style as `outputs[0]`."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    outputs: list[CompletionOutput] = field(default_factory=list)
+
+    @property
+    def token_ids(self) -> list[int]:
+        return self.outputs[0].token_ids
+
+    @property
+    def text(self) -> str | None:
+        return self.outputs[0].text
+
+    @property
+    def finish_reason(self) -> str | None:
+        return self.outputs[0].finish_reason
+
+
+class LLM:
+    """Loads a DeepSeek-V3.2 checkpoint directory and generates.
+
+    dtype: 'auto' (the checkpoint's torch_dtype; bf16 for FP8 checkpoints), 'bfloat16', 'float32'.
+    device: default: the backend's device (the reference backend: 'cpu').
+    backend: registered backend name or 'auto' (default; also DSV32_BACKEND).
+    kv_cache_dtype: 'auto' (= model dtype), 'bfloat16', 'fp8_e4m3' (FlashMLA 656-byte layout).
+    indexer_precision: 'auto' ('fp8' for FP8-quantized checkpoints, else 'exact'), 'exact' (as transformers),
+    'fp8' (Hadamard + fp8 keys, as DeepSeek's reference).
+    max_model_len: context length (default: the config's max_position_embeddings, capped at 32768).
+    num_kv_pages: KV cache size in pages (default: room for max_num_seqs full-length sequences, within
+    kv_cache_memory_gib).
+    """
+
+    def __init__(self, model: str, dtype: str = "auto", device: str | None = None, backend: str | None = None,
+                 kv_cache_dtype: str = "auto", indexer_precision: str = "auto", page_size: int = 64,
+                 max_model_len: int | None = None, num_kv_pages: int | None = None, max_num_seqs: int = 16,
+                 kv_cache_memory_gib: float = 1.0, load_mtp: bool = False, tokenizer: str | None = None):
+        t0 = time.monotonic()
+        self.config = cfg = ModelConfig.from_pretrained(model)
+        self.dtype = _resolve_dtype(dtype, cfg)
+        if indexer_precision not in _INDEXER_PRECISIONS:
+            raise ValueError(f"indexer_precision must be one of {_INDEXER_PRECISIONS}, got {indexer_precision!r}")
+        if indexer_precision == "auto":
+            indexer_precision = "fp8" if cfg.quant is not None else "exact"
+        self.indexer_precision = indexer_precision
+        if kv_cache_dtype not in _KV_DTYPES:
+            raise ValueError(f"kv_cache_dtype must be one of {_KV_DTYPES}, got {kv_cache_dtype!r}")
+        latent_dtype = {"auto": self.dtype, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+                        "float32": torch.float32, "fp8": "fp8_e4m3", "fp8_e4m3": "fp8_e4m3"}[kv_cache_dtype]
+        if not isinstance(page_size, int) or page_size < 1:
+            raise ValueError(f"page_size must be a positive integer, got {page_size!r}")
+
+        self.backend = select_backend(backend)
+        device = torch.device(device or self.backend.cls.default_device())
+        self.ops = create_ops(self.backend, device)
+        log.info("backend %s on %s, dtype %s, kv cache %s, indexer %s", self.backend.name, device, self.dtype,
+                 latent_dtype, indexer_precision)
+
+        self.max_model_len = max_model_len or min(cfg.max_position_embeddings, 32768)
+        if self.max_model_len > cfg.max_position_embeddings:
+            raise ValueError(f"max_model_len {self.max_model_len} exceeds the model's max_position_embeddings "
+                             f"{cfg.max_position_embeddings}")
+        weights = load_weights(model, cfg, self.ops, self.dtype, device, include_mtp=load_mtp)
+        self.model = DeepseekV32(cfg, weights, self.ops, self.dtype, device, indexer_fp8=indexer_precision == "fp8",
+                                 max_positions=self.max_model_len)
+
+        spec = KVCacheSpec(num_layers=cfg.num_hidden_layers, num_pages=1, page_size=page_size,
+                           kv_lora_rank=cfg.kv_lora_rank, rope_dim=cfg.qk_rope_head_dim,
+                           index_head_dim=cfg.index_head_dim, latent_dtype=latent_dtype,
+                           index_fp8=indexer_precision == "fp8", index_dtype=self.dtype)
+        pages_per_seq = math.ceil(self.max_model_len / page_size)
+        if num_kv_pages is None:
+            by_memory = int(kv_cache_memory_gib * 2**30) // spec.bytes_per_page()
+            num_kv_pages = max(pages_per_seq, min(max_num_seqs * pages_per_seq, by_memory))
+        if num_kv_pages < pages_per_seq:
+            raise ValueError(f"num_kv_pages={num_kv_pages} cannot hold one sequence of max_model_len="
+                             f"{self.max_model_len} tokens ({pages_per_seq} pages of {page_size}); "
+                             "raise num_kv_pages or lower max_model_len")
+        spec = KVCacheSpec(**{**spec.__dict__, "num_pages": num_kv_pages})
+        self.kv_cache = KVCache(spec, device)
+        self.engine = Engine(self.model, self.kv_cache, self.max_model_len, max_running=max_num_seqs)
+        self.tokenizer = _load_tokenizer(tokenizer or model)
+        log.info("ready in %.1f s: %d KV pages of %d tokens (%.1f MiB)", time.monotonic() - t0, num_kv_pages,
+                 page_size, num_kv_pages * spec.bytes_per_page() / 2**20)
+
+    def generate(self, prompts=None, sampling_params: SamplingParams | list[SamplingParams] | None = None,
+                 prompt_token_ids: list[list[int]] | None = None, use_tqdm: bool = False) -> list[RequestOutput]:
+        """prompts: a string, a list of strings (needs a tokenizer), token-id lists, or dicts with
+        'prompt_token_ids' / 'prompt'; or pass prompt_token_ids=[[...], ...]. Returns outputs in prompt order."""
+        token_prompts = self._token_prompts(prompts, prompt_token_ids)
+        if sampling_params is None:
+            sampling_params = SamplingParams()
+        params = sampling_params if isinstance(sampling_params, list) else [sampling_params] * len(token_prompts)
+        if len(params) != len(token_prompts):
+            raise ValueError(f"got {len(params)} sampling_params for {len(token_prompts)} prompts")
+        reqs = [self.engine.add_request(ids, p) for ids, p in zip(token_prompts, params)]
+        while self.engine.has_work():
+            self.engine.step()
+        return [RequestOutput(r.request_id, r.prompt_ids,
+                              [CompletionOutput(0, self._decode(r.output_ids, r.params), list(r.output_ids),
+                                                r.finish_reason)])
+                for r in reqs]
+
+    # ---- helpers ------------------------------------------------------------------------------------
+    def _token_prompts(self, prompts, prompt_token_ids) -> list[list[int]]:
+        if prompt_token_ids is not None:
+            if prompts is not None:
+                raise ValueError("give either prompts or prompt_token_ids, not both")
+            return [list(p) for p in prompt_token_ids]
+        if prompts is None:
+            raise ValueError("no prompts given")
+        if isinstance(prompts, (str, dict)) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        out = []
+        for p in prompts:
+            if isinstance(p, dict):
+                p = p.get("prompt_token_ids", p.get("prompt"))
+            if isinstance(p, str):
+                if self.tokenizer is None:
+                    raise ValueError("text prompts need a tokenizer (tokenizer.json in the model directory); "
+                                     "pass prompt_token_ids instead")
+                p = self.tokenizer.encode(p).ids
+            out.append(list(p))
+        return out
+
+    def _decode(self, ids: list[int], params: SamplingParams) -> str | None:
+        if self.tokenizer is None:
+            return None
+        return self.tokenizer.decode(ids, skip_special_tokens=params.skip_special_tokens)
+
+
+def _resolve_dtype(dtype: str, cfg: ModelConfig) -> torch.dtype:
+    if dtype == "auto":
+        dtype = cfg.torch_dtype if cfg.torch_dtype in _DTYPES else "bfloat16"
+    if dtype not in _DTYPES:
+        raise ValueError(f"dtype must be 'auto', 'bfloat16' or 'float32', got {dtype!r}")
+    return _DTYPES[dtype]
+
+
+def _load_tokenizer(path: str):
+    file = os.path.join(path, "tokenizer.json")
+    if not os.path.isfile(file):
+        return None
+    from tokenizers import Tokenizer
+
+    return Tokenizer.from_file(file)

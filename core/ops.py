@@ -1,0 +1,221 @@
+"""The vendor-neutral op interface: one class, one method per op; each docstring is the contract.
+
+The model graph (core/model.py) calls only these ops plus plain torch tensor glue (views, cat, bmm,
+indexing). A backend subclasses `Ops` and overrides what it accelerates; anything it leaves alone falls
+back to the reference backend (logged once, reported by `dsv32 env`). Backends receive weights as
+`LinearWeight` / `ExpertWeights` and may repack them once at load time via `prepare_*`.
+
+Conventions: T = number of tokens in the flat (ragged) batch, H = heads, "slot" = physical cache slot
+= page * page_size + offset. Unless stated, outputs have the input dtype.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+FP8_E4M3_MAX = 448.0
+
+
+@dataclass
+class LinearWeight:
+    """A linear layer's weight [N, K] (y = x · Wᵀ).
+
+    `scale_inv` is None for bf16/fp32 weights. For DeepSeek FP8-block weights `weight` is float8_e4m3fn and
+    `scale_inv` float32 [ceil(N/block_n), ceil(K/block_k)] with W[n,k] = weight[n,k] · scale_inv[n//bn, k//bk].
+    """
+
+    weight: torch.Tensor
+    scale_inv: torch.Tensor | None = None
+    block: tuple[int, int] = (128, 128)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.weight.shape[-2:])
+
+    @property
+    def is_fp8(self) -> bool:
+        return self.scale_inv is not None
+
+
+@dataclass
+class ExpertWeights:
+    """Routed experts of one MoE layer as the checkpoint holds them, stacked over experts: gate and up
+    [E, I, K], down [E, K, I]; each a LinearWeight whose `scale_inv` (FP8) is stacked the same way.
+    `prepare_experts` may fuse them into `gate_up` [E, 2I, K] (gate rows first), the layout fused-MoE
+    kernels want; a backend's `moe_experts` reads whichever fields its own `prepare_experts` filled."""
+
+    gate: LinearWeight | None
+    up: LinearWeight | None
+    down: LinearWeight
+    gate_up: LinearWeight | None = None
+
+    @property
+    def num_experts(self) -> int:
+        return self.down.weight.shape[0]
+
+
+@dataclass
+class AttnMetadata:
+    """Where each query token of a flat batch reads keys from (used by indexer top-k and dense attention).
+
+    token_req [T] int64: row of `block_table` for each query token; positions [T] int64: its position, so
+    it may see keys at positions 0..positions[t] (inclusive). block_table [B, P] int32 (−1 = no page),
+    kv_lens [B] int64: keys in the cache for each request after this step's writes. `kv_lens_cpu` mirrors
+    kv_lens as a Python list (the reference loops over requests)."""
+
+    token_req: torch.Tensor
+    positions: torch.Tensor
+    block_table: torch.Tensor
+    kv_lens: torch.Tensor
+    kv_lens_cpu: list[int]
+    page_size: int
+
+
+class Ops:
+    """Abstract op set. Subclasses override; the registry fills the rest from the reference backend."""
+
+    name: str = "abstract"
+
+    def __init__(self, device: torch.device | str = "cpu"):
+        self.device = torch.device(device)
+
+    # ---- weights ------------------------------------------------------------------------------------
+    def prepare_linear(self, w: LinearWeight, dtype: torch.dtype) -> LinearWeight:
+        """Called once per linear weight at load. May repack/dequantize; the result is what `linear`
+        receives. dtype is the model's compute dtype (activations)."""
+        raise NotImplementedError
+
+    def prepare_experts(self, w: ExpertWeights, dtype: torch.dtype) -> ExpertWeights:
+        """Like prepare_linear for stacked routed experts; the result is what `moe_experts` receives."""
+        raise NotImplementedError
+
+    def dequantize(self, w: LinearWeight, dtype: torch.dtype) -> torch.Tensor:
+        """Dense [N, K] (or [E, N, K]) tensor of dtype equal to the weight's real value (FP8 blocks scaled)."""
+        raise NotImplementedError
+
+    # ---- elementwise / norms ------------------------------------------------------------------------
+    def linear(self, x: torch.Tensor, w: LinearWeight) -> torch.Tensor:
+        """y [.., N] = x [.., K] · Wᵀ with W as prepared by `prepare_linear`; y has x's dtype.
+        FP8 paths quantize x per token per 128 channels and accumulate in fp32 per K block."""
+        raise NotImplementedError
+
+    def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float,
+                 residual: torch.Tensor | None = None):
+        """RMSNorm over the last dim, computed in fp32: y = weight · (x · rsqrt(mean(x²) + eps)) cast to x's dtype
+        before the weight multiply (as transformers). With `residual`: x ← x + residual first and the
+        function returns (y, x) so the caller keeps the new residual."""
+        raise NotImplementedError
+
+    def layer_norm(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
+        """Affine LayerNorm over the last dim (the indexer's k_norm)."""
+        raise NotImplementedError
+
+    def silu_and_mul(self, x: torch.Tensor) -> torch.Tensor:
+        """x [.., 2I] → silu(x[..,:I]) · x[..,I:] [.., I]."""
+        raise NotImplementedError
+
+    def rotary_embedding(self, x: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Tensor,
+                         interleaved: bool) -> torch.Tensor:
+        """Rotate x [T, H, R] (R even) by position. cos_sin [max_pos, R] fp32 = [cos | sin], each R/2 wide.
+        interleaved=True: pairs (x[2i], x[2i+1]) (GPT-J, MLA); False: pairs (x[i], x[i+R/2]) (NeoX, indexer).
+        Output keeps the input layout. cos/sin are cast to x's dtype before use."""
+        raise NotImplementedError
+
+    def hadamard_transform(self, x: torch.Tensor) -> torch.Tensor:
+        """x [.., D] (D a power of two) → x · H_D · D^-0.5 with H_D in Sylvester order (orthonormal)."""
+        raise NotImplementedError
+
+    def quantize_fp8(self, x: torch.Tensor, block: int, ue8m0: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """Dynamic per-(row, block) e4m3 quantization of x [.., D]: scale = max(amax, 1e-4) / 448, rounded up to
+        a power of two when ue8m0; returns (x_fp8 [.., D] float8_e4m3fn, scale [.., ceil(D/block)] fp32)
+        with x ≈ x_fp8 · scale."""
+        raise NotImplementedError
+
+    # ---- KV cache writes ----------------------------------------------------------------------------
+    def write_latent_cache(self, latent_cache: torch.Tensor, latent: torch.Tensor, k_pe: torch.Tensor,
+                           slots: torch.Tensor) -> None:
+        """Store c [T, L] and k_pe [T, R] at slots [T] (int64; −1 = skip) of one layer's latent cache.
+        Layouts (see core/kv_cache.py): float pool [pages, page_size, L+R] = [c | k_pe]; uint8 pool
+        [pages, page_size, L + 4·ceil(L/128) + 2R] = [c e4m3 | fp32 scale per 128 | k_pe bf16] (FlashMLA 656 B)."""
+        raise NotImplementedError
+
+    def write_index_keys(self, index_cache: torch.Tensor, keys: torch.Tensor, slots: torch.Tensor) -> None:
+        """Store indexer keys [T, D] at slots. Float pool [pages, page_size, D]: stored as is. uint8 pool
+        [pages, page_size·(D+4)]: per page D-byte e4m3 keys of all tokens, then their fp32 scales (one per token,
+        ue8m0), as DeepGEMM's paged layout."""
+        raise NotImplementedError
+
+    # ---- indexer ------------------------------------------------------------------------------------
+    def indexer_topk(self, q: torch.Tensor, head_weights: torch.Tensor, index_cache: torch.Tensor,
+                     batch: AttnMetadata, softmax_scale: float, topk: int) -> torch.Tensor:
+        """Lightning-indexer scores and top-k selection over a paged key cache.
+
+        q [T, Hi, D] (float, or float8_e4m3fn when index_cache is the fp8 pool); head_weights [T, Hi] fp32.
+        Score of query t against the key at position s of its request (s ≤ positions[t]):
+            I[t, s] = k_scale[s] · Σ_h head_weights[t, h] · relu(softmax_scale · q[t, h] · k[s])
+        (k_scale = 1 for float pools). Returns int32 [T, topk]: the physical slots of the min(topk, pos+1)
+        highest-scoring keys (any order), padded with −1. Ties may be broken either way."""
+        raise NotImplementedError
+
+    # ---- attention ----------------------------------------------------------------------------------
+    def sparse_mla_attention(self, q: torch.Tensor, latent_cache: torch.Tensor, topk_slots: torch.Tensor,
+                             softmax_scale: float, kv_lora_rank: int) -> torch.Tensor:
+        """Absorbed MLA over selected cache entries. q [T, H, L+R] = [q·W_UK | q_pe]; topk_slots [T, K] int32
+        physical slots, −1 (or out of range) = ignored. p = softmax_s(scale · q·kv_s) over valid s;
+        out [T, H, L] = Σ p · c_s. A row with no valid slot outputs 0."""
+        raise NotImplementedError
+
+    def dense_mla_attention(self, q: torch.Tensor, latent_cache: torch.Tensor, batch: AttnMetadata,
+                            softmax_scale: float, kv_lora_rank: int) -> torch.Tensor:
+        """As sparse_mla_attention with every causal key selected (positions 0..positions[t] of the token's
+        request): the short-prefill path used when no request has more keys than index_topk."""
+        raise NotImplementedError
+
+    # ---- MoE ----------------------------------------------------------------------------------------
+    def moe_route(self, router_logits: torch.Tensor, correction_bias: torch.Tensor, n_group: int,
+                  topk_group: int, top_k: int, renormalize: bool,
+                  routed_scaling_factor: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """DeepSeek noaux_tc routing. router_logits [T, E] fp32. s = sigmoid(logits); b = s + bias (selection
+        only); group score = sum of the top-2 b per group; keep topk_group groups (others −inf); pick top_k
+        experts by b; weights = s (renormalized to sum 1 if renormalize) · routed_scaling_factor.
+        Returns (weights [T, top_k] fp32, expert ids [T, top_k] int64)."""
+        raise NotImplementedError
+
+    def moe_experts(self, x: torch.Tensor, experts: ExpertWeights, topk_weights: torch.Tensor,
+                    topk_ids: torch.Tensor) -> torch.Tensor:
+        """Routed experts: y [T, K] = Σ_i topk_weights[t, i] · W2_e(silu(W1_e x) · W3_e x), e = topk_ids[t, i]."""
+        raise NotImplementedError
+
+    # ---- sampling -----------------------------------------------------------------------------------
+    def sample(self, logits: torch.Tensor, temperatures: torch.Tensor, top_ps: torch.Tensor, top_ks: torch.Tensor,
+               generators: list[torch.Generator | None]) -> torch.Tensor:
+        """Next token per row of logits [B, V] fp32. temperature 0 → argmax (greedy). Otherwise softmax of
+        logits / temperature restricted to the top_k (≤0: all) most likely tokens and to the smallest set
+        whose probability reaches top_p, then a draw using the row's generator (None: global RNG).
+        Returns int64 [B]."""
+        raise NotImplementedError
+
+
+OP_NAMES = tuple(
+    name for name, value in vars(Ops).items() if callable(value) and not name.startswith("_")
+)
+
+
+class Communicator:
+    """Collectives behind one object so parallel layers never touch torch.distributed directly.
+    The single-process communicator is the identity; a torch.distributed one (NCCL/RCCL/HCCL/gloo) comes with
+    tensor/expert parallelism."""
+
+    world_size = 1
+    rank = 0
+
+    def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+    def all_gather(self, x: torch.Tensor, dim: int = 0) -> torch.Tensor:
+        return x
+
+    def all_to_all(self, x: torch.Tensor) -> torch.Tensor:
+        return x

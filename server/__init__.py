@@ -1,0 +1,1 @@
+"""dsv32.server: command line (and, next, the OpenAI-compatible HTTP server, chat encoding and parsers)."""
