@@ -56,6 +56,7 @@ class Engine:
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self._ids = itertools.count()
+        self.num_preemptions = 0
 
     # ---- requests -----------------------------------------------------------------------------------
     def add_request(self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None) -> Request:
@@ -129,6 +130,7 @@ class Engine:
         self.cache.free(req.pages)
         req.num_cached = 0
         req.num_preemptions += 1
+        self.num_preemptions += 1
         self.waiting.appendleft(req)
         log.info("preempted request %s (%d tokens) to free KV pages", req.request_id, len(req.all_ids))
 

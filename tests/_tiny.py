@@ -1,0 +1,133 @@
+"""Tiny DeepSeek-V3.2 checkpoints made in the test: transformers' DeepseekV32ForCausalLM with weights scaled so
+activations are O(1) (HF's 0.02 init makes everything near zero and parity trivially true), with the
+router bias and norm weights randomized (zeros/ones would leave them untested).
+
+Indexer ties: a key scores exactly 0 when every head's ReLU is 0 (probability ~2^-index_n_heads). Top-k
+over a plateau of zeros is arbitrary (torch.topk breaks such ties differently for rows of different length),
+so with few heads, full recompute and incremental decode may legitimately select different keys — in
+transformers too. The default tiny model uses 32 indexer heads (ties practically impossible); HF parity
+tests also run 2-4-head variants, where only an identical row layout keeps parity."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import torch
+
+TINY = dict(
+    vocab_size=320, hidden_size=64, intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=3,
+    num_attention_heads=4, num_key_value_heads=4, n_shared_experts=1, n_routed_experts=8, kv_lora_rank=32,
+    q_lora_rank=48, qk_rope_head_dim=16, v_head_dim=24, qk_nope_head_dim=24, n_group=2, topk_group=1,
+    num_experts_per_tok=2, index_topk=16, index_head_dim=32, index_n_heads=32, first_k_dense_replace=1,
+    max_position_embeddings=512, routed_scaling_factor=2.5,
+    rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
+                     "original_max_position_embeddings": 128, "beta_fast": 32, "beta_slow": 1,
+                     "mscale": 1.0, "mscale_all_dim": 1.0},
+)
+
+
+def hf_config(**overrides):
+    from transformers import DeepseekV32Config
+
+    kw = {**TINY, **overrides}
+    return DeepseekV32Config(**kw)
+
+
+@torch.no_grad()
+def randomize(model, seed: int) -> None:
+    g = torch.Generator().manual_seed(seed)
+    for name, p in model.named_parameters():
+        if p.dim() >= 2:
+            fan_in = p.shape[-1]
+            p.copy_(torch.randn(p.shape, generator=g) / math.sqrt(fan_in))
+            if "embed_tokens" in name:
+                p.mul_(math.sqrt(fan_in))
+        elif name.endswith("bias"):
+            p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+        else:  # norm weights
+            p.copy_(torch.rand(p.shape, generator=g) + 0.5)
+    for name, b in model.named_buffers():
+        if name.endswith("e_score_correction_bias"):
+            b.copy_(torch.randn(b.shape, generator=g) * 0.2)
+
+
+def make_checkpoint(path: str, seed: int = 0, dtype=torch.float32, **overrides):
+    """Save a random tiny model to `path` (transformers' format = official tensor names); returns the HF model."""
+    from transformers import DeepseekV32ForCausalLM
+
+    torch.manual_seed(seed)
+    model = DeepseekV32ForCausalLM(hf_config(**overrides)).to(dtype)
+    randomize(model, seed)
+    model.save_pretrained(path)
+    return model.eval()
+
+
+def load_hf(path: str, dtype=torch.float32):
+    from transformers import DeepseekV32ForCausalLM
+
+    return DeepseekV32ForCausalLM.from_pretrained(path, dtype=dtype).eval()
+
+
+@torch.no_grad()
+def hf_greedy(model, prompt: list[int], max_new_tokens: int) -> list[int]:
+    ids = torch.tensor([prompt])
+    out = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False, min_new_tokens=max_new_tokens,
+                         eos_token_id=None, pad_token_id=0)
+    return out[0, len(prompt):].tolist()
+
+
+def quantize_fp8_block(w: torch.Tensor, block: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
+    """Official DeepSeek FP8 format: e4m3 weight and float32 scale_inv per block×block (partial edge blocks)."""
+    n, k = w.shape
+    nb, kb = math.ceil(n / block), math.ceil(k / block)
+    padded = torch.zeros(nb * block, kb * block)
+    padded[:n, :k] = w.float()
+    blocks = padded.view(nb, block, kb, block)
+    scale = blocks.abs().amax(dim=(1, 3)).clamp(min=1e-8) / 448.0
+    q = (blocks / scale[:, None, :, None]).clamp(-448, 448).to(torch.float8_e4m3fn)
+    return q.view(nb * block, kb * block)[:n, :k].contiguous(), scale.float()
+
+
+FP8_SKIP = ("embed_tokens", "lm_head", "norm", "mlp.gate.weight", "weights_proj", "k_norm")
+
+
+def convert_to_fp8_checkpoint(src: str, dst: str, dequant_dst: str, block: int = 128) -> None:
+    """Rewrite `src` as an official FP8-block checkpoint at `dst` (two shards + index) and the exact dequantized
+    weights (what the FP8 checkpoint means) as a plain checkpoint at `dequant_dst`, for the HF oracle."""
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(os.path.join(src, "model.safetensors"))
+    fp8, deq = {}, {}
+    for name, t in tensors.items():
+        if t.dim() == 2 and not any(s in name for s in FP8_SKIP):
+            q, s = quantize_fp8_block(t, block)
+            fp8[name], fp8[name + "_scale_inv"] = q, s
+            full = s.repeat_interleave(block, 0)[: t.shape[0]].repeat_interleave(block, 1)[:, : t.shape[1]]
+            deq[name] = (q.float() * full).to(t.dtype)
+        else:
+            fp8[name] = t.to(torch.bfloat16) if t.dtype == torch.float32 and "e_score" not in name else t
+            deq[name] = fp8[name].to(t.dtype)
+    with open(os.path.join(src, "config.json")) as f:
+        cfg = json.load(f)
+    os.makedirs(dst, exist_ok=True)
+    os.makedirs(dequant_dst, exist_ok=True)
+    names = sorted(fp8)
+    half = len(names) // 2
+    shards = {"model-00001-of-00002.safetensors": names[:half], "model-00002-of-00002.safetensors": names[half:]}
+    weight_map = {}
+    for fname, keys in shards.items():
+        save_file({k: fp8[k].contiguous() for k in keys}, os.path.join(dst, fname))
+        weight_map.update({k: fname for k in keys})
+    with open(os.path.join(dst, "model.safetensors.index.json"), "w") as f:
+        json.dump({"metadata": {}, "weight_map": weight_map}, f)
+    qcfg = dict(cfg, torch_dtype="bfloat16", quantization_config={
+        "quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic", "scale_fmt": "ue8m0",
+        "weight_block_size": [block, block]})
+    qcfg.pop("dtype", None)
+    with open(os.path.join(dst, "config.json"), "w") as f:
+        json.dump(qcfg, f, indent=2)
+    save_file({k: v.contiguous() for k, v in deq.items()}, os.path.join(dequant_dst, "model.safetensors"))
+    with open(os.path.join(dequant_dst, "config.json"), "w") as f:
+        json.dump(cfg, f, indent=2)

@@ -1,0 +1,36 @@
+import os
+import sys
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))  # tests/_tiny.py helpers
+
+torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
+
+
+def pytest_collection_modifyitems(config, items):
+    """Device tests skip with the reason when the hardware is absent."""
+    has_cuda = torch.cuda.is_available() and torch.version.hip is None
+    has_rocm = torch.cuda.is_available() and torch.version.hip is not None
+    try:
+        import torch_npu  # noqa: F401
+
+        has_npu = torch.npu.is_available()
+    except Exception:
+        has_npu = False
+    present = {"cuda": has_cuda, "rocm": has_rocm, "ascend": has_npu}
+    for item in items:
+        for mark, ok in present.items():
+            if mark in item.keywords and not ok:
+                item.add_marker(pytest.mark.skip(reason=f"needs a {mark} device; none present"))
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory):
+    """The default tiny checkpoint (fp32, saved by transformers) shared by many tests."""
+    from _tiny import make_checkpoint
+
+    path = str(tmp_path_factory.mktemp("tiny"))
+    make_checkpoint(path, seed=1)
+    return path
