@@ -1,0 +1,132 @@
+"""The `dsv32` command line. Subcommands: `env` (this machine, backends, kernels per op), `demo` (a tiny
+checkpoint made on the spot, run through the offline engine) and `generate` (offline generation from token
+ids or text). `serve` and `bench` arrive with the serving issue."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import platform
+import sys
+
+
+def _env(args: argparse.Namespace) -> int:
+    import torch
+
+    from dsv32 import __version__
+    from dsv32.core.ops import OP_NAMES
+    from dsv32.core.registry import BackendError, create_ops, discover, select_backend
+
+    print(f"dsv32 {__version__}  python {platform.python_version()}  torch {torch.__version__}")
+    print(f"platform: {platform.platform()}  cpus: {torch.get_num_threads()} threads")
+    accel = torch.accelerator.current_accelerator() if hasattr(torch, "accelerator") else None
+    if accel is not None:
+        n = torch.accelerator.device_count()
+        print(f"accelerator: {accel.type} × {n}")
+    else:
+        print("accelerator: none (torch sees no GPU/NPU)")
+    print("\nbackends (entry-point group dsv32.backends):")
+    for name, info in sorted(discover().items(), key=lambda kv: -kv[1].priority):
+        state = "available" if info.available else f"unavailable: {info.reason}"
+        print(f"  {name:<12} priority {info.priority:<4} {state}")
+    try:
+        chosen = select_backend(args.backend)
+    except BackendError as e:
+        print(f"\nerror: {e}", file=sys.stderr)
+        return 2
+    device = args.device or chosen.cls.default_device()
+    ops = create_ops(chosen, device)
+    print(f"\nselected: {chosen.name} on {device}  (override: --backend or DSV32_BACKEND)")
+    print("kernels per op:")
+    for op in OP_NAMES:
+        print(f"  {op:<22} {ops.kernel_sources.get(op, '?')}")
+    return 0
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from dsv32 import LLM, SamplingParams
+
+    llm = LLM(model=args.model, dtype=args.dtype, device=args.device, backend=args.backend,
+              kv_cache_dtype=args.kv_cache_dtype, indexer_precision=args.indexer_precision)
+    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+                            top_k=args.top_k, seed=args.seed, ignore_eos=args.ignore_eos)
+    if args.prompt_token_ids:
+        outs = llm.generate(prompt_token_ids=[json.loads(args.prompt_token_ids)], sampling_params=params)
+    else:
+        outs = llm.generate([args.prompt], sampling_params=params)
+    for o in outs:
+        print(json.dumps({"token_ids": o.token_ids, "text": o.text, "finish_reason": o.finish_reason}))
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    import os
+    import time
+
+    from dsv32 import LLM, SamplingParams
+    from dsv32.core import envs
+    from dsv32.core.demo import make_demo_checkpoint
+
+    path = make_demo_checkpoint(args.path or os.path.join(envs.cache_dir(), "demo-model"))
+    print(f"demo checkpoint (tiny DeepSeek-V3.2 architecture, random weights): {path}")
+    llm = LLM(model=path, dtype="float32")
+    prompts = [[0, 17, 42, 99, 7], list(range(2, 100))]  # the second is longer than index_topk: sparse attention
+    t0 = time.monotonic()
+    outs = llm.generate(prompt_token_ids=prompts, sampling_params=SamplingParams(max_tokens=args.max_tokens,
+                                                                                 temperature=0, ignore_eos=True))
+    dt = time.monotonic() - t0
+    for p, o in zip(prompts, outs):
+        print(f"prompt {len(p)} tokens -> {o.token_ids} ({o.finish_reason})")
+    n = sum(len(o.token_ids) for o in outs)
+    print(f"{n} tokens in {dt:.2f} s on {llm.backend.name}/{llm.model.device}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="dsv32", description="DeepSeek-V3.2 serving engine.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    env = sub.add_parser("env", help="print torch/device facts, the backends and why each is (un)available, "
+                                      "and which kernel each op would use")
+    env.add_argument("--backend", default=None, help="backend to report on (default: automatic selection)")
+    env.add_argument("--device", default=None, help="device for the report (default: the backend's)")
+    env.set_defaults(func=_env)
+
+    demo = sub.add_parser("demo", help="create a tiny demo checkpoint (random weights) and generate with it")
+    demo.add_argument("--path", default=None, help="where to write it (default: $DSV32_CACHE_DIR/demo-model)")
+    demo.add_argument("--max-tokens", type=int, default=16)
+    demo.set_defaults(func=_demo)
+
+    gen = sub.add_parser("generate", help="offline generation with the engine (no server)")
+    gen.add_argument("--model", required=True, help="checkpoint directory (config.json + *.safetensors)")
+    src = gen.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompt", help="text prompt (needs tokenizer.json in the model directory)")
+    src.add_argument("--prompt-token-ids", help="JSON list of token ids, e.g. '[1, 2, 3]'")
+    gen.add_argument("--max-tokens", type=int, default=16)
+    gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--top-k", type=int, default=-1)
+    gen.add_argument("--seed", type=int, default=None)
+    gen.add_argument("--ignore-eos", action="store_true")
+    gen.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32"])
+    gen.add_argument("--device", default=None)
+    gen.add_argument("--backend", default=None)
+    gen.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "bfloat16", "fp8_e4m3"])
+    gen.add_argument("--indexer-precision", default="auto", choices=["auto", "exact", "fp8"])
+    gen.set_defaults(func=_generate)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="[dsv32] %(message)s", stream=sys.stderr)
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, RuntimeError) as e:  # user-facing errors: one clear line, no traceback
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
