@@ -19,7 +19,7 @@ DEMO_CONFIG = {
     "num_attention_heads": 4, "num_key_value_heads": 4, "q_lora_rank": 64, "kv_lora_rank": 64,
     "qk_nope_head_dim": 32, "qk_rope_head_dim": 16, "v_head_dim": 32, "n_routed_experts": 8,
     "num_experts_per_tok": 2, "n_shared_experts": 1, "n_group": 2, "topk_group": 1, "routed_scaling_factor": 2.5,
-    "norm_topk_prob": True, "first_k_dense_replace": 1, "index_n_heads": 4, "index_head_dim": 32,
+    "norm_topk_prob": True, "first_k_dense_replace": 1, "index_n_heads": 32, "index_head_dim": 32,
     "index_topk": 64, "max_position_embeddings": 4096, "rms_norm_eps": 1e-6, "rope_theta": 10000.0,
     "rope_scaling": {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 1024, "beta_fast": 32,
                      "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 1.0},

@@ -15,6 +15,7 @@ from dsv32.core.kv_cache import index_key_bytes, latent_entry_bytes, latent_scal
 from dsv32.core.ops import FP8_E4M3_MAX, ExpertWeights, AttnMetadata, LinearWeight, Ops
 
 FP8 = torch.float8_e4m3fn
+MAX_BLOCK_ELEMS = 1 << 26  # largest temporary the reference materializes at once (attention, indexer scores)
 
 
 def _fp8_scale(amax: torch.Tensor, ue8m0: bool) -> torch.Tensor:
@@ -185,22 +186,30 @@ class ReferenceOps(Ops):
                 continue
             slots = self._slots_of(batch, r, kv_len)
             k, k_scale = self.read_index_keys(index_cache, slots, d)
-            # Same op order and row layout as transformers' indexer, so ties break the same way.
-            scores = torch.matmul(q[rows].float().unsqueeze(0), k.float().T.unsqueeze(0).unsqueeze(1)) * softmax_scale
-            scores = F.relu(scores) * k_scale
-            index_scores = torch.matmul(head_weights[rows].float().unsqueeze(-2).unsqueeze(0), scores).squeeze(-2)[0]
-            future = torch.arange(kv_len, device=q.device)[None, :] > batch.positions[rows][:, None]
-            index_scores = index_scores.masked_fill(future, float("-inf"))
             k_sel = min(topk, kv_len)
-            idx = index_scores.topk(k_sel, dim=-1).indices
-            chosen = slots[idx]
-            chosen[idx > batch.positions[rows][:, None]] = -1  # picked only because the row has < k_sel keys
-            out[rows, :k_sel] = chosen.to(torch.int32)
+            chunk = max(1, MAX_BLOCK_ELEMS // max(1, q.shape[1] * kv_len))  # bound the [rows, H, kv_len] scores
+            for part in rows.split(chunk):
+                pos = batch.positions[part]
+                # Same op order and row layout (all kv_len keys, future ones at −inf, k = min(topk, kv_len)) as
+                # transformers' indexer, so that ties (exact zeros after ReLU) break the same way.
+                scores = torch.matmul(q[part].float().unsqueeze(0), k.float().T.unsqueeze(0).unsqueeze(1)) * softmax_scale
+                scores = F.relu(scores) * k_scale
+                index_scores = torch.matmul(head_weights[part].float().unsqueeze(-2).unsqueeze(0), scores).squeeze(-2)[0]
+                future = torch.arange(kv_len, device=q.device)[None, :] > pos[:, None]
+                idx = index_scores.masked_fill(future, float("-inf")).topk(k_sel, dim=-1).indices
+                chosen = slots[idx]
+                chosen[idx > pos[:, None]] = -1  # picked only because the row has fewer than k_sel keys
+                out[part, :k_sel] = chosen.to(torch.int32)
         return out
 
     # ---- attention ----------------------------------------------------------------------------------
     def sparse_mla_attention(self, q, latent_cache, topk_slots, softmax_scale, kv_lora_rank):
         T, H, D = q.shape
+        # Query rows in chunks so the gathered [rows, K, L+R] block stays ≤ MAX_BLOCK_ELEMS at any size.
+        rows = max(1, MAX_BLOCK_ELEMS // max(1, topk_slots.shape[1] * D))
+        if T > rows:
+            return torch.cat([self.sparse_mla_attention(q[i:i + rows], latent_cache, topk_slots[i:i + rows],
+                                                        softmax_scale, kv_lora_rank) for i in range(0, T, rows)])
         L, R = kv_lora_rank, D - kv_lora_rank
         n_slots = latent_cache.shape[0] * latent_cache.shape[1]
         valid = (topk_slots >= 0) & (topk_slots < n_slots)
