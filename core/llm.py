@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
@@ -115,7 +116,7 @@ class LLM:
             raise ValueError(f"num_kv_pages={num_kv_pages} cannot hold one sequence of max_model_len="
                              f"{self.max_model_len} tokens ({pages_per_seq} pages of {page_size}); "
                              "raise num_kv_pages or lower max_model_len")
-        spec = KVCacheSpec(**{**spec.__dict__, "num_pages": num_kv_pages})
+        spec = dataclasses.replace(spec, num_pages=num_kv_pages)
         self.kv_cache = KVCache(spec, device)
         self.engine = Engine(self.model, self.kv_cache, self.max_model_len, max_running=max_num_seqs)
         self.tokenizer = _load_tokenizer(tokenizer or model)

@@ -118,22 +118,18 @@ def load_weights(model_dir: str, cfg: ModelConfig, ops: Ops, dtype: torch.dtype,
     out: dict = {}
     for name, spec in specs.items():
         target = torch.float32 if spec.fp32 else dtype
-        if spec.kind == "duplicate":
-            if reader.has(name):
-                reader.used.add(name)
-        elif spec.kind == "experts":
+        if spec.kind == "experts":
             out[name] = ops.prepare_experts(_read_experts(reader, name, spec, cfg, device), target)
+            continue
+        if not reader.has(name):
+            if spec.optional:
+                continue
+            raise CheckpointError(f"missing tensor '{name}' (expected shape {list(spec.shape)})")
+        if spec.kind == "duplicate":
+            reader.used.add(name)
         elif spec.kind == "linear":
-            if not reader.has(name):
-                if spec.optional:
-                    continue
-                raise CheckpointError(f"missing tensor '{name}' (expected shape {list(spec.shape)})")
             out[name] = ops.prepare_linear(_read_linear(reader, name, spec.shape, cfg, device), target)
         else:
-            if not reader.has(name):
-                if spec.optional:
-                    continue
-                raise CheckpointError(f"missing tensor '{name}' (expected shape {list(spec.shape)})")
             out[name] = _read_plain(reader, name, spec.shape).to(device=device, dtype=target)
     if "lm_head.weight" not in out:  # tied embeddings
         out["lm_head.weight"] = ops.prepare_linear(LinearWeight(out["model.embed_tokens.weight"]), dtype)

@@ -139,7 +139,7 @@ class DeepseekV32:
                 x, residual = self.ops.rms_norm(h, self.w[p + "input_layernorm.weight"], self.cfg.rms_norm_eps, residual)
             h = self._attention(i, x, fb, cache)
             x, residual = self.ops.rms_norm(h, self.w[p + "post_attention_layernorm.weight"], self.cfg.rms_norm_eps, residual)
-            h = self._dense_mlp(p, x) if self.cfg.is_dense_layer(i) else self._moe(p, x)
+            h = self._mlp(p + "mlp.", x) if self.cfg.is_dense_layer(i) else self._moe(p, x)
         h = h + residual if residual is not None else h
         return self.ops.rms_norm(h, self.w["model.norm.weight"], self.cfg.rms_norm_eps)
 
@@ -200,9 +200,6 @@ class DeepseekV32:
         ops, w = self.ops, self.w
         gate_up = torch.cat([ops.linear(x, w[prefix + "gate_proj.weight"]), ops.linear(x, w[prefix + "up_proj.weight"])], -1)
         return ops.linear(ops.silu_and_mul(gate_up), w[prefix + "down_proj.weight"])
-
-    def _dense_mlp(self, p: str, x: torch.Tensor) -> torch.Tensor:
-        return self._mlp(p + "mlp.", x)
 
     def _moe(self, p: str, x: torch.Tensor) -> torch.Tensor:
         cfg, ops, w = self.cfg, self.ops, self.w

@@ -202,20 +202,3 @@ OP_NAMES = tuple(
     name for name, value in vars(Ops).items() if callable(value) and not name.startswith("_")
 )
 
-
-class Communicator:
-    """Collectives behind one object so parallel layers never touch torch.distributed directly.
-    The single-process communicator is the identity; a torch.distributed one (NCCL/RCCL/HCCL/gloo) comes with
-    tensor/expert parallelism."""
-
-    world_size = 1
-    rank = 0
-
-    def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
-        return x
-
-    def all_gather(self, x: torch.Tensor, dim: int = 0) -> torch.Tensor:
-        return x
-
-    def all_to_all(self, x: torch.Tensor) -> torch.Tensor:
-        return x

@@ -11,15 +11,9 @@ torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
 
 def pytest_collection_modifyitems(config, items):
     """Device tests skip with the reason when the hardware is absent."""
-    has_cuda = torch.cuda.is_available() and torch.version.hip is None
-    has_rocm = torch.cuda.is_available() and torch.version.hip is not None
-    try:
-        import torch_npu  # noqa: F401
+    from dsv32.backends import present_devices
 
-        has_npu = torch.npu.is_available()
-    except Exception:
-        has_npu = False
-    present = {"cuda": has_cuda, "rocm": has_rocm, "ascend": has_npu}
+    present = present_devices()
     for item in items:
         for mark, ok in present.items():
             if mark in item.keywords and not ok:

@@ -140,3 +140,12 @@ def test_cli_generate_and_demo(tiny_dir, tmp_path):
     r = _cli("demo", "--path", str(tmp_path / "demo"), "--max-tokens", "4")
     assert r.returncode == 0, r.stderr
     assert r.stdout.count("-> [") == 2 and (tmp_path / "demo" / "model.safetensors").is_file()
+
+
+def test_present_devices_reports_every_marker():
+    """conftest skips tests marked cuda/rocm/ascend from this map; it must cover every marker."""
+    from dsv32.backends import present_devices
+
+    present = present_devices()
+    assert set(present) == {"cuda", "rocm", "ascend"}
+    assert present["cuda"] == (torch.cuda.is_available() and torch.version.hip is None)

@@ -137,19 +137,27 @@ class ReferenceOps(Ops):
         k_pe = e[:, L + 4 * nb:].contiguous().view(torch.bfloat16).float()
         return torch.cat([c, k_pe], dim=-1).to(dtype)
 
+    @staticmethod
+    def _index_key_addresses(index_cache: torch.Tensor, slots: torch.Tensor, d: int):
+        """Byte offsets into the flat fp8 index pool of each slot's d key bytes and 4 scale bytes (keys of a page
+        first, then its scales)."""
+        page_bytes = index_cache.shape[1]
+        page_size = page_bytes // index_key_bytes(d)
+        page, off = slots // page_size, slots % page_size
+        base = page[:, None] * page_bytes
+        key_pos = base + off[:, None] * d + torch.arange(d, device=slots.device)
+        scale_pos = base + page_size * d + off[:, None] * 4 + torch.arange(4, device=slots.device)
+        return key_pos, scale_pos
+
     def write_index_keys(self, index_cache, keys, slots):
         keep = slots >= 0
         slots, keys = slots[keep], keys[keep]
         if index_cache.dtype != torch.uint8:
             index_cache.view(-1, index_cache.shape[-1])[slots] = keys.to(index_cache.dtype)
             return
-        pages, page_bytes = index_cache.shape
         d = keys.shape[-1]
-        page_size = page_bytes // index_key_bytes(d)
         q, scale = self.quantize_fp8(keys, d, ue8m0=True)
-        page, off = slots // page_size, slots % page_size
-        key_pos = page[:, None] * page_bytes + off[:, None] * d + torch.arange(d, device=keys.device)
-        scale_pos = page[:, None] * page_bytes + page_size * d + off[:, None] * 4 + torch.arange(4, device=keys.device)
+        key_pos, scale_pos = self._index_key_addresses(index_cache, slots, d)
         flat = index_cache.view(-1)
         flat[key_pos.reshape(-1)] = q.view(torch.uint8).reshape(-1)
         flat[scale_pos.reshape(-1)] = scale.view(-1).contiguous().view(torch.uint8)
@@ -159,12 +167,8 @@ class ReferenceOps(Ops):
         if index_cache.dtype != torch.uint8:
             k = index_cache.view(-1, d)[slots]
             return k, torch.ones(k.shape[0], dtype=torch.float32, device=k.device)
-        pages, page_bytes = index_cache.shape
-        page_size = page_bytes // index_key_bytes(d)
-        page, off = slots // page_size, slots % page_size
+        key_pos, scale_pos = self._index_key_addresses(index_cache, slots, d)
         flat = index_cache.view(-1)
-        key_pos = page[:, None] * page_bytes + off[:, None] * d + torch.arange(d, device=slots.device)
-        scale_pos = page[:, None] * page_bytes + page_size * d + off[:, None] * 4 + torch.arange(4, device=slots.device)
         k = flat[key_pos].contiguous().view(FP8)
         s = flat[scale_pos].contiguous().view(torch.float32).view(-1)
         return k, s
