@@ -1,6 +1,8 @@
-"""A tiny DeepSeek-V3.2-architecture checkpoint with deterministic random weights, written in the official
-format (config.json + model.safetensors) and then loaded through the normal loader. Used by `dsv32 demo`
-(and the quickstart) so a new user sees the engine work without downloading anything."""
+"""A tiny DeepSeek-V3.2-architecture checkpoint with deterministic random weights and a byte-level BPE
+tokenizer carrying the DeepSeek-V3.2 special tokens, written in the official format (config.json,
+model.safetensors, tokenizer.json, tokenizer_config.json, generation_config.json) and then loaded through
+the normal loader. Used by `dsv32 demo` and by `dsv32 serve` without --model, so a new user sees the engine
+work without downloading anything. The weights are random: the text it generates is gibberish."""
 
 from __future__ import annotations
 
@@ -51,9 +53,57 @@ def make_demo_checkpoint(path: str, seed: int = 0) -> str:
             tensors[name] = torch.randn(spec.shape, generator=g) * 0.1
         else:
             tensors[name] = torch.rand(spec.shape, generator=g) + 0.5
-    tmp = done + ".tmp"
-    save_file({k: v.contiguous() for k, v in tensors.items()}, tmp)
+    _write_tokenizer(path, DEMO_CONFIG["vocab_size"])
+    with open(os.path.join(path, "generation_config.json"), "w", encoding="utf-8") as f:
+        json.dump({"bos_token_id": 0, "eos_token_id": 1, "do_sample": True, "temperature": 1.0, "top_p": 0.95}, f)
     with open(os.path.join(path, "config.json"), "w", encoding="utf-8") as f:
         json.dump(DEMO_CONFIG, f, indent=2)
-    os.replace(tmp, done)  # atomic: a crash never leaves a half-written checkpoint that looks complete
+    tmp = done + ".tmp"
+    save_file({k: v.contiguous() for k, v in tensors.items()}, tmp)
+    os.replace(tmp, done)  # written last and atomically: a crash never leaves a checkpoint that looks complete
     return path
+
+# DeepSeek-V3.2's special tokens (protocol.md §2). The demo's ids differ from the real tokenizer's
+# (its vocabulary is 512 tokens), but the strings are the same, so encoders and parsers work unchanged.
+SPECIAL_TOKENS = [
+    "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<｜▁pad▁｜>", "<think>", "</think>", "<｜User｜>",
+    "<｜Assistant｜>", "<｜tool▁calls▁begin｜>", "<｜tool▁calls▁end｜>", "<｜tool▁call▁begin｜>",
+    "<｜tool▁call▁end｜>", "<｜tool▁output▁begin｜>", "<｜tool▁output▁end｜>", "<｜tool▁sep｜>", "｜DSML｜",
+]
+# <think>/</think> and ｜DSML｜ survive skip_special_tokens in the real tokenizer (added, not special).
+NON_SKIPPED = {"<think>", "</think>", "｜DSML｜"}
+
+_CORPUS = (
+    "The quick brown fox jumps over the lazy dog. Hello! I am DeepSeek, a helpful assistant.\n"
+    "What is the weather in Paris today? It is sunny and warm, about 24 degrees.\n"
+    "def add(a, b):\n    return a + b\n# numbers 0 1 2 3 4 5 6 7 8 9 10 100 1000\n"
+    '<function_calls> <invoke name="get_weather"> <parameter name="city" string="true">Paris</parameter>\n'
+    '</invoke> </function_calls> {"city": "Paris", "unit": "celsius"} [1, 2, 3] true false null\n'
+    "The user asks a question; the assistant thinks, then answers in plain words.\n"
+    "Sparse attention selects the most relevant tokens with a lightning indexer.\n"
+)
+
+
+def build_tokenizer(vocab_size: int):
+    """Deterministic byte-level BPE over a small built-in corpus. Skippable special tokens take the first ids
+    (BOS 0, EOS 1, ...); <think>, </think> and ｜DSML｜ are added as normal tokens at the end of the vocabulary."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    skipped = [t for t in SPECIAL_TOKENS if t not in NON_SKIPPED]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size - len(NON_SKIPPED), special_tokens=skipped,
+                                  show_progress=False, initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator([_CORPUS] * 4, trainer)
+    tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in SPECIAL_TOKENS if t in NON_SKIPPED])
+    return tok
+
+
+def _write_tokenizer(path: str, vocab_size: int) -> None:
+    tok = build_tokenizer(vocab_size)
+    tok.save(os.path.join(path, "tokenizer.json"))
+    with open(os.path.join(path, "tokenizer_config.json"), "w", encoding="utf-8") as f:
+        json.dump({"add_bos_token": False, "add_eos_token": False, "bos_token": SPECIAL_TOKENS[0],
+                   "eos_token": SPECIAL_TOKENS[1], "pad_token": SPECIAL_TOKENS[1], "model_max_length": 4096,
+                   "tokenizer_class": "LlamaTokenizerFast"}, f, indent=2)

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import torch
 
 from dsv32.core.config import ModelConfig
-from dsv32.core.engine import Engine
+from dsv32.core.engine import Engine, EngineConfig
 from dsv32.core.kv_cache import KVCache, KVCacheSpec
 from dsv32.core.loader import load_weights
 from dsv32.core.model import DeepseekV32
@@ -33,6 +33,15 @@ class CompletionOutput:
     text: str | None
     token_ids: list[int]
     finish_reason: str | None
+    logprobs: list | None = None  # TokenLogprob per generated token when SamplingParams.logprobs is set
+
+
+def expand_n(params: SamplingParams) -> list[SamplingParams]:
+    """One SamplingParams per completion for n > 1 (completion i seeded with seed + i when seeded)."""
+    if params.n == 1:
+        return [params]
+    return [dataclasses.replace(params, n=1, seed=None if params.seed is None else params.seed + i)
+            for i in range(params.n)]
 
 
 @dataclass
@@ -74,7 +83,8 @@ class LLM:
     def __init__(self, model: str, dtype: str = "auto", device: str | None = None, backend: str | None = None,
                  kv_cache_dtype: str = "auto", indexer_precision: str = "auto", page_size: int = 64,
                  max_model_len: int | None = None, num_kv_pages: int | None = None, max_num_seqs: int = 16,
-                 kv_cache_memory_gib: float = 1.0, load_mtp: bool = False, tokenizer: str | None = None):
+                 kv_cache_memory_gib: float = 1.0, load_mtp: bool = False, tokenizer: str | None = None,
+                 chunked_prefill_size: int = 8192, enable_prefix_caching: bool = True):
         t0 = time.monotonic()
         self.config = cfg = ModelConfig.from_pretrained(model)
         self.dtype = _resolve_dtype(dtype, cfg)
@@ -118,8 +128,10 @@ class LLM:
                              "raise num_kv_pages or lower max_model_len")
         spec = dataclasses.replace(spec, num_pages=num_kv_pages)
         self.kv_cache = KVCache(spec, device)
-        self.engine = Engine(self.model, self.kv_cache, self.max_model_len, max_running=max_num_seqs)
         self.tokenizer = _load_tokenizer(tokenizer or model)
+        self.engine = Engine(self.model, self.kv_cache, EngineConfig(
+            max_model_len=self.max_model_len, max_running_requests=max_num_seqs,
+            chunked_prefill_size=chunked_prefill_size, enable_prefix_cache=enable_prefix_caching), self.tokenizer)
         log.info("ready in %.1f s: %d KV pages of %d tokens (%.1f MiB)", time.monotonic() - t0, num_kv_pages,
                  page_size, num_kv_pages * spec.bytes_per_page() / 2**20)
 
@@ -133,13 +145,20 @@ class LLM:
         params = sampling_params if isinstance(sampling_params, list) else [sampling_params] * len(token_prompts)
         if len(params) != len(token_prompts):
             raise ValueError(f"got {len(params)} sampling_params for {len(token_prompts)} prompts")
-        reqs = [self.engine.add_request(ids, p) for ids, p in zip(token_prompts, params)]
+        groups = []
+        for ids, p in zip(token_prompts, params):
+            groups.append([self.engine.add_request(ids, child) for child in expand_n(p)])
+        texts: dict[str, list[str]] = {r.request_id: [] for g in groups for r in g}
         while self.engine.has_work():
-            self.engine.step()
-        return [RequestOutput(r.request_id, r.prompt_ids,
-                              [CompletionOutput(0, self._decode(r.output_ids, r.params), list(r.output_ids),
-                                                r.finish_reason)])
-                for r in reqs]
+            for out in self.engine.step():
+                texts[out.request_id].append(out.text_delta)
+        results = []
+        for g in groups:
+            outputs = [CompletionOutput(i, "".join(texts[r.request_id]) if self.tokenizer else None,
+                                        list(r.output_ids), r.finish_reason, list(r.logprobs) or None)
+                       for i, r in enumerate(g)]
+            results.append(RequestOutput(g[0].request_id, g[0].prompt_ids, outputs))
+        return results
 
     # ---- helpers ------------------------------------------------------------------------------------
     def _token_prompts(self, prompts, prompt_token_ids) -> list[list[int]]:
@@ -162,11 +181,6 @@ class LLM:
                 p = self.tokenizer.encode(p).ids
             out.append(list(p))
         return out
-
-    def _decode(self, ids: list[int], params: SamplingParams) -> str | None:
-        if self.tokenizer is None:
-            return None
-        return self.tokenizer.decode(ids, skip_special_tokens=params.skip_special_tokens)
 
 
 def _resolve_dtype(dtype: str, cfg: ModelConfig) -> torch.dtype:

@@ -190,11 +190,11 @@ class Ops:
 
     # ---- sampling -----------------------------------------------------------------------------------
     def sample(self, logits: torch.Tensor, temperatures: torch.Tensor, top_ps: torch.Tensor, top_ks: torch.Tensor,
-               generators: list[torch.Generator | None]) -> torch.Tensor:
-        """Next token per row of logits [B, V] fp32. temperature 0 → argmax (greedy). Otherwise softmax of
-        logits / temperature restricted to the top_k (≤0: all) most likely tokens and to the smallest set
-        whose probability reaches top_p, then a draw using the row's generator (None: global RNG).
-        Returns int64 [B]."""
+               min_ps: torch.Tensor, generators: list[torch.Generator | None]) -> torch.Tensor:
+        """Next token per row of logits [B, V] fp32 (penalties already applied). temperature 0 → argmax
+        (greedy). Otherwise p = softmax(logits / temperature) restricted to the top_k (≤0: all) most likely
+        tokens, to the smallest set whose probability reaches top_p, and to tokens with p ≥ min_p · max(p),
+        then a draw using the row's generator (None: global RNG). Returns int64 [B]."""
         raise NotImplementedError
 
 

@@ -1,26 +1,46 @@
-"""SamplingParams: per-request generation settings, validated with errors that name the field."""
+"""SamplingParams (per-request generation settings, validated with errors that name the field) and the
+sampler that turns a batch's logits into next tokens: penalties, min_tokens masking, logprobs, then the
+backend's `sample` op."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import torch
+
 
 @dataclass
 class SamplingParams:
-    """temperature 0 means greedy. top_k ≤ 0 (or -1) means no top-k cut; top_p 1.0 means none.
-    seed makes a sampled request reproducible on its own, whatever else is batched with it.
-    Generation stops at max_tokens, at an eos token (unless ignore_eos) or at any of stop_token_ids."""
+    """temperature 0 means greedy. top_k ≤ 0 (or -1) means no top-k cut; top_p 1.0 and min_p 0.0 mean none.
+    seed makes a sampled request reproducible on its own, whatever else is batched with it (with n > 1,
+    completion i uses seed + i). Generation stops at max_tokens, at an eos token (unless ignore_eos), at any of
+    stop_token_ids, or when the text contains a stop string (trimmed from the output unless no_stop_trim),
+    but never before min_tokens. Penalties follow vLLM/SGLang: repetition_penalty over prompt and output
+    tokens (>1 discourages), frequency/presence penalties over output tokens. logprobs: None = none, k ≥ 0 =
+    the chosen token's logprob plus the k most likely alternatives."""
 
     max_tokens: int = 16
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = -1
+    min_p: float = 0.0
     seed: int | None = None
+    n: int = 1
+    stop: list[str] = field(default_factory=list)
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
+    min_tokens: int = 0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logprobs: int | None = None
     skip_special_tokens: bool = True
+    no_stop_trim: bool = False
 
     def __post_init__(self):
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        self.stop = list(self.stop or [])
         self.stop_token_ids = list(self.stop_token_ids or [])
         self.validate()
 
@@ -28,19 +48,100 @@ class SamplingParams:
         def bad(name, why):
             raise ValueError(f"SamplingParams.{name}: {why}")
 
+        def is_num(v):
+            return isinstance(v, (int, float)) and not isinstance(v, bool)
+
         if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
             bad("max_tokens", f"must be an integer ≥ 1, got {self.max_tokens!r}")
-        if not isinstance(self.temperature, (int, float)) or self.temperature < 0:
+        if not is_num(self.temperature) or self.temperature < 0:
             bad("temperature", f"must be ≥ 0, got {self.temperature!r}")
-        if not isinstance(self.top_p, (int, float)) or not 0 < self.top_p <= 1:
+        if not is_num(self.top_p) or not 0 < self.top_p <= 1:
             bad("top_p", f"must be in (0, 1], got {self.top_p!r}")
-        if not isinstance(self.top_k, int) or (self.top_k < -1):
+        if not isinstance(self.top_k, int) or self.top_k < -1:
             bad("top_k", f"must be -1 (disabled), 0 (disabled) or a positive integer, got {self.top_k!r}")
+        if not is_num(self.min_p) or not 0 <= self.min_p <= 1:
+            bad("min_p", f"must be in [0, 1], got {self.min_p!r}")
         if self.seed is not None and not isinstance(self.seed, int):
             bad("seed", f"must be an integer, got {self.seed!r}")
+        if not isinstance(self.n, int) or not 1 <= self.n <= 128:
+            bad("n", f"must be an integer in [1, 128], got {self.n!r}")
+        if not all(isinstance(s, str) and s for s in self.stop):
+            bad("stop", f"must be non-empty strings, got {self.stop!r}")
         if not all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids):
             bad("stop_token_ids", f"must be non-negative integers, got {self.stop_token_ids!r}")
+        if not isinstance(self.min_tokens, int) or not 0 <= self.min_tokens:
+            bad("min_tokens", f"must be an integer ≥ 0, got {self.min_tokens!r}")
+        if self.min_tokens > self.max_tokens:
+            bad("min_tokens", f"({self.min_tokens}) must not exceed max_tokens ({self.max_tokens})")
+        for name in ("presence_penalty", "frequency_penalty"):
+            v = getattr(self, name)
+            if not is_num(v) or not -2 <= v <= 2:
+                bad(name, f"must be in [-2, 2], got {v!r}")
+        if not is_num(self.repetition_penalty) or not 0 < self.repetition_penalty <= 2:
+            bad("repetition_penalty", f"must be in (0, 2], got {self.repetition_penalty!r}")
+        if self.logprobs is not None and (not isinstance(self.logprobs, int) or not 0 <= self.logprobs <= 20):
+            bad("logprobs", f"must be an integer in [0, 20], got {self.logprobs!r}")
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
+
+    @property
+    def has_penalties(self) -> bool:
+        return self.presence_penalty != 0 or self.frequency_penalty != 0 or self.repetition_penalty != 1
+
+
+@dataclass
+class TokenLogprob:
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]]  # the k most likely (token id, logprob), most likely first
+
+
+def apply_penalties(logits: torch.Tensor, prompts: list[list[int]], outputs: list[list[int]],
+                    params: list[SamplingParams]) -> torch.Tensor:
+    """Penalized copy of logits [B, V] fp32 (rows without penalties untouched)."""
+    out = logits.clone()
+    V = logits.shape[1]
+    for i, p in enumerate(params):
+        if not p.has_penalties:
+            continue
+        row = out[i]
+        if p.repetition_penalty != 1.0:
+            seen = torch.tensor(sorted(set(prompts[i]) | set(outputs[i])), dtype=torch.long, device=row.device)
+            vals = row[seen]
+            row[seen] = torch.where(vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty)
+        if outputs[i] and (p.frequency_penalty or p.presence_penalty):
+            counts = torch.bincount(torch.tensor(outputs[i], device=row.device), minlength=V)[:V].float()
+            row -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).float()
+    return out
+
+
+def mask_stops_before_min_tokens(logits: torch.Tensor, outputs: list[list[int]], params: list[SamplingParams],
+                                 eos_ids: set[int]) -> torch.Tensor:
+    for i, p in enumerate(params):
+        if len(outputs[i]) < p.min_tokens:
+            banned = set(p.stop_token_ids) | (set() if p.ignore_eos else eos_ids)
+            if banned:
+                logits[i, torch.tensor(sorted(banned), device=logits.device)] = float("-inf")
+    return logits
+
+
+def logprobs_of(logits: torch.Tensor, tokens: torch.Tensor, params: list[SamplingParams]) -> list[TokenLogprob | None]:
+    """Logprobs of the chosen tokens under the (penalized, unscaled by temperature) model distribution."""
+    want = [p.logprobs is not None for p in params]
+    if not any(want):
+        return [None] * len(params)
+    lp = torch.log_softmax(logits.float(), dim=-1)
+    out = []
+    for i, p in enumerate(params):
+        if not want[i]:
+            out.append(None)
+            continue
+        tok = int(tokens[i])
+        top = []
+        if p.logprobs:
+            v, ids = lp[i].topk(p.logprobs)
+            top = list(zip(ids.tolist(), v.tolist()))
+        out.append(TokenLogprob(tok, float(lp[i, tok]), top))
+    return out

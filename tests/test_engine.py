@@ -18,6 +18,17 @@ from dsv32.core.kv_cache import OutOfPagesError, PageAllocator
 GREEDY = dict(temperature=0, ignore_eos=True)
 
 
+def assert_all_pages_returned(llm):
+    """Every page is free or held only by the prefix cache (no request leaks pages)."""
+    a, pc = llm.kv_cache.allocator, llm.engine.prefix_cache
+    cached = pc.num_pages if pc is not None else 0
+    assert a.num_free + cached == a.num_pages
+    if pc is not None:
+        assert pc.evictable() == cached
+        pc.clear()
+    assert a.num_free == a.num_pages
+
+
 def prompts_of(lengths, seed=0, vocab=320):
     g = torch.Generator().manual_seed(seed)
     return [torch.randint(0, vocab, (n,), generator=g).tolist() for n in lengths]
@@ -103,7 +114,7 @@ def test_preemption_gives_identical_outputs(tiny_dir):
     assert small.engine.num_preemptions > 0
     assert ample.engine.num_preemptions == 0
     assert got == want
-    assert small.kv_cache.allocator.num_free == 24  # every page returned
+    assert_all_pages_returned(small)
 
 
 def test_stop_conditions(tmp_path):
@@ -139,7 +150,7 @@ def test_requests_finish_at_different_times(tiny_dir):
     assert [len(o.token_ids) for o in outs] == [3, 17, 8]
     alone = llm.generate(prompt_token_ids=[prompts[1]], sampling_params=SamplingParams(max_tokens=17, **GREEDY))
     assert alone[0].token_ids == outs[1].token_ids
-    assert llm.kv_cache.allocator.num_free == llm.kv_cache.allocator.num_pages
+    assert_all_pages_returned(llm)
 
 
 def test_seeded_sampling_is_reproducible_and_batch_independent(tiny_dir):
@@ -166,15 +177,17 @@ def test_sample_op_top_k_top_p():
     logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]])).repeat(400, 1)
     gens = [torch.Generator().manual_seed(i) for i in range(400)]
 
-    def draw(t, p, k):
+    def draw(t, p, k, m=0.0):
         n = logits.shape[0]
-        return ops.sample(logits, torch.full((n,), t), torch.full((n,), p), torch.full((n,), k, dtype=torch.int64), gens)
+        return ops.sample(logits, torch.full((n,), t), torch.full((n,), p), torch.full((n,), k, dtype=torch.int64),
+                          torch.full((n,), m), gens)
 
     assert set(draw(1.0, 1.0, 2).tolist()) == {0, 1}
     assert set(draw(1.0, 0.7, -1).tolist()) == {0, 1}  # 0.5 < 0.7 ≤ 0.8: the two most likely
     assert set(draw(1.0, 0.5, -1).tolist()) == {0}
     assert set(draw(1.0, 1.0, -1).tolist()) == {0, 1, 2, 3}
     assert set(draw(0.0, 1.0, -1).tolist()) == {0}
+    assert set(draw(1.0, 1.0, -1, m=0.5).tolist()) == {0, 1}  # p ≥ 0.5 · 0.5: tokens 0 (0.5) and 1 (0.3)
 
 
 @pytest.mark.parametrize("field,value", [("max_tokens", 0), ("temperature", -1.0), ("top_p", 0.0),

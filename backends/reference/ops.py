@@ -260,7 +260,7 @@ class ReferenceOps(Ops):
         return out
 
     # ---- sampling -----------------------------------------------------------------------------------
-    def sample(self, logits, temperatures, top_ps, top_ks, generators):
+    def sample(self, logits, temperatures, top_ps, top_ks, min_ps, generators):
         out = torch.empty(logits.shape[0], dtype=torch.int64, device=logits.device)
         for i in range(logits.shape[0]):
             row = logits[i].float()
@@ -276,9 +276,12 @@ class ReferenceOps(Ops):
             p = float(top_ps[i])
             if p < 1.0:
                 sorted_logits, order = row.sort(descending=True)
-                cum = sorted_logits.softmax(-1).cumsum(-1)
-                drop = cum - sorted_logits.softmax(-1) >= p  # keep the smallest prefix reaching p
+                sorted_probs = sorted_logits.softmax(-1)
+                drop = sorted_probs.cumsum(-1) - sorted_probs >= p  # keep the smallest prefix reaching p
                 row = row.scatter(0, order, sorted_logits.masked_fill(drop, float("-inf")))
             probs = row.softmax(-1)
+            m = float(min_ps[i])
+            if m > 0.0:
+                probs = probs.masked_fill(probs < m * probs.max(), 0.0)
             out[i] = torch.multinomial(probs, 1, generator=generators[i])[0]
         return out

@@ -1,0 +1,182 @@
+"""Serving-engine features on the offline engine: chunked prefill, prefix cache, abort, penalties, min_tokens,
+logprobs, n, stop strings and incremental detokenization."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_engine import GREEDY, assert_all_pages_returned, prompts_of
+
+from dsv32 import LLM, SamplingParams
+from dsv32.core.demo import build_tokenizer, make_demo_checkpoint
+from dsv32.core.detokenizer import IncrementalDetokenizer
+
+
+@pytest.fixture(scope="module")
+def demo_dir(tmp_path_factory):
+    return make_demo_checkpoint(str(tmp_path_factory.mktemp("demo")))
+
+
+def run(llm, prompts, params):
+    return [o.token_ids for o in llm.generate(prompt_token_ids=prompts, sampling_params=params)]
+
+
+def test_chunked_prefill_matches_whole_prefill(tiny_dir):
+    prompts = prompts_of([45, 30, 7, 60], seed=21)
+    sp = SamplingParams(max_tokens=12, **GREEDY)
+    whole = run(LLM(model=tiny_dir, dtype="float32", chunked_prefill_size=-1, enable_prefix_caching=False), prompts, sp)
+    chunked = LLM(model=tiny_dir, dtype="float32", chunked_prefill_size=16, page_size=8, enable_prefix_caching=False)
+    steps = []
+    orig = chunked.engine._schedule
+    chunked.engine._schedule = lambda: steps.append(orig()) or steps[-1]
+    assert run(chunked, prompts, sp) == whole
+    assert max(sum(n for _, n in w) for w in steps if w) <= 16  # the budget is respected
+    assert any(n not in (1,) and n < len(r.prompt_ids) for w in steps for r, n in w)  # prompts were split
+
+
+def test_prefix_cache_hit_equals_miss(tiny_dir):
+    shared = prompts_of([40], seed=3)[0]
+    a, b = shared + [5, 6, 7], shared + [9, 10]
+    sp = SamplingParams(max_tokens=10, **GREEDY)
+    cold = LLM(model=tiny_dir, dtype="float32", page_size=8, enable_prefix_caching=False)
+    want = run(cold, [a], sp) + run(cold, [b], sp)
+    warm = LLM(model=tiny_dir, dtype="float32", page_size=8)
+    run(warm, [a], sp)
+    out = warm.generate(prompt_token_ids=[b], sampling_params=sp)
+    assert warm.engine.prefix_cache.hit_tokens >= 40
+    assert run(warm, [a], sp) + [out[0].token_ids] == want
+    req_cached = warm.engine.prefix_cache.hit_tokens
+    assert req_cached > 0
+    assert_all_pages_returned(warm)
+
+
+def test_prefix_cache_eviction_under_pressure(tiny_dir):
+    """A small pool fills with cached prefixes; later requests evict them and still produce correct output."""
+    sp = SamplingParams(max_tokens=8, **GREEDY)
+    prompts = prompts_of([30, 28, 31, 29, 33], seed=8)
+    ref = run(LLM(model=tiny_dir, dtype="float32", page_size=4, enable_prefix_caching=False), prompts, sp)
+    small = LLM(model=tiny_dir, dtype="float32", page_size=4, num_kv_pages=20, max_model_len=64)
+    got = [run(small, [p], sp)[0] for p in prompts]
+    assert got == ref
+    assert small.engine.prefix_cache.num_pages <= 20
+    assert_all_pages_returned(small)
+
+
+def test_abort_frees_pages(tiny_dir):
+    llm = LLM(model=tiny_dir, dtype="float32", page_size=4)
+    eng = llm.engine
+    r1 = eng.add_request(prompts_of([20], seed=1)[0], SamplingParams(max_tokens=50, **GREEDY))
+    r2 = eng.add_request(prompts_of([25], seed=2)[0], SamplingParams(max_tokens=5, **GREEDY))
+    eng.step()
+    eng.step()
+    assert r1.pages and not r1.finished
+    assert eng.abort(r1.request_id)
+    outs = []
+    while eng.has_work():
+        outs += eng.step()
+    assert [o.finish_reason for o in outs if o.request_id == r1.request_id] == ["abort"]
+    assert r2.finish_reason == "length" and len(r2.output_ids) == 5
+    assert not eng.abort(r1.request_id)  # already gone
+    waiting = eng.add_request([1, 2, 3], SamplingParams(max_tokens=3))
+    assert eng.abort(waiting.request_id) and eng.step()[0].finish_reason == "abort"
+    assert_all_pages_returned(llm)
+
+
+def test_penalties_and_min_tokens(tiny_dir):
+    llm = LLM(model=tiny_dir, dtype="float32")
+    p = prompts_of([12], seed=4)
+    base = run(llm, p, SamplingParams(max_tokens=30, **GREEDY))[0]
+    rep = run(llm, p, SamplingParams(max_tokens=30, repetition_penalty=1.8, **GREEDY))[0]
+    loop = run(llm, p, SamplingParams(max_tokens=30, frequency_penalty=-2.0, **GREEDY))[0]
+    assert rep != base
+    assert max(loop.count(t) for t in set(loop)) > max(base.count(t) for t in set(base))  # rewards repeats
+    # min_tokens: the greedy's own first token as a stop token cannot end generation before min_tokens
+    stop = base[0]
+    early = run(llm, p, SamplingParams(max_tokens=30, temperature=0, stop_token_ids=[stop]))[0]
+    assert early == [stop]
+    held = run(llm, p, SamplingParams(max_tokens=30, temperature=0, stop_token_ids=[stop], min_tokens=6))[0]
+    assert len(held) >= 6 and stop not in held[:6]
+
+
+def test_penalty_math():
+    from dsv32.core.sampling import apply_penalties
+
+    logits = torch.tensor([[2.0, -1.0, 0.5, 3.0]])
+    out = apply_penalties(logits, [[0]], [[1, 1, 3]], [SamplingParams(repetition_penalty=2.0, frequency_penalty=0.5,
+                                                                       presence_penalty=0.25)])
+    # token 0: prompt only → repetition only (2/2); token 1: -1*2 (rep) - 2*0.5 - 0.25; token 3: 3/2 - 0.5 - 0.25
+    assert torch.allclose(out, torch.tensor([[1.0, -3.25, 0.5, 0.75]]))
+    assert torch.equal(apply_penalties(logits, [[0]], [[1]], [SamplingParams()]), logits)
+
+
+def test_logprobs_and_n(tiny_dir):
+    llm = LLM(model=tiny_dir, dtype="float32")
+    p = prompts_of([10], seed=5)
+    out = llm.generate(prompt_token_ids=p, sampling_params=SamplingParams(max_tokens=6, logprobs=3, **GREEDY))[0]
+    lps = out.outputs[0].logprobs
+    assert len(lps) == 6
+    for tok, lp in zip(out.token_ids, lps):
+        assert lp.token_id == tok and lp.top[0][0] == tok and abs(lp.top[0][1] - lp.logprob) < 1e-6
+        assert len(lp.top) == 3 and lp.top[0][1] >= lp.top[1][1] >= lp.top[2][1] and lp.logprob <= 0
+    many = llm.generate(prompt_token_ids=p, sampling_params=SamplingParams(max_tokens=8, n=3, temperature=1.0,
+                                                                           seed=7, ignore_eos=True))[0]
+    assert [o.index for o in many.outputs] == [0, 1, 2]
+    assert len({tuple(o.token_ids) for o in many.outputs}) > 1
+    again = llm.generate(prompt_token_ids=p, sampling_params=SamplingParams(max_tokens=8, n=3, temperature=1.0,
+                                                                            seed=7, ignore_eos=True))[0]
+    assert [o.token_ids for o in again.outputs] == [o.token_ids for o in many.outputs]
+
+
+def test_incremental_detokenizer_matches_full_decode():
+    tok = build_tokenizer(512)
+    g = torch.Generator().manual_seed(0)
+    texts = ["Hello! 你好, wörld. <think>hm</think>ok", "def add(a, b): return a + b 🙂🙂", "plain"]
+    for text in texts:
+        ids = tok.encode(text).ids
+        for skip in (True, False):
+            d = IncrementalDetokenizer(tok, [0, 5], skip_special_tokens=skip)
+            streamed = ""
+            for t in ids:
+                d.add(t)
+                streamed += d.take_delta(False)
+            streamed += d.take_delta(True)
+            assert streamed == tok.decode(ids, skip_special_tokens=skip)
+    for _ in range(20):  # random token soup: byte tokens that form invalid / unfinished UTF-8
+        ids = torch.randint(15, 509, (30,), generator=g).tolist()
+        d = IncrementalDetokenizer(tok, [], skip_special_tokens=True)
+        for t in ids:
+            d.add(t)
+            assert not d.take_delta(False).endswith("\ufffd")  # never emit half a character mid-stream
+        d.flush()
+        assert d.final_text == tok.decode(ids)
+
+
+def test_stop_strings_never_leak():
+    tok = build_tokenizer(512)
+    text = "The weather in Paris is sunny and warm today."
+    ids = tok.encode(text).ids
+    for stop, trim in ((["sunny"], False), (["Paris is", "zzz"], False), (["warm"], True)):
+        d = IncrementalDetokenizer(tok, [], stop=stop, no_stop_trim=trim)
+        chunks = []
+        for t in ids:
+            d.add(t)
+            chunks.append(d.take_delta(False))
+            if d.stopped_by:
+                break
+        chunks.append(d.take_delta(True))
+        out = "".join(chunks)
+        cut = text.index(d.stopped_by) + (len(d.stopped_by) if trim else 0)
+        assert out == text[:cut]
+        if not trim:
+            assert all(stop[0][:2] not in c for c in chunks[:-1] if c) or stop[0][:2] in text[:cut]
+
+
+def test_stop_strings_in_engine(demo_dir):
+    llm = LLM(model=demo_dir, dtype="float32")
+    free = llm.generate(prompt_token_ids=[[0, 3, 50, 60]], sampling_params=SamplingParams(max_tokens=20, **GREEDY))[0]
+    assert free.text and len(free.text) > 6
+    stop = free.text[3:6]
+    out = llm.generate(prompt_token_ids=[[0, 3, 50, 60]], sampling_params=SamplingParams(
+        max_tokens=20, temperature=0, stop=[stop]))[0]
+    assert out.finish_reason == "stop" and out.text == free.text[:free.text.index(stop)]
+    assert out.token_ids == free.token_ids[:len(out.token_ids)]
