@@ -84,7 +84,8 @@ class LLM:
                  kv_cache_dtype: str = "auto", indexer_precision: str = "auto", page_size: int = 64,
                  max_model_len: int | None = None, num_kv_pages: int | None = None, max_num_seqs: int = 16,
                  kv_cache_memory_gib: float = 1.0, load_mtp: bool = False, tokenizer: str | None = None,
-                 chunked_prefill_size: int = 8192, enable_prefix_caching: bool = True):
+                 chunked_prefill_size: int = 8192, enable_prefix_caching: bool = True,
+                 mem_fraction_static: float | None = None):
         t0 = time.monotonic()
         self.config = cfg = ModelConfig.from_pretrained(model)
         self.dtype = _resolve_dtype(dtype, cfg)
@@ -119,6 +120,13 @@ class LLM:
                            index_head_dim=cfg.index_head_dim, latent_dtype=latent_dtype,
                            index_fp8=indexer_precision == "fp8", index_dtype=self.dtype)
         pages_per_seq = math.ceil(self.max_model_len / page_size)
+        if mem_fraction_static is not None:
+            total = self.backend.cls.total_memory_bytes(device)
+            weights_bytes = _weights_bytes(weights)
+            kv_cache_memory_gib = (mem_fraction_static * total - weights_bytes) / 2**30
+            if kv_cache_memory_gib <= 0:
+                raise ValueError(f"mem_fraction_static={mem_fraction_static} of {total / 2**30:.1f} GiB leaves no room for "
+                                 f"the KV cache after {weights_bytes / 2**30:.1f} GiB of weights; raise it")
         if num_kv_pages is None:
             by_memory = int(kv_cache_memory_gib * 2**30) // spec.bytes_per_page()
             num_kv_pages = max(pages_per_seq, min(max_num_seqs * pages_per_seq, by_memory))
@@ -181,6 +189,17 @@ class LLM:
                 p = self.tokenizer.encode(p).ids
             out.append(list(p))
         return out
+
+
+def _weights_bytes(weights: dict) -> int:
+    def size(x) -> int:
+        if isinstance(x, torch.Tensor):
+            return x.numel() * x.element_size()
+        if dataclasses.is_dataclass(x):
+            return sum(size(getattr(x, f.name)) for f in dataclasses.fields(x))
+        return 0
+
+    return sum(size(w) for w in weights.values())
 
 
 def _resolve_dtype(dtype: str, cfg: ModelConfig) -> torch.dtype:

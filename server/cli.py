@@ -1,6 +1,6 @@
 """The `dsv32` command line. Subcommands: `env` (this machine, backends, kernels per op), `demo` (a tiny
-checkpoint made on the spot, run through the offline engine) and `generate` (offline generation from token
-ids or text). `serve` and `bench` arrive with the serving issue."""
+checkpoint made on the spot, run through the offline engine), `generate` (offline generation from token ids or
+text), `serve` (the OpenAI-compatible server) and `bench serve` (a load generator for it)."""
 
 from __future__ import annotations
 
@@ -97,6 +97,21 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--path", default=None, help="where to write it (default: $DSV32_CACHE_DIR/demo-model)")
     demo.add_argument("--max-tokens", type=int, default=16)
     demo.set_defaults(func=_demo)
+
+    from dsv32.server.serve import add_serve_args, serve
+
+    srv = sub.add_parser("serve", help="start the OpenAI-compatible server (SGLang's flag names); without --model "
+                                        "it serves a built-in tiny demo model")
+    add_serve_args(srv)
+    srv.set_defaults(func=serve)
+
+    from dsv32.server.bench import add_bench_args, bench_serve
+
+    bench = sub.add_parser("bench", help="benchmarks: `dsv32 bench serve` (load generator like sglang.bench_serving)")
+    bench_sub = bench.add_subparsers(dest="bench_command", required=True)
+    bs = bench_sub.add_parser("serve", help="send a workload to a running server and report TTFT/TPOT/ITL/throughput")
+    add_bench_args(bs)
+    bs.set_defaults(func=bench_serve)
 
     gen = sub.add_parser("generate", help="offline generation with the engine (no server)")
     gen.add_argument("--model", required=True, help="checkpoint directory (config.json + *.safetensors)")

@@ -17,6 +17,18 @@ class ReferenceBackend:
         return "cpu"
 
     @classmethod
+    def total_memory_bytes(cls, device) -> int:
+        """Memory of the device the model runs on (system RAM for the CPU)."""
+        import os
+
+        import torch
+
+        device = torch.device(device)
+        if device.type == "cuda":
+            return torch.cuda.mem_get_info(device)[1]
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+    @classmethod
     def create(cls, device):
         from dsv32.backends.reference.ops import ReferenceOps
 

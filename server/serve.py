@@ -1,0 +1,193 @@
+"""`dsv32 serve` / `python -m dsv32.server.launch_server`: SGLang's flag names, one command to a server.
+
+Without --model it serves the built-in tiny demo model (random weights, real tokenizer with the DeepSeek-V3.2
+special tokens), so the OpenAI endpoint works on any machine. Flags for features that do not exist yet exit
+with a clear error; nothing is silently ignored.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+
+log = logging.getLogger("dsv32.server")
+
+REASONING_PARSERS = ("deepseek-v3",)
+TOOL_CALL_PARSERS = ("deepseekv32", "deepseekv31")
+
+
+class FlagError(SystemExit):
+    def __init__(self, message: str):
+        super().__init__(2)
+        self.message = message
+
+
+def add_serve_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model")
+    g.add_argument("--model", "--model-path", dest="model", default=None,
+                   help="checkpoint directory (config.json, *.safetensors, tokenizer.json). Default: the built-in "
+                        "tiny demo model (random weights) created in $DSV32_CACHE_DIR/demo-model")
+    g.add_argument("--served-model-name", default=None, help="model name clients send (default: the model path)")
+    g.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32"])
+    g.add_argument("--quantization", default=None,
+                   help="checkpoint quantization; 'fp8' (DeepSeek FP8 block) is read from config.json automatically")
+    g.add_argument("--trust-remote-code", action="store_true",
+                   help="accepted for SGLang compatibility; dsv32 never executes code from a checkpoint")
+    g.add_argument("--context-length", type=int, default=None, help="max tokens per request (prompt + output)")
+    g.add_argument("--chat-template", default=None,
+                   help="'dsv32' (V3.2/Speciale), 'v31' (V3.2-Exp) or a .jinja file. Default: dsv32, or v31 when "
+                        "the tokenizer ships a Jinja chat_template and --tool-call-parser is not deepseekv32")
+
+    g = p.add_argument_group("server")
+    g.add_argument("--host", default="127.0.0.1")
+    g.add_argument("--port", type=int, default=30000)
+    g.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on API routes")
+    g.add_argument("--enable-metrics", action="store_true", help="serve Prometheus metrics at /metrics")
+    g.add_argument("--log-requests", action="store_true", help="log each request's id, sizes and latency")
+    g.add_argument("--reasoning-parser", default=None, choices=REASONING_PARSERS,
+                   help="split <think> reasoning into reasoning_content")
+    g.add_argument("--tool-call-parser", default=None, choices=TOOL_CALL_PARSERS,
+                   help="parse tool calls: deepseekv32 (DSML, V3.2) or deepseekv31 (V3.2-Exp)")
+
+    g = p.add_argument_group("engine")
+    g.add_argument("--backend", default=None, help="op backend (default: auto; see `dsv32 env`)")
+    g.add_argument("--device", default=None, help="device (default: the backend's)")
+    g.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "bfloat16", "bf16", "fp8_e4m3", "fp8"])
+    g.add_argument("--indexer-precision", default="auto", choices=["auto", "exact", "fp8"])
+    g.add_argument("--page-size", type=int, default=64)
+    g.add_argument("--max-running-requests", type=int, default=64)
+    g.add_argument("--chunked-prefill-size", type=int, default=8192, help="max prompt tokens per step (-1: no limit)")
+    g.add_argument("--mem-fraction-static", type=float, default=None,
+                   help="fraction of device memory for weights + KV cache (default: KV cache of --kv-cache-gib)")
+    g.add_argument("--kv-cache-gib", type=float, default=1.0, help="KV cache size when --mem-fraction-static is unset")
+    g.add_argument("--num-kv-pages", type=int, default=None, help="KV cache size in pages (overrides the above)")
+    g.add_argument("--disable-radix-cache", action="store_true", help="turn off prefix caching")
+
+    g = p.add_argument_group("not available yet (exit with an error when set)")
+    for flag, dest in (("--tp", "tp"), ("--tp-size", "tp"), ("--dp", "dp"), ("--dp-size", "dp"),
+                       ("--ep", "ep"), ("--ep-size", "ep")):
+        g.add_argument(flag, dest=dest, type=int, default=1, help="parallelism (only 1 for now)")
+    g.add_argument("--enable-dp-attention", action="store_true")
+    for flag in ("--dsa-prefill-backend", "--nsa-prefill-backend", "--dsa-decode-backend", "--nsa-decode-backend"):
+        g.add_argument(flag, default=None, help="sparse-attention kernel (arrives with the CUDA backend)")
+    g.add_argument("--attention-backend", default=None, help="'nsa' (DeepSeek sparse attention) is the only one")
+    g.add_argument("--moe-runner-backend", default=None, help="MoE kernel (arrives with the CUDA backend)")
+    g.add_argument("--disaggregation-mode", default="null", help="'null' only for now")
+    for flag in ("--speculative-algorithm", "--speculative-num-steps", "--speculative-eagle-topk",
+                 "--speculative-num-draft-tokens", "--speculative-draft-model-path"):
+        g.add_argument(flag, default=None, help="MTP speculative decoding (not yet)")
+
+
+def check_unsupported(args: argparse.Namespace) -> None:
+    """Exit with a clear message for any flag asking for what does not exist yet."""
+    problems = []
+    for name in ("tp", "dp", "ep"):
+        if getattr(args, name) != 1:
+            problems.append(f"--{name}/--{name}-size {getattr(args, name)}: tensor/data/expert parallelism is not "
+                            "implemented yet (single device only)")
+    if args.enable_dp_attention:
+        problems.append("--enable-dp-attention: DP attention is not implemented yet")
+    for name in ("dsa_prefill_backend", "nsa_prefill_backend", "dsa_decode_backend", "nsa_decode_backend"):
+        if getattr(args, name) is not None:
+            problems.append(f"--{name.replace('_', '-')} {getattr(args, name)}: kernel selection arrives with the "
+                            "CUDA backend; this build has the reference backend only")
+    if args.attention_backend not in (None, "nsa"):
+        problems.append(f"--attention-backend {args.attention_backend}: only 'nsa' (DeepSeek sparse attention) exists")
+    if args.moe_runner_backend not in (None, "auto"):
+        problems.append(f"--moe-runner-backend {args.moe_runner_backend}: MoE kernel selection arrives with the CUDA backend")
+    if args.disaggregation_mode not in ("null", None):
+        problems.append(f"--disaggregation-mode {args.disaggregation_mode}: prefill/decode disaggregation is not implemented")
+    spec = [f for f in ("speculative_algorithm", "speculative_num_steps", "speculative_eagle_topk",
+                        "speculative_num_draft_tokens", "speculative_draft_model_path") if getattr(args, f) is not None]
+    if spec:
+        problems.append(f"--{spec[0].replace('_', '-')}: MTP speculative decoding is not implemented yet")
+    if args.quantization not in (None, "fp8"):
+        problems.append(f"--quantization {args.quantization}: only DeepSeek FP8-block ('fp8') checkpoints are supported")
+    if problems:
+        raise FlagError("cannot start:\n  " + "\n  ".join(problems))
+
+
+def _auto_chat_template(args, model_dir: str) -> str:
+    if args.chat_template:
+        return args.chat_template
+    if args.tool_call_parser == "deepseekv32":
+        return "dsv32"
+    cfg_path = os.path.join(model_dir, "tokenizer_config.json")
+    if os.path.isfile(cfg_path):
+        with open(cfg_path, encoding="utf-8") as f:
+            if json.load(f).get("chat_template"):
+                return "v31"  # V3.2-Exp ships the V3.1-family Jinja template; v31 encodes the same
+    return "dsv32"
+
+
+def build_server(args: argparse.Namespace):
+    """Start the engine process and build the app. Returns (app, engine_client)."""
+    from dsv32.core import envs
+    from dsv32.core.config import ModelConfig
+    from dsv32.core.demo import make_demo_checkpoint
+    from dsv32.server.app import ServerConfig, ServerState, create_app
+    from dsv32.server.engine_process import EngineArgs, EngineClient
+    from dsv32.server.protocol import load_generation_defaults
+
+    check_unsupported(args)
+    model = args.model
+    if model is None:
+        model = make_demo_checkpoint(os.path.join(envs.cache_dir(), "demo-model"))
+        log.info("no --model given: serving the built-in tiny demo model (random weights) from %s", model)
+    cfg = ModelConfig.from_pretrained(model)  # fail fast, before starting a process
+    if args.quantization == "fp8" and cfg.quant is None:
+        raise FlagError("--quantization fp8: this checkpoint's config.json has no FP8 quantization_config")
+    if args.trust_remote_code:
+        log.info("--trust-remote-code: accepted; dsv32 runs no checkpoint code, so it changes nothing")
+    kv_gib = args.kv_cache_gib
+    if args.mem_fraction_static is not None:
+        if not 0 < args.mem_fraction_static < 1:
+            raise FlagError("--mem-fraction-static must be in (0, 1)")
+        kv_gib = None
+    engine = EngineClient(EngineArgs(
+        model=model, dtype=args.dtype, device=args.device, backend=args.backend, kv_cache_dtype=args.kv_cache_dtype,
+        indexer_precision=args.indexer_precision, page_size=args.page_size, max_model_len=args.context_length,
+        num_kv_pages=args.num_kv_pages, max_running_requests=args.max_running_requests,
+        chunked_prefill_size=args.chunked_prefill_size, enable_prefix_caching=not args.disable_radix_cache,
+        kv_cache_memory_gib=kv_gib if kv_gib is not None else 1.0, mem_fraction_static=args.mem_fraction_static))
+    tokenizer = None
+    if os.path.isfile(os.path.join(model, "tokenizer.json")):
+        from tokenizers import Tokenizer
+
+        tokenizer = Tokenizer.from_file(os.path.join(model, "tokenizer.json"))
+    state = ServerState(engine, tokenizer, ServerConfig(
+        served_model_name=args.served_model_name or (args.model or "dsv32-demo"), model_path=model,
+        api_key=args.api_key, enable_metrics=args.enable_metrics, log_requests=args.log_requests,
+        reasoning_parser=args.reasoning_parser, tool_call_parser=args.tool_call_parser,
+        chat_template=_auto_chat_template(args, model), gen_defaults=load_generation_defaults(model)))
+    return create_app(state), engine
+
+
+def serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    try:
+        app, engine = build_server(args)
+    except FlagError as e:
+        print(f"error: {e.message}", file=sys.stderr)
+        return 2
+    info = engine.info
+    print(f"[dsv32] serving {app.state.dsv32.cfg.served_model_name} on http://{args.host}:{args.port} "
+          f"(backend {info['backend']} on {info['device']}, context {info['max_model_len']}, "
+          f"{info['num_kv_pages']} KV pages of {info['page_size']})", file=sys.stderr, flush=True)
+    try:
+        uvicorn.run(app, host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=5)
+    finally:
+        engine.shutdown()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="dsv32 serve", description="OpenAI-compatible server for DeepSeek-V3.2 "
+                                "(SGLang's flag names).")
+    add_serve_args(p)
+    logging.basicConfig(level=logging.INFO, format="[dsv32] %(message)s", stream=sys.stderr)
+    return serve(p.parse_args(argv))
