@@ -17,7 +17,7 @@ import random
 import statistics
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 
 def add_bench_args(p: argparse.ArgumentParser) -> None:
@@ -253,5 +253,3 @@ def bench_serve(args: argparse.Namespace) -> int:
             f.write(json.dumps(m) + "\n")
     return 0 if m["completed"] else 1
 
-
-__all__ = ["add_bench_args", "bench_serve", "random_dataset", "summarize", "format_result", "RequestResult", "asdict"]

@@ -124,11 +124,9 @@ def register_chat(app: FastAPI, state: ServerState) -> None:
         prefeed = [p.feed(forced) if forced else [] for p in parsers]
         gens = [run_request(state, f"{rid}-{i}", ids, p) for i, p in enumerate(children)]
         base = {"id": rid, "object": "chat.completion", "created": int(time.time()), "model": state.cfg.served_model_name}
-        reasoning_tokens = [0] * len(children)
-
         if body.get("stream"):
-            return StreamingResponse(_stream(state, body, base, gens, parsers, prefeed, stream_reasoning, len(ids),
-                                             reasoning_tokens), media_type="text/event-stream")
+            return StreamingResponse(_stream(state, body, base, gens, parsers, prefeed, stream_reasoning, len(ids)),
+                                     media_type="text/event-stream")
 
         texts = [[forced] if forced else [] for _ in children]
         lps, tokens = [[] for _ in children], [0] * len(children)
@@ -139,11 +137,11 @@ def register_chat(app: FastAPI, state: ServerState) -> None:
             tokens[i] += len(out.new_token_ids)
             if out.finished:
                 finish[i], cached = out.finish_reason, max(cached, out.cached_tokens)
-        choices = []
+        choices, reasoning_tokens = [], 0
         for i, parser in enumerate(parsers):
             parsed = parser.parse("".join(texts[i]))
             if parsed.reasoning_content:
-                reasoning_tokens[i] = len(state.encode(parsed.reasoning_content))
+                reasoning_tokens += len(state.encode(parsed.reasoning_content))
             message = {"role": "assistant", "content": parsed.content or "",
                        "reasoning_content": parsed.reasoning_content or None,
                        "tool_calls": [c.to_openai() for c in parsed.tool_calls] or None}
@@ -152,10 +150,10 @@ def register_chat(app: FastAPI, state: ServerState) -> None:
         completion = sum(tokens)
         return {**base, "choices": choices, "usage": {
             "prompt_tokens": len(ids), "completion_tokens": completion, "total_tokens": len(ids) + completion,
-            "prompt_tokens_details": {"cached_tokens": cached}, "reasoning_tokens": sum(reasoning_tokens)}}
+            "prompt_tokens_details": {"cached_tokens": cached}, "reasoning_tokens": reasoning_tokens}}
 
 
-async def _stream(state, body, base, gens, parsers, prefeed, stream_reasoning, prompt_tokens, reasoning_tokens):
+async def _stream(state, body, base, gens, parsers, prefeed, stream_reasoning, prompt_tokens):
     base = {**base, "object": "chat.completion.chunk"}
     include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
     n = len(parsers)
@@ -169,7 +167,6 @@ async def _stream(state, body, base, gens, parsers, prefeed, stream_reasoning, p
         calls = []
         for d in deltas:
             if d.reasoning_content is not None:
-                reasoning_tokens[i] += 0  # counted from the text at the end
                 if stream_reasoning:
                     delta["reasoning_content"] = delta.get("reasoning_content", "") + d.reasoning_content
                 else:

@@ -62,6 +62,13 @@ def _engine_main(conn, args: EngineArgs, log_level: int) -> None:
                          "eos_token_ids": list(llm.config.eos_token_ids), "backend": llm.backend.name,
                          "device": str(llm.model.device), "num_kv_pages": llm.kv_cache.allocator.num_pages,
                          "page_size": llm.kv_cache.page_size}))
+    try:
+        _serve_loop(conn, engine)
+    except (EOFError, OSError, KeyboardInterrupt):
+        return  # the HTTP process went away: nothing left to serve
+
+
+def _serve_loop(conn, engine) -> None:
     while True:
         if not engine.has_work():
             conn.poll(None)  # idle: block until a message arrives
@@ -165,6 +172,8 @@ class EngineClient:
         """Yields StepOutputs for one request until it finishes. Cancelling the consumer aborts the request."""
         if not self.alive:
             raise EngineDead("engine process is not running")
+        if rid in self._queues:
+            raise EngineRejected(f"request id '{rid}' is already in use by a running request")
         queue: asyncio.Queue = asyncio.Queue()
         self._queues[rid] = (asyncio.get_running_loop(), queue)
         finished = False

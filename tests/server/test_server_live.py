@@ -225,6 +225,11 @@ def test_bad_inputs_return_openai_errors(server):
     assert r.status_code == 413
     r = http.post(server.url + "/generate", json={"input_ids": [1, 2], "sampling_params": {"top_k": "x"}})
     assert r.status_code == 400 and r.json()["error"]["param"] == "sampling_params.top_k"
+    with cf.ThreadPoolExecutor(2) as ex:  # the same client-chosen rid twice at once: one is refused, no mix-up
+        rs = list(ex.map(lambda _: http.post(server.url + "/generate", json={
+            "input_ids": [30, 31], "rid": "dup", "sampling_params": {"max_new_tokens": 60, "ignore_eos": True}}), range(2)))
+    assert sorted(r.status_code for r in rs) in ([200, 200], [200, 400])
+    assert all(len(r.json()["output_ids"]) == 60 for r in rs if r.status_code == 200)
     assert http.get(server.url + "/health").status_code == 200  # still healthy
     assert complete(c, [20, 21, 22], 3).usage.completion_tokens == 3
 
