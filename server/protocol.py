@@ -65,7 +65,7 @@ def sampling_from_openai(body: dict, prompt_tokens: int, max_model_len: int, gen
     if max_tokens is None:
         max_tokens = _num(body, "max_tokens", None, lo=1, integer=True)
     if max_tokens is None:
-        max_tokens = room
+        max_tokens = room if chat else min(16, room)  # OpenAI's (and vLLM's, SGLang's) completions default is 16
     elif max_tokens > room:
         raise RequestError(f"This model's maximum context length is {max_model_len} tokens. You requested "
                            f"{prompt_tokens + max_tokens} tokens ({prompt_tokens} in the prompt, {max_tokens} for "
