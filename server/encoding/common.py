@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field, replace
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping
 
 # Structural markers: ASCII "<" + U+FF5C + name + U+FF5C + ASCII ">"; U+2581 inside names.
 BOS = "<\uff5cbegin\u2581of\u2581sentence\uff5c>"

@@ -128,18 +128,7 @@ class DsmlMachine(ToolMachine):
         self._state = "invoke"
 
     def _s_skip(self) -> bool:
-        buf = self._buf
-        pos, marker = find_first(buf, SKIP_ENDS)
-        if marker is not None:
-            end = pos + len(marker) if marker in INVOKE_CLOSE else pos
-            self._emit_content(buf[:end])
-            self._buf = buf[end:]
-            self._state = "block"
-            return True
-        keep = 0 if self._final else partial_suffix_len(buf, SKIP_ENDS)
-        self._emit_content(buf[:len(buf) - keep])
-        self._buf = buf[len(buf) - keep:]
-        return False
+        return self._skip_to(SKIP_ENDS, INVOKE_CLOSE)
 
     # -- inside an invoke ------------------------------------------------------------------------------
     def _s_invoke(self) -> bool:

@@ -74,6 +74,23 @@ class ToolMachine(StreamMachine):
             return None
         return self.schemas.get(self._current.name, {}).get(key)
 
+    def _skip_to(self, ends, consumed) -> bool:
+        """Garbage inside a block: pass text through as content up to the first of `ends` (a marker in
+        `consumed` is passed through with it; any other stays in the buffer for the next state), then go back
+        to the "block" state. Holds back a possible partial marker until the stream is final."""
+        buf = self._buf
+        pos, marker = find_first(buf, ends)
+        if marker is not None:
+            end = pos + len(marker) if marker in consumed else pos
+            self._emit_content(buf[:end])
+            self._buf = buf[end:]
+            self._state = "block"
+            return True
+        keep = 0 if self._final else partial_suffix_len(buf, ends)
+        self._emit_content(buf[:len(buf) - keep])
+        self._buf = buf[len(buf) - keep:]
+        return False
+
     def _emit_content(self, text: str) -> None:
         if text:
             self._content_parts.append(text)

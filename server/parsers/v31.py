@@ -157,18 +157,7 @@ class V31Machine(ToolMachine):
         return self._enter_garbage("block")
 
     def _s_skip(self) -> bool:
-        buf = self._buf
-        pos, marker = find_first(buf, ARGS_ENDS)
-        if marker is not None:
-            end = pos + len(marker) if marker == CALL_END else pos
-            self._emit_content(buf[:end])
-            self._buf = buf[end:]
-            self._state = "block"
-            return True
-        keep = 0 if self._final else partial_suffix_len(buf, ARGS_ENDS)
-        self._emit_content(buf[:len(buf) - keep])
-        self._buf = buf[len(buf) - keep:]
-        return False
+        return self._skip_to(ARGS_ENDS, (CALL_END,))
 
     def _end(self) -> None:
         if self._current is not None:
