@@ -81,6 +81,12 @@ def register_chat(app: FastAPI, state: ServerState) -> None:
         messages = body.get("messages")
         if not isinstance(messages, list) or not messages:
             raise RequestError("'messages' must be a non-empty list", "messages")
+        rf = body.get("response_format")
+        if rf is not None and (not isinstance(rf, dict) or rf.get("type", "text") != "text"):
+            raise RequestError("'response_format' json_object / json_schema needs constrained decoding, which this "
+                               "server does not have yet; only {'type': 'text'} is accepted", "response_format")
+        if body.get("continue_final_message"):
+            raise RequestError("'continue_final_message' is not supported yet", "continue_final_message")
         tools, choice, named, parallel = _validate_tools(body)
         kwargs = body.get("chat_template_kwargs")
         if kwargs is not None and not isinstance(kwargs, dict):
