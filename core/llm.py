@@ -91,8 +91,15 @@ class LLM:
         self.dtype = _resolve_dtype(dtype, cfg)
         if indexer_precision not in _INDEXER_PRECISIONS:
             raise ValueError(f"indexer_precision must be one of {_INDEXER_PRECISIONS}, got {indexer_precision!r}")
+        d = cfg.index_head_dim
+        hadamard_ok = d & (d - 1) == 0
         if indexer_precision == "auto":
-            indexer_precision = "fp8" if cfg.quant is not None else "exact"
+            indexer_precision = "fp8" if cfg.quant is not None and hadamard_ok else "exact"
+            if cfg.quant is not None and not hadamard_ok:
+                log.info("indexer_precision auto → exact: index_head_dim %d is not a power of two (Hadamard)", d)
+        elif indexer_precision == "fp8" and not hadamard_ok:
+            raise ValueError(f"indexer_precision='fp8' needs a power-of-two index_head_dim for the Hadamard "
+                             f"rotation; this model has {d}. Use indexer_precision='exact'")
         self.indexer_precision = indexer_precision
         if kv_cache_dtype not in _KV_DTYPES:
             raise ValueError(f"kv_cache_dtype must be one of {_KV_DTYPES}, got {kv_cache_dtype!r}")

@@ -211,3 +211,12 @@ def test_bad_options(tiny_dir):
         with pytest.raises(ValueError, match=field):
             LLM(model=tiny_dir, **kw)
     assert not os.path.exists(os.path.join(tiny_dir, "tokenizer.json"))
+
+
+def test_fp8_checkpoint_odd_indexer_dim_falls_back_to_exact(tmp_path):
+    make_checkpoint(str(tmp_path / "src"), seed=5, index_head_dim=24, num_hidden_layers=1)
+    convert_to_fp8_checkpoint(str(tmp_path / "src"), str(tmp_path / "fp8"), str(tmp_path / "deq"))
+    llm = LLM(model=str(tmp_path / "fp8"), dtype="float32")
+    assert llm.config.quant is not None and llm.indexer_precision == "exact"
+    out = llm.generate(prompt_token_ids=[list(range(5, 30))], sampling_params=SamplingParams(max_tokens=4, temperature=0))
+    assert len(out[0].token_ids) >= 1

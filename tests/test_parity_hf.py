@@ -117,3 +117,18 @@ def test_bf16_error_no_worse_than_hf_bf16(tmp_path):
     mine = engine_logits(llm, list(range(5, 45)))
     rel = lambda a: ((a - oracle).norm() / oracle.norm()).item()  # noqa: E731
     assert rel(mine) <= 1.5 * rel(hf_bf16) + 0.01, (rel(mine), rel(hf_bf16))
+
+
+def test_tied_embeddings_and_odd_indexer_dim(tmp_path):
+    """tie_word_embeddings (no lm_head tensor in the checkpoint) and an index_head_dim that is not a power of two
+    (fp8 indexer impossible: 'fp8' is refused up front, 'auto' falls back to exact for FP8 checkpoints)."""
+    hf = make_checkpoint(str(tmp_path), seed=13, tie_word_embeddings=True, index_head_dim=24, index_topk=10)
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "model.safetensors"), "pt") as f:
+        assert "lm_head.weight" not in f.keys()
+    llm = LLM(model=str(tmp_path), dtype="float32")
+    prompt = list(range(3, 40))
+    assert (engine_logits(llm, prompt) - hf_logits(hf, prompt)).abs().max().item() <= TOL
+    with pytest.raises(ValueError, match="power-of-two index_head_dim"):
+        LLM(model=str(tmp_path), dtype="float32", indexer_precision="fp8")
