@@ -73,6 +73,17 @@ class AttnMetadata:
     page_size: int
 
 
+def causal_slots(batch: AttnMetadata) -> torch.Tensor:
+    """int32 [T, max_pos+1]: for each query token, the physical slots of positions 0..positions[t] of its request
+    (−1 beyond). Turns dense causal attention into sparse attention over every causal key."""
+    T = batch.positions.shape[0]
+    max_len = int(batch.positions.max().item()) + 1 if T else 0
+    pos = torch.arange(max_len, device=batch.positions.device)
+    pages = batch.block_table[batch.token_req][:, pos // batch.page_size].long()
+    slots = pages * batch.page_size + pos % batch.page_size
+    return torch.where(pos[None, :] <= batch.positions[:, None], slots, torch.full_like(slots, -1)).to(torch.int32)
+
+
 class Ops:
     """Abstract op set. Subclasses override; the registry fills the rest from the reference backend."""
 

@@ -6,13 +6,17 @@ import torch
 
 sys.path.insert(0, os.path.dirname(__file__))  # tests/_tiny.py helpers
 
+from dsv32.backends import present_devices  # noqa: E402
+
+if not any(present_devices().values()):
+    # No GPU: Triton kernels run on the CPU interpreter (must be set before any kernel module is imported).
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
 
 
 def pytest_collection_modifyitems(config, items):
     """Device tests skip with the reason when the hardware is absent."""
-    from dsv32.backends import present_devices
-
     present = present_devices()
     for item in items:
         for mark, ok in present.items():

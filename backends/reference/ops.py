@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from dsv32.core.kv_cache import index_key_bytes, latent_entry_bytes, latent_scale_blocks
-from dsv32.core.ops import FP8_E4M3_MAX, ExpertWeights, AttnMetadata, LinearWeight, Ops
+from dsv32.core.ops import FP8_E4M3_MAX, AttnMetadata, ExpertWeights, LinearWeight, Ops, causal_slots
 
 FP8 = torch.float8_e4m3fn
 MAX_BLOCK_ELEMS = 1 << 26  # largest temporary the reference materializes at once (attention, indexer scores)
@@ -225,12 +225,7 @@ class ReferenceOps(Ops):
         return torch.einsum("thk,tkl->thl", probs, kv[..., :L])
 
     def dense_mla_attention(self, q, latent_cache, batch, softmax_scale, kv_lora_rank):
-        max_len = int(batch.positions.max().item()) + 1 if q.shape[0] else 0
-        pos = torch.arange(max_len, device=q.device)
-        pages = batch.block_table[batch.token_req][:, pos // batch.page_size].long()
-        slots = pages * batch.page_size + pos % batch.page_size
-        slots = torch.where(pos[None, :] <= batch.positions[:, None], slots, torch.full_like(slots, -1))
-        return self.sparse_mla_attention(q, latent_cache, slots.to(torch.int32), softmax_scale, kv_lora_rank)
+        return self.sparse_mla_attention(q, latent_cache, causal_slots(batch), softmax_scale, kv_lora_rank)
 
     # ---- MoE ----------------------------------------------------------------------------------------
     def moe_route(self, router_logits, correction_bias, n_group, topk_group, top_k, renormalize,

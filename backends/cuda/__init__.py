@@ -1,0 +1,40 @@
+"""NVIDIA backend: the Triton kernels (backends/triton) on CUDA devices. FlashMLA / FlashInfer / DeepGEMM
+integration is not in yet; ops without a kernel fall back to the reference backend (listed by `dsv32 env`)."""
+
+from __future__ import annotations
+
+
+class CudaBackend:
+    name = "cuda"
+    device_type = "cuda"
+    priority = 30
+
+    @classmethod
+    def is_available(cls) -> tuple[bool, str]:
+        import torch
+
+        if not torch.cuda.is_available():
+            return False, "no CUDA device visible to torch"
+        if torch.version.hip is not None:
+            return False, "this torch is a ROCm build (use the rocm backend)"
+        try:
+            import triton  # noqa: F401
+        except ImportError:
+            return False, "triton is not installed (pip install 'dsv32[cuda]')"
+        return True, ""
+
+    @classmethod
+    def default_device(cls) -> str:
+        return "cuda"
+
+    @classmethod
+    def total_memory_bytes(cls, device) -> int:
+        import torch
+
+        return torch.cuda.mem_get_info(torch.device(device))[1]
+
+    @classmethod
+    def create(cls, device):
+        from dsv32.backends.cuda.ops import CudaOps
+
+        return CudaOps(device)
