@@ -2,7 +2,8 @@
 selection by priority, and per-op fallback to the reference backend.
 
 A backend entry point names a class with:
-  name: str; device_type: str ("cpu"/"cuda"/"npu"/...; "any" for reference); priority: int (higher wins);
+  name: str; device_type: str ("cpu"/"cuda"/"npu"/...; "any" for reference); priority: int (higher wins) —
+  or a classmethod auto_priority() -> int | None, where None means "only when asked for by name";
   is_available() -> tuple[bool, str]   (the str says why not, e.g. "no CUDA device");
   create(device) -> Ops                (imports vendor libraries lazily, here or in is_available).
 """
@@ -33,7 +34,7 @@ class BackendInfo:
     cls: type | None
     available: bool
     reason: str
-    priority: int = 0
+    priority: int | None = 0  # None: never picked automatically, only by name
 
 
 def discover() -> dict[str, BackendInfo]:
@@ -45,7 +46,8 @@ def discover() -> dict[str, BackendInfo]:
         try:
             cls = ep.load()
             ok, reason = cls.is_available()
-            found[ep.name] = BackendInfo(ep.name, cls, bool(ok), reason or "", getattr(cls, "priority", 0))
+            prio = cls.auto_priority() if hasattr(cls, "auto_priority") else getattr(cls, "priority", 0)
+            found[ep.name] = BackendInfo(ep.name, cls, bool(ok), reason or "", prio)
         except Exception as e:  # a third-party plugin must not take the engine down
             found[ep.name] = BackendInfo(ep.name, None, False, f"failed to load: {type(e).__name__}: {e}")
     if "reference" not in names:  # running from a source tree without installed entry points
@@ -67,7 +69,7 @@ def select_backend(requested: str | None = None) -> BackendInfo:
             usable = sorted(n for n, b in backends.items() if b.available)
             raise BackendError(f"backend '{requested}' is not available here: {info.reason}. Usable: {usable}")
         return info
-    usable = [b for b in backends.values() if b.available]
+    usable = [b for b in backends.values() if b.available and b.priority is not None]
     return max(usable, key=lambda b: b.priority)
 
 

@@ -27,9 +27,10 @@ def _env(args: argparse.Namespace) -> int:
     else:
         print("accelerator: none (torch sees no GPU/NPU)")
     print("\nbackends (entry-point group dsv32.backends):")
-    for name, info in sorted(discover().items(), key=lambda kv: -kv[1].priority):
+    for name, info in sorted(discover().items(), key=lambda kv: -(kv[1].priority if kv[1].priority is not None else -1)):
         state = "available" if info.available else f"unavailable: {info.reason}"
-        print(f"  {name:<12} priority {info.priority:<4} {state}")
+        prio = "explicit" if info.priority is None else info.priority
+        print(f"  {name:<12} priority {prio!s:<8} {state}")
     try:
         chosen = select_backend(args.backend)
     except BackendError as e:

@@ -73,6 +73,17 @@ def test_reference_registered_through_entry_point():
     assert registry.select_backend().name == "reference"
 
 
+def test_interpreter_backend_is_never_auto_selected(monkeypatch):
+    """Under TRITON_INTERPRET=1 (CPU CI) the triton backend is available but only when named."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    info = registry.discover().get("triton")
+    if info is None or not info.available:
+        pytest.skip("triton not installed")
+    assert info.priority is None
+    assert registry.select_backend().name == "reference"
+    assert registry.select_backend("triton").name == "triton"
+
+
 def test_auto_selection_by_priority_and_overrides(fake_plugins, monkeypatch):
     found = registry.discover()
     assert not found["missing"].available and "nolib" in found["missing"].reason

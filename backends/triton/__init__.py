@@ -13,6 +13,13 @@ class TritonBackend:
     priority = 10
 
     @classmethod
+    def auto_priority(cls) -> int | None:
+        """On the CPU interpreter the kernels are for testing only: never chosen automatically there."""
+        import torch
+
+        return cls.priority if torch.cuda.is_available() else None
+
+    @classmethod
     def is_available(cls) -> tuple[bool, str]:
         try:
             import triton  # noqa: F401
