@@ -10,6 +10,7 @@ A backend entry point names a class with:
 
 from __future__ import annotations
 
+import importlib
 import logging
 from dataclasses import dataclass
 from importlib.metadata import entry_points
@@ -22,6 +23,9 @@ from dsv32.core.ops import OP_NAMES, Ops
 log = logging.getLogger("dsv32.registry")
 
 GROUP = "dsv32.backends"
+# The same as pyproject.toml's entry points, for a source tree that was never pip-installed.
+BUILTIN_BACKENDS = {"reference": "dsv32.backends.reference:ReferenceBackend",
+                    "triton": "dsv32.backends.triton:TritonBackend", "cuda": "dsv32.backends.cuda:CudaBackend"}
 
 
 class BackendError(RuntimeError):
@@ -37,24 +41,29 @@ class BackendInfo:
     priority: int | None = 0  # None: never picked automatically, only by name
 
 
-def discover() -> dict[str, BackendInfo]:
-    """All registered backends with their availability (never raises: a broken plugin is reported)."""
-    found: dict[str, BackendInfo] = {}
-    eps = list(entry_points(group=GROUP))
-    names = {ep.name for ep in eps}
-    for ep in eps:
-        try:
-            cls = ep.load()
-            ok, reason = cls.is_available()
-            prio = cls.auto_priority() if hasattr(cls, "auto_priority") else getattr(cls, "priority", 0)
-            found[ep.name] = BackendInfo(ep.name, cls, bool(ok), reason or "", prio)
-        except Exception as e:  # a third-party plugin must not take the engine down
-            found[ep.name] = BackendInfo(ep.name, None, False, f"failed to load: {type(e).__name__}: {e}")
-    if "reference" not in names:  # running from a source tree without installed entry points
-        from dsv32.backends.reference import ReferenceBackend
+def _probe(name: str, load) -> BackendInfo:
+    """Load a backend class and ask whether it can run here (never raises: a broken plugin is reported)."""
+    try:
+        cls = load()
+        ok, reason = cls.is_available()
+        prio = cls.auto_priority() if hasattr(cls, "auto_priority") else getattr(cls, "priority", 0)
+        return BackendInfo(name, cls, bool(ok), reason or "", prio)
+    except Exception as e:  # a third-party plugin must not take the engine down
+        return BackendInfo(name, None, False, f"failed to load: {type(e).__name__}: {e}")
 
-        found["reference"] = BackendInfo("reference", ReferenceBackend, True, "", ReferenceBackend.priority)
-    return found
+
+def _load_target(target: str):
+    module, attr = target.split(":")
+    return getattr(importlib.import_module(module), attr)
+
+
+def discover() -> dict[str, BackendInfo]:
+    """All registered backends with their availability. A source tree that was never pip-installed has no entry
+    points: then our own backends (BUILTIN_BACKENDS) are probed."""
+    eps = list(entry_points(group=GROUP))
+    if eps:
+        return {ep.name: _probe(ep.name, ep.load) for ep in eps}
+    return {name: _probe(name, lambda t=target: _load_target(t)) for name, target in BUILTIN_BACKENDS.items()}
 
 
 def select_backend(requested: str | None = None) -> BackendInfo:
