@@ -118,11 +118,8 @@ class DsmlMachine(ToolMachine):
         return False
 
     def _start_invoke(self, name: str, tag: str) -> None:
-        if not self._known(name):
-            self._emit_content(tag)
-            self._state = "skip"
+        if not self._open_known_call(name, tag):
             return
-        self._open_call(name)
         self._params = 0
         self._args_closed = False
         self._state = "invoke"

@@ -96,6 +96,16 @@ class ToolMachine(StreamMachine):
             self._content_parts.append(text)
             self._emit_text("content", text)
 
+    def _open_known_call(self, name: str, raw: str) -> bool:
+        """Open a call for a known function; an unknown one goes back to content as its raw text (and the rest
+        of the call is skipped as content). Returns whether a call was opened."""
+        if not self._known(name):
+            self._emit_content(raw)
+            self._state = "skip"
+            return False
+        self._open_call(name)
+        return True
+
     def _open_call(self, name: str) -> None:
         kept = [c for c in self._calls if not c.dropped]
         dropped = not self.parallel_tool_calls and len(kept) >= 1

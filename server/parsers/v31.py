@@ -87,11 +87,8 @@ class V31Machine(ToolMachine):
         return True
 
     def _start_call(self, name: str, raw: str) -> None:
-        if not self._known(name):
-            self._emit_content(raw)
-            self._state = "skip"
+        if not self._open_known_call(name, raw):
             return
-        self._open_call(name)
         self._args_started = False
         self._args_emitted = False
         self._state = "args"
