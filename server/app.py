@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 
+from dsv32.core.llm import expand_n
 from dsv32.server.engine_process import EngineClient, EngineDead, EngineRejected
 from dsv32.server.metrics import Metrics
 from dsv32.server.protocol import RequestError, error_body, sampling_from_native, sampling_from_openai
@@ -141,12 +142,6 @@ async def merge_choices(streams: list):
             t.cancel()
 
 
-def expand_choices(params):
-    from dsv32.core.llm import expand_n
-
-    return expand_n(params)
-
-
 def logprobs_openai_completion(lps, tokenizer) -> dict | None:
     if not lps:
         return None
@@ -261,7 +256,7 @@ def create_app(state: ServerState) -> FastAPI:
         include_usage = bool((body.get("stream_options") or {}).get("include_usage")) if stream else False
         echo = body.get("echo", False) is True and isinstance(prompt, str)
         rid = body.get("rid") or f"cmpl-{uuid.uuid4().hex}"
-        children = expand_choices(params)
+        children = expand_n(params)
         gens = [run_request(state, f"{rid}-{i}", ids, p) for i, p in enumerate(children)]
         created = int(time.time())
         base = {"id": rid, "object": "text_completion", "created": created, "model": state.cfg.served_model_name}

@@ -15,7 +15,8 @@ import uuid
 from fastapi import FastAPI, Request
 from fastapi.responses import StreamingResponse
 
-from dsv32.server.app import ServerState, expand_choices, merge_choices, read_json, run_request, sse
+from dsv32.core.llm import expand_n
+from dsv32.server.app import ServerState, merge_choices, read_json, run_request, sse
 from dsv32.server.engine_process import EngineDead, EngineRejected
 from dsv32.server.protocol import RequestError, error_body, sampling_from_openai
 
@@ -125,7 +126,7 @@ def register_chat(app: FastAPI, state: ServerState) -> None:
             return OutputParser(reasoning=reasoning, tools=tool)
 
         rid = body.get("rid") or f"chatcmpl-{uuid.uuid4().hex}"
-        children = expand_choices(params)
+        children = expand_n(params)
         parsers = [new_parser() for _ in children]
         prefeed = [p.feed(forced) if forced else [] for p in parsers]
         gens = [run_request(state, f"{rid}-{i}", ids, p) for i, p in enumerate(children)]

@@ -61,6 +61,7 @@ def _flag(attrs: dict[str, str]) -> Optional[str]:
 class DsmlMachine(ToolMachine):
     """States: text → pre (marker seen, nothing committed) → block ⇄ invoke ⇄ value / body; skip (unknown
     function, raw to content); garbage (content up to the next `<`); after (block closed)."""
+    block_open = BLOCK_OPEN
 
     reasoning_end_markers = ("<｜DSML｜function_calls>",)
 
@@ -74,12 +75,6 @@ class DsmlMachine(ToolMachine):
         self._parts: list[str] = []
 
     # -- outside calls ---------------------------------------------------------------------------------
-    def _s_text(self) -> bool:
-        if self._scan_text(BLOCK_OPEN) is None:
-            return False
-        self._state = "pre"
-        return True
-
     def _s_pre(self) -> bool:
         s = self._buf.lstrip()
         status, n, attrs = match_tag(s, INVOKE_HEADS, INVOKE_RE)

@@ -127,6 +127,15 @@ class ToolMachine(StreamMachine):
         self._current = None
 
     # -- states shared by the format machines ---------------------------------------------------------
+    block_open: tuple[str, ...] = ()  # markers that open a call block (set by each format)
+
+    def _s_text(self) -> bool:
+        """Plain text until a block-opening marker; then the format's "pre" state reads the first call."""
+        if self._scan_text(self.block_open) is None:
+            return False
+        self._state = "pre"
+        return True
+
     def _scan_text(self, markers: tuple[str, ...]) -> Optional[str]:
         """TEXT state: content up to a block-start marker. Trailing whitespace before a marker is not
         content (the block is preceded by "\n\n"), so whitespace at the end of the buffer is held too.

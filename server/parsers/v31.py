@@ -37,6 +37,7 @@ _WAIT, _FAIL, _CUT = "wait", "fail", "cut"
 
 class V31Machine(ToolMachine):
     """States: text → pre (nothing committed yet) → args → block ⇄ name → args; skip; garbage; after."""
+    block_open = BLOCK_OPEN
 
     reasoning_end_markers = (CALLS_BEGIN,)
 
@@ -57,12 +58,6 @@ class V31Machine(ToolMachine):
         if marker != SEP or pos > MAX_NAME_CHARS or not name:
             return _FAIL
         return pos + len(SEP), name
-
-    def _s_text(self) -> bool:
-        if self._scan_text(BLOCK_OPEN) is None:
-            return False
-        self._state = "pre"
-        return True
 
     def _s_pre(self) -> bool:
         s, start = self._buf, 0
