@@ -18,3 +18,23 @@ def cache_dir() -> str:
 def triton_interpret() -> bool:
     """TRITON_INTERPRET=1: Triton kernels run on the CPU interpreter (slow; used to test kernels without a GPU)."""
     return os.environ.get("TRITON_INTERPRET", "") not in ("", "0")
+
+
+def dense_attn_kv_len_threshold(index_topk: int) -> int:
+    """DSV32_DSA_PREFILL_DENSE_ATTN_KV_LEN_THRESHOLD (default: index_topk = 2048): batches whose longest request has
+    at most this many keys skip the indexer and attend to every key (dense). Values above index_topk are clamped
+    (dense attention over more keys than the indexer would select changes the output); 0 forces the sparse path."""
+    raw = os.environ.get("DSV32_DSA_PREFILL_DENSE_ATTN_KV_LEN_THRESHOLD", "")
+    if raw == "":
+        return index_topk
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ValueError(f"DSV32_DSA_PREFILL_DENSE_ATTN_KV_LEN_THRESHOLD must be an integer, got {raw!r}") from None
+    if value > index_topk:
+        import logging
+
+        logging.getLogger("dsv32").warning(
+            "DSV32_DSA_PREFILL_DENSE_ATTN_KV_LEN_THRESHOLD=%d is above index_topk=%d: clamped to %d (dense attention "
+            "beyond the top-k would change the model's output)", value, index_topk, index_topk)
+    return max(0, min(value, index_topk))

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
+from dsv32.core import envs
 from dsv32.core.config import ModelConfig
 from dsv32.core.forward_batch import ForwardBatch
 from dsv32.core.kv_cache import KVCache
@@ -111,6 +112,9 @@ class DeepseekV32:
         self.indexer_fp8 = indexer_fp8
         self.w = weights
         self.max_positions = max_positions or cfg.max_position_embeddings
+        # Batches whose longest request has at most this many keys skip the indexer logits and run dense attention.
+        # Exact only up to index_topk (every key is then selected), so larger values are clamped.
+        self.dense_kv_threshold = envs.dense_attn_kv_len_threshold(cfg.index_topk)
         # One table serves MLA (interleaved) and the indexer (half-split): same frequencies and positions.
         self.cos_sin = cos_sin_table(cfg.rope, cfg.qk_rope_head_dim, self.max_positions, self.device)
         self.lm_head = weights.get("lm_head.weight") or LinearWeight(weights["model.embed_tokens.weight"])
@@ -156,11 +160,9 @@ class DeepseekV32:
         q = ops.linear(qr, w[p + "q_b_proj.weight"]).view(T, H, cfg.qk_head_dim)
         q_nope, q_pe = q.split([dn, dr], dim=-1)
         kv = ops.linear(x, w[p + "kv_a_proj_with_mqa.weight"])
-        latent, k_pe = kv.split([L, dr], dim=-1)
-        latent = ops.rms_norm(latent, w[p + "kv_a_layernorm.weight"], 1e-6)
+        ops.mla_kv_write(kv, L, w[p + "kv_a_layernorm.weight"], 1e-6, fb.positions, self.cos_sin, cache.latent[i],
+                         fb.slots)
         q_pe = ops.rotary_embedding(q_pe, fb.positions, self.cos_sin, interleaved=True)
-        k_pe = ops.rotary_embedding(k_pe.unsqueeze(1), fb.positions, self.cos_sin, interleaved=True).squeeze(1)
-        ops.write_latent_cache(cache.latent[i], latent, k_pe, fb.slots)
 
         topk_slots = self._indexer(i, x, qr, fb, cache)
         q_abs = torch.bmm(q_nope.transpose(0, 1), self.w_uk[i]).transpose(0, 1)  # [T, H, L]
@@ -177,22 +179,15 @@ class DeepseekV32:
         request has more keys than index_topk (every causal key is selected: dense attention)."""
         cfg, ops, w, p = self.cfg, self.ops, self.w, f"model.layers.{i}.self_attn.indexer."
         T, Hi, D, dr = x.shape[0], cfg.index_n_heads, cfg.index_head_dim, cfg.qk_rope_head_dim
-        k = ops.layer_norm(ops.linear(x, w[p + "wk.weight"]), w[p + "k_norm.weight"], w[p + "k_norm.bias"], 1e-6)
-        k_rope = ops.rotary_embedding(k[:, None, :dr], fb.positions, self.cos_sin, interleaved=False)[:, 0]
-        k = torch.cat([k_rope, k[:, dr:]], dim=-1)  # [rope | nope]: rope first, unlike MLA
-        if self.indexer_fp8:
-            k = ops.hadamard_transform(k)
-        ops.write_index_keys(cache.index_keys[i], k, fb.slots)
-        if fb.max_kv_len <= cfg.index_topk:
+        # [rope | nope]: rope first, unlike MLA
+        ops.indexer_k_write(ops.linear(x, w[p + "wk.weight"]), w[p + "k_norm.weight"], w[p + "k_norm.bias"], 1e-6,
+                            fb.positions, self.cos_sin, dr, self.indexer_fp8, cache.index_keys[i], fb.slots)
+        if fb.max_kv_len <= self.dense_kv_threshold:
             return None
 
         q = ops.linear(qr, w[p + "wq_b.weight"]).view(T, Hi, D)
-        q_rope = ops.rotary_embedding(q[..., :dr], fb.positions, self.cos_sin, interleaved=False)
-        q = torch.cat([q_rope, q[..., dr:]], dim=-1)
         head_weights = ops.linear(x.float(), w[p + "weights_proj.weight"]) * Hi**-0.5
-        if self.indexer_fp8:
-            q, q_scale = ops.quantize_fp8(ops.hadamard_transform(q), block=D)
-            head_weights = head_weights * q_scale[..., 0]
+        q, head_weights = ops.indexer_q_prepare(q, head_weights, fb.positions, self.cos_sin, dr, self.indexer_fp8)
         return ops.indexer_topk(q, head_weights, cache.index_keys[i], fb.attn, D**-0.5, cfg.index_topk)
 
     # ---- MLP / MoE ----------------------------------------------------------------------------------

@@ -158,7 +158,30 @@ class Ops:
         ue8m0), as DeepGEMM's paged layout."""
         raise NotImplementedError
 
+    def mla_kv_write(self, kv: torch.Tensor, kv_lora_rank: int, norm_weight: torch.Tensor, eps: float,
+                     positions: torch.Tensor, cos_sin: torch.Tensor, latent_cache: torch.Tensor,
+                     slots: torch.Tensor) -> None:
+        """Fused MLA key path: kv [T, L+R] (kv_a_proj output, L = kv_lora_rank) → c = rms_norm(kv[:, :L], norm_weight, eps),
+        k_pe = interleaved RoPE of kv[:, L:] at positions → write_latent_cache(c, k_pe, slots). Each step rounds
+        to kv's dtype as the unfused ops do."""
+        raise NotImplementedError
+
     # ---- indexer ------------------------------------------------------------------------------------
+    def indexer_k_write(self, k: torch.Tensor, norm_weight: torch.Tensor, norm_bias: torch.Tensor, eps: float,
+                        positions: torch.Tensor, cos_sin: torch.Tensor, rope_dim: int, hadamard: bool,
+                        index_cache: torch.Tensor, slots: torch.Tensor) -> None:
+        """Fused indexer key path: k [T, D] (wk output) → LayerNorm(norm_weight, norm_bias, eps) → half-split
+        RoPE on k[:, :rope_dim] (rope part first) → Hadamard if `hadamard` → write_index_keys (which quantizes
+        to fp8 for the uint8 pool)."""
+        raise NotImplementedError
+
+    def indexer_q_prepare(self, q: torch.Tensor, head_weights: torch.Tensor, positions: torch.Tensor,
+                          cos_sin: torch.Tensor, rope_dim: int, fp8: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """Fused indexer query path: q [T, Hi, D] → half-split RoPE on q[..., :rope_dim]; with `fp8`: Hadamard,
+        then per-(token, head) e4m3 quantization (ue8m0 scale s) and head_weights [T, Hi] fp32 ← head_weights · s.
+        Returns (q, head_weights) ready for indexer_topk."""
+        raise NotImplementedError
+
     def indexer_topk(self, q: torch.Tensor, head_weights: torch.Tensor, index_cache: torch.Tensor,
                      batch: AttnMetadata, softmax_scale: float, topk: int) -> torch.Tensor:
         """Lightning-indexer scores and top-k selection over a paged key cache.

@@ -124,6 +124,12 @@ class ReferenceOps(Ops):
         ], dim=-1)
         flat[slots] = entry
 
+    def mla_kv_write(self, kv, kv_lora_rank, norm_weight, eps, positions, cos_sin, latent_cache, slots):
+        L = kv_lora_rank
+        c = self.rms_norm(kv[:, :L], norm_weight, eps)
+        k_pe = self.rotary_embedding(kv[:, None, L:], positions, cos_sin, interleaved=True)[:, 0]
+        self.write_latent_cache(latent_cache, c, k_pe, slots)
+
     def read_latent(self, latent_cache: torch.Tensor, slots: torch.Tensor, L: int, R: int, dtype) -> torch.Tensor:
         """Gather [n, L+R] entries (dequantized for the fp8 pool). Helper, not part of the interface."""
         flat = latent_cache.view(-1, latent_cache.shape[-1])
@@ -174,6 +180,23 @@ class ReferenceOps(Ops):
         return k, s
 
     # ---- indexer ------------------------------------------------------------------------------------
+    def indexer_k_write(self, k, norm_weight, norm_bias, eps, positions, cos_sin, rope_dim, hadamard, index_cache,
+                        slots):
+        k = self.layer_norm(k, norm_weight, norm_bias, eps)
+        k_rope = self.rotary_embedding(k[:, None, :rope_dim], positions, cos_sin, interleaved=False)[:, 0]
+        k = torch.cat([k_rope, k[:, rope_dim:]], dim=-1)
+        if hadamard:
+            k = self.hadamard_transform(k)
+        self.write_index_keys(index_cache, k, slots)
+
+    def indexer_q_prepare(self, q, head_weights, positions, cos_sin, rope_dim, fp8):
+        q_rope = self.rotary_embedding(q[..., :rope_dim], positions, cos_sin, interleaved=False)
+        q = torch.cat([q_rope, q[..., rope_dim:]], dim=-1)
+        if not fp8:
+            return q, head_weights
+        q, q_scale = self.quantize_fp8(self.hadamard_transform(q), block=q.shape[-1])
+        return q, head_weights * q_scale[..., 0]
+
     @staticmethod
     def _slots_of(batch: AttnMetadata, req: int, n: int) -> torch.Tensor:
         pos = torch.arange(n, device=batch.block_table.device)
