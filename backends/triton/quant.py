@@ -1,8 +1,7 @@
 """Dynamic fp8 (e4m3) activation quantization per (row, block of channels), bit-exact with the reference.
 
 scale = max(amax, 1e-4) / 448 (IEEE division), with `ue8m0` rounded up to a power of two from its bits (mantissa ≠ 0
-→ next exponent), as DeepSeek's act_quant; q = RNE(clamp(x / scale, ±448)) in e4m3. The value is rounded to the
-The e4m3 byte is built with integer ops (`e4m3_bits`) rather than by a float cast: the Triton CPU interpreter's fp32→fp8
+→ next exponent), as DeepSeek's act_quant; q = RNE(clamp(x / scale, ±448)) in e4m3. The e4m3 byte is built with integer ops (`e4m3_bits`) rather than by a float cast: the Triton CPU interpreter's fp32→fp8
 conversion mis-rounds (a carry out of the mantissa is lost, −0 loses its sign); one code path, exact on CPU and GPU.
 """
 
@@ -69,6 +68,6 @@ def quantize_fp8(x: torch.Tensor, block: int, ue8m0: bool = True) -> tuple[torch
     if rows and D:
         block_p = triton.next_power_of_2(block)
         g = min(triton.next_power_of_2(nb), max(1, _TILE // block_p))
-        _quantize_kernel[(rows, triton.cdiv(nb, g))](x2, q.view(torch.uint8), scale, x2.stride(0), D, nb, BLOCK=block, BLOCK_P=block_p,
-                                                     G=g, UE8M0=ue8m0)
+        _quantize_kernel[(rows, triton.cdiv(nb, g))](x2, q.view(torch.uint8), scale, x2.stride(0), D, nb,
+                                                     BLOCK=block, BLOCK_P=block_p, G=g, UE8M0=ue8m0)
     return q.view(*shape), scale.view(*shape[:-1], nb)
