@@ -1,8 +1,9 @@
 """Dynamic fp8 (e4m3) activation quantization per (row, block of channels), bit-exact with the reference.
 
 scale = max(amax, 1e-4) / 448 (IEEE division), with `ue8m0` rounded up to a power of two from its bits (mantissa ≠ 0
-→ next exponent), as DeepSeek's act_quant; q = RNE(clamp(x / scale, ±448)) in e4m3. The e4m3 byte is built with integer ops (`e4m3_bits`) rather than by a float cast: the Triton CPU interpreter's fp32→fp8
-conversion mis-rounds (a carry out of the mantissa is lost, −0 loses its sign); one code path, exact on CPU and GPU.
+→ next exponent), as DeepSeek's act_quant; q = RNE(clamp(x / scale, ±448)) in e4m3. The e4m3 byte is built with
+integer ops (`e4m3_bits`), not a float cast: the Triton CPU interpreter's fp32→fp8 conversion mis-rounds (a carry
+out of the mantissa is lost, −0 loses its sign); so one code path is exact on both CPU and GPU.
 """
 
 from __future__ import annotations
