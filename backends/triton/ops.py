@@ -14,6 +14,16 @@ class TritonOps(Ops):
 
         return rms_norm(x, weight, eps, residual)
 
+    def rotary_embedding(self, x, positions, cos_sin, interleaved):
+        from dsv32.backends.triton.rope import rotary_embedding
+
+        return rotary_embedding(x, positions, cos_sin, interleaved)
+
+    def mla_kv_write(self, kv, kv_lora_rank, norm_weight, eps, positions, cos_sin, latent_cache, slots):
+        from dsv32.backends.triton.rope import mla_kv_write
+
+        mla_kv_write(kv, kv_lora_rank, norm_weight, eps, positions, cos_sin, latent_cache, slots)
+
     def silu_and_mul(self, x):
         from dsv32.backends.triton.elementwise import silu_and_mul
 

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from dsv32.backends.reference.ops import ReferenceOps
-from dsv32.core import registry
+from dsv32.core import envs, registry
 from dsv32.core.kv_cache import KVCache, KVCacheSpec
 
 TOL = {torch.float32: (1e-4, 1e-4), torch.bfloat16: (2e-2, 2e-2)}
@@ -64,8 +64,6 @@ def test_rms_norm(backend, dtype, rows, cols):
     y, r = ops.rms_norm(x, w, 1e-6, res)
     y_ref, r_ref = ref.rms_norm(x, w, 1e-6, res)
     close(y, y_ref, dtype)
-    from dsv32.core import envs
-
     if dtype == torch.float32 or not envs.triton_interpret():
         assert torch.equal(r, r_ref)  # the new residual is an exact add (round to nearest even)
     else:  # the CPU interpreter truncates fp32 → bf16 instead of rounding: allow one bf16 ulp there only
@@ -168,3 +166,83 @@ def test_engine_greedy_equals_reference(backend, tiny_dir):
     llm = LLM(model=tiny_dir, dtype="float32", device=dev, backend=backend)
     assert llm.ops.kernel_sources["sparse_mla_attention"] == backend
     assert [o.token_ids for o in llm.generate(prompt_token_ids=prompts, sampling_params=sp)] == want
+
+
+# ---- RoPE and the fused MLA key path ---------------------------------------------------------------------
+def _cos_sin(R, max_pos):
+    """V3.2's YaRN table (factor 40 over 4096 original positions)."""
+    from dsv32.core.config import RopeConfig
+    from dsv32.core.rope import cos_sin_table
+
+    return cos_sin_table(RopeConfig(rope_type="yarn", factor=40.0, mscale=1.0, mscale_all_dim=1.0), R, max_pos)
+
+
+@pytest.mark.parametrize("backend", backends_under_test())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("interleaved", [True, False], ids=["interleaved", "half-split"])
+@pytest.mark.parametrize("T,H,R", [(1, 1, 16), (5, 19, 64), (3, 4, 8)])
+def test_rotary_embedding(backend, dtype, interleaved, T, H, R):
+    dev = device_for(backend)
+    ops, ref = make_ops(backend, dev)
+    implemented(ops, "rotary_embedding")
+    g = torch.Generator().manual_seed(T * H + R)
+    cos_sin = _cos_sin(R, 300).to(dev)
+    x = torch.randn(T, H, 2 * R, generator=g).to(dev, dtype)[..., R // 2:R // 2 + R]  # a strided view
+    pos = torch.randint(0, 300, (T,), generator=g).to(dev)
+    got, want = ops.rotary_embedding(x, pos, cos_sin, interleaved), ref.rotary_embedding(x, pos, cos_sin, interleaved)
+    if dtype == torch.bfloat16 and envs.triton_interpret():
+        close(got, want, dtype)  # the interpreter truncates fp32 → bf16
+    else:  # each product and sum rounded as the reference rounds it: exact
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6) if dtype == torch.float32 else \
+            torch.testing.assert_close(got, want, atol=0, rtol=0)
+
+
+def _check_mla_kv_write(backend, dtype, fp8, T, L, R, page, seed):
+    dev = device_for(backend)
+    ops, ref = make_ops(backend, dev)
+    implemented(ops, "mla_kv_write")
+    g = torch.Generator().manual_seed(seed)
+    pages = math.ceil(T / page) + 2
+    spec = KVCacheSpec(1, pages, page, L, R, 16, "fp8_e4m3" if fp8 else dtype, False, dtype)
+    got_cache, want_cache = KVCache(spec, dev), KVCache(spec, dev)
+    kv = (torch.randn(T, L + R, generator=g) * 3).to(dev, dtype)
+    kv[0, :L] *= 100  # a large-magnitude token (its own fp8 scales)
+    w = (torch.rand(L, generator=g) + 0.5).to(dev, dtype)
+    slots = torch.randperm(pages * page, generator=g)[:T]
+    slots[T // 2] = -1  # skipped
+    slots = slots.to(dev)
+    pos = torch.randint(0, 4096, (T,), generator=g).to(dev)
+    cos_sin = _cos_sin(R, 4096).to(dev)
+    ops.mla_kv_write(kv, L, w, 1e-6, pos, cos_sin, got_cache.latent[0], slots)
+    ref.mla_kv_write(kv, L, w, 1e-6, pos, cos_sin, want_cache.latent[0], slots)
+    all_slots = torch.arange(pages * page, device=dev)
+    got = ref.read_latent(got_cache.latent[0], all_slots, L, R, torch.float32)
+    want = ref.read_latent(want_cache.latent[0], all_slots, L, R, torch.float32)
+    if not fp8:  # the RMS reduction order differs: fp32 to ~1e-6, bf16 to an ulp where that flips a rounding
+        close(got, want, dtype)
+        return
+    # fp8 latent: mostly the same bytes; elsewhere one e4m3 ulp (2^-3 relative; subnormal steps are 2^-9 of the
+    # block scale) where the rounded latent differs by a bf16/fp32 ulp. The CPU interpreter truncates fp32 → fp8/bf16
+    # where a GPU rounds, so fewer bytes agree there. k_pe is stored in bf16: one bf16 ulp.
+    raw_got, raw_want = (c.latent[0].flatten(0, 1)[:, :L] for c in (got_cache, want_cache))
+    same = (raw_got == raw_want).float().mean().item()
+    assert same > (0.95 if envs.triton_interpret() else 0.995), f"only {same:.4f} of the fp8 latent bytes agree"
+    block_scale = want[:, :L].abs().amax(-1, keepdim=True) / 448  # ≥ each block's scale / 2
+    assert ((got[:, :L] - want[:, :L]).abs() <= 0.13 * want[:, :L].abs() + block_scale * 2**-8).all()
+    close(got[:, L:], want[:, L:], torch.bfloat16)
+
+
+@pytest.mark.parametrize("backend", backends_under_test())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("fp8", [False, True], ids=["float-cache", "fp8-cache"])
+@pytest.mark.parametrize("T,L,R,page", [(1, 32, 16, 4), (9, 160, 16, 4), (6, 64, 8, 64)])
+def test_mla_kv_write_tiny(backend, dtype, fp8, T, L, R, page):
+    _check_mla_kv_write(backend, dtype, fp8, T, L, R, page, seed=T * L + R)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("backend", backends_under_test())
+@pytest.mark.parametrize("fp8", [False, True], ids=["bf16-cache", "fp8-cache"])
+@pytest.mark.parametrize("T", [1, 300, 4096])
+def test_mla_kv_write_v32_shapes(backend, fp8, T):
+    _check_mla_kv_write(backend, torch.bfloat16, fp8, T, 512, 64, 64, seed=T)
