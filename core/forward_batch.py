@@ -55,6 +55,7 @@ class ForwardBatch:
             kv_lens=torch.tensor(kv_lens, **as_long),
             kv_lens_cpu=kv_lens,
             page_size=kv_cache.page_size,
+            is_decode=all(len(new_ids) == 1 for new_ids, _, _ in requests),
         )
         return cls(
             input_ids=torch.tensor(ids, **as_long),

@@ -16,6 +16,7 @@ from dsv32.core.engine import Engine, EngineConfig
 from dsv32.core.kv_cache import KVCache, KVCacheSpec
 from dsv32.core.loader import load_weights
 from dsv32.core.model import DeepseekV32
+from dsv32.core.ops import KernelContext
 from dsv32.core.registry import create_ops, select_backend
 from dsv32.core.sampling import SamplingParams
 
@@ -75,6 +76,9 @@ class LLM:
     kv_cache_dtype: 'auto' (= model dtype), 'bfloat16', 'fp8_e4m3' (FlashMLA 656-byte layout).
     indexer_precision: 'auto' ('fp8' for FP8-quantized checkpoints, else 'exact'), 'exact' (as transformers),
     'fp8' (Hadamard + fp8 keys, as DeepSeek's reference).
+    kernels: per kernel slot the kernel to use, SGLang's names: {'dsa_prefill_backend': 'triton', 'dsa_decode_backend':
+    'flashmla_kv', 'moe_runner_backend': 'deep_gemm'}; missing/None/'auto' = the fastest that runs here. A choice that
+    cannot run raises KernelChoiceError naming what can.
     max_model_len: context length (default: the config's max_position_embeddings, capped at 32768).
     num_kv_pages: KV cache size in pages (default: room for max_num_seqs full-length sequences, within
     kv_cache_memory_gib).
@@ -85,7 +89,7 @@ class LLM:
                  max_model_len: int | None = None, num_kv_pages: int | None = None, max_num_seqs: int = 16,
                  kv_cache_memory_gib: float = 1.0, load_mtp: bool = False, tokenizer: str | None = None,
                  chunked_prefill_size: int = 8192, enable_prefix_caching: bool = True,
-                 mem_fraction_static: float | None = None):
+                 mem_fraction_static: float | None = None, kernels: dict[str, str | None] | None = None):
         t0 = time.monotonic()
         self.config = cfg = ModelConfig.from_pretrained(model)
         self.dtype = _resolve_dtype(dtype, cfg)
@@ -111,6 +115,9 @@ class LLM:
         self.backend = select_backend(backend)
         device = torch.device(device or self.backend.cls.default_device())
         self.ops = create_ops(self.backend, device)
+        self.ops.select_kernels(KernelContext(dtype=self.dtype, kv_cache_fp8=latent_dtype == "fp8_e4m3",
+                                              fp8_weights=cfg.quant is not None,
+                                              num_heads=cfg.num_attention_heads), kernels)
         log.info("backend %s on %s, dtype %s, kv cache %s, indexer %s", self.backend.name, device, self.dtype,
                  latent_dtype, indexer_precision)
 

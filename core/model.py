@@ -170,7 +170,7 @@ class DeepseekV32:
         if topk_slots is None:
             o_lat = ops.dense_mla_attention(q_full, cache.latent[i], fb.attn, cfg.softmax_scale, L)
         else:
-            o_lat = ops.sparse_mla_attention(q_full, cache.latent[i], topk_slots, cfg.softmax_scale, L)
+            o_lat = ops.sparse_mla_attention(q_full, cache.latent[i], topk_slots, cfg.softmax_scale, L, fb.attn)
         o = torch.bmm(o_lat.transpose(0, 1), self.w_uv[i].transpose(1, 2)).transpose(0, 1)  # [T, H, dv]
         return ops.linear(o.reshape(T, H * cfg.v_head_dim), w[p + "o_proj.weight"])
 

@@ -71,6 +71,7 @@ class AttnMetadata:
     kv_lens: torch.Tensor
     kv_lens_cpu: list[int]
     page_size: int
+    is_decode: bool = False  # every request contributes exactly one query token (selects the decode kernels)
 
 
 def causal_slots(batch: AttnMetadata) -> torch.Tensor:
@@ -84,6 +85,29 @@ def causal_slots(batch: AttnMetadata) -> torch.Tensor:
     return torch.where(pos[None, :] <= batch.positions[:, None], slots, torch.full_like(slots, -1)).to(torch.int32)
 
 
+# Kernel choices a user can make (SGLang's flag names) and every value SGLang documents for them. A backend lists
+# what it can run in `kernel_options`; the rest are refused at startup with the reason.
+KERNEL_SLOTS = {
+    "dsa_prefill_backend": ("flashmla_sparse", "flashmla_kv", "flashmla_auto", "fa3", "tilelang", "triton", "reference"),
+    "dsa_decode_backend": ("flashmla_sparse", "flashmla_kv", "flashmla_auto", "fa3", "tilelang", "triton", "reference"),
+    "moe_runner_backend": ("deep_gemm", "triton", "flashinfer_cutlass", "flashinfer_trtllm", "cutlass", "reference"),
+}
+
+
+class KernelChoiceError(ValueError):
+    """A kernel choice that cannot run here; the message names what can."""
+
+
+@dataclass(frozen=True)
+class KernelContext:
+    """What kernel availability depends on beyond the device: the model's shapes and the cache/weight formats."""
+
+    dtype: torch.dtype = torch.bfloat16
+    kv_cache_fp8: bool = False
+    fp8_weights: bool = False
+    num_heads: int = 128
+
+
 class Ops:
     """Abstract op set. Subclasses override; the registry fills the rest from the reference backend."""
 
@@ -91,6 +115,45 @@ class Ops:
 
     def __init__(self, device: torch.device | str = "cpu"):
         self.device = torch.device(device)
+        self.kernels: dict[str, str] = {}  # slot → chosen kernel (set by select_kernels)
+
+    # ---- kernel selection (not ops) ----------------------------------------------------------------
+    def kernel_options(self, ctx: KernelContext) -> dict[str, dict[str, str]]:
+        """Per slot of KERNEL_SLOTS: kernel name → '' when it can run here, else why not; fastest first (the
+        first runnable one is the default)."""
+        own = {slot: {self.name: ""} for slot in KERNEL_SLOTS}
+        return own
+
+    def select_kernels(self, ctx: KernelContext, requested: dict[str, str | None] | None = None) -> dict[str, str]:
+        """Resolve each slot's choice ('auto'/None: fastest runnable). Raises KernelChoiceError naming what can run."""
+        requested = requested or {}
+        unknown = set(requested) - set(KERNEL_SLOTS)
+        if unknown:
+            raise KernelChoiceError(f"unknown kernel slot(s) {sorted(unknown)}; known: {sorted(KERNEL_SLOTS)}")
+        options = self.kernel_options(ctx)
+        chosen, problems = {}, []
+        for slot, known in KERNEL_SLOTS.items():
+            opts = options.get(slot, {})
+            runnable = [name for name, why in opts.items() if not why]
+            want = requested.get(slot)
+            flag = "--" + slot.replace("_", "-")
+            if want in (None, "auto"):
+                chosen[slot] = runnable[0] if runnable else ""
+            elif want not in known and want not in opts:
+                problems.append(f"{flag} {want}: unknown; choose one of {list(known)}")
+            elif want not in runnable:
+                why = opts.get(want) or f"not provided by the {self.name} backend"
+                problems.append(f"{flag} {want} cannot run here ({why}); runnable here: {runnable}")
+            else:
+                chosen[slot] = want
+        if problems:
+            raise KernelChoiceError("; ".join(problems))
+        self.kernels = chosen
+        return chosen
+
+    def kernel_notes(self) -> dict[str, str]:
+        """op → a short note on which kernel serves it and why faster ones don't (shown by `dsv32 env`)."""
+        return {}
 
     # ---- weights ------------------------------------------------------------------------------------
     def prepare_linear(self, w: LinearWeight, dtype: torch.dtype) -> LinearWeight:
@@ -195,10 +258,11 @@ class Ops:
 
     # ---- attention ----------------------------------------------------------------------------------
     def sparse_mla_attention(self, q: torch.Tensor, latent_cache: torch.Tensor, topk_slots: torch.Tensor,
-                             softmax_scale: float, kv_lora_rank: int) -> torch.Tensor:
+                             softmax_scale: float, kv_lora_rank: int, batch: AttnMetadata | None = None) -> torch.Tensor:
         """Absorbed MLA over selected cache entries. q [T, H, L+R] = [q·W_UK | q_pe]; topk_slots [T, K] int32
         physical slots, −1 (or out of range) = ignored. p = softmax_s(scale · q·kv_s) over valid s;
-        out [T, H, L] = Σ p · c_s. A row with no valid slot outputs 0."""
+        out [T, H, L] = Σ p · c_s. A row with no valid slot outputs 0. `batch` (optional) lets a backend pick its
+        decode or prefill kernel (batch.is_decode) and read the block table; the result must not depend on it."""
         raise NotImplementedError
 
     def dense_mla_attention(self, q: torch.Tensor, latent_cache: torch.Tensor, batch: AttnMetadata,
@@ -232,7 +296,8 @@ class Ops:
         raise NotImplementedError
 
 
+_NOT_OPS = {"kernel_options", "select_kernels", "kernel_notes"}
 OP_NAMES = tuple(
-    name for name, value in vars(Ops).items() if callable(value) and not name.startswith("_")
+    name for name, value in vars(Ops).items() if callable(value) and not name.startswith("_") and name not in _NOT_OPS
 )
 

@@ -15,7 +15,7 @@ def _env(args: argparse.Namespace) -> int:
     import torch
 
     from dsv32 import __version__
-    from dsv32.core.ops import OP_NAMES
+    from dsv32.core.ops import OP_NAMES, KernelContext
     from dsv32.core.registry import BackendError, create_ops, discover, select_backend
 
     print(f"dsv32 {__version__}  python {platform.python_version()}  torch {torch.__version__}")
@@ -39,9 +39,20 @@ def _env(args: argparse.Namespace) -> int:
     device = args.device or chosen.cls.default_device()
     ops = create_ops(chosen, device)
     print(f"\nselected: {chosen.name} on {device}  (override: --backend or DSV32_BACKEND)")
-    print("kernels per op:")
+    ctx = KernelContext(dtype=torch.bfloat16, kv_cache_fp8=args.kv_cache_dtype in ("fp8", "fp8_e4m3"),
+                        fp8_weights=not args.bf16_weights)
+    print(f"\nkernel choices (SGLang flags) for bf16 activations, {'bf16' if args.bf16_weights else 'FP8-block'} "
+          f"weights, {'fp8' if ctx.kv_cache_fp8 else 'bf16'} KV cache (see --kv-cache-dtype, --bf16-weights):")
+    chosen_kernels = ops.select_kernels(ctx)
+    for slot, options in ops.kernel_options(ctx).items():
+        print(f"  --{slot.replace('_', '-')}  (default: {chosen_kernels.get(slot) or 'none'})")
+        for name, why in options.items():
+            print(f"      {name:<18} {'runs here' if not why else why}")
+    notes = ops.kernel_notes()
+    print("\nkernels per op:")
     for op in OP_NAMES:
-        print(f"  {op:<22} {ops.kernel_sources.get(op, '?')}")
+        note = notes.get(op)
+        print(f"  {op:<22} {ops.kernel_sources.get(op, '?')}" + (f"  ({note})" if note else ""))
     return 0
 
 
@@ -92,6 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
                                       "and which kernel each op would use")
     env.add_argument("--backend", default=None, help="backend to report on (default: automatic selection)")
     env.add_argument("--device", default=None, help="device for the report (default: the backend's)")
+    env.add_argument("--kv-cache-dtype", default="auto", help="report kernel choices for this KV cache dtype")
+    env.add_argument("--bf16-weights", action="store_true", help="report for a bf16 checkpoint (default: FP8-block)")
     env.set_defaults(func=_env)
 
     demo = sub.add_parser("demo", help="create a tiny demo checkpoint (random weights) and generate with it")

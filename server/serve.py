@@ -65,16 +65,21 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--kv-cache-gib", type=float, default=1.0, help="KV cache size when --mem-fraction-static is unset")
     g.add_argument("--num-kv-pages", type=int, default=None, help="KV cache size in pages (overrides the above)")
     g.add_argument("--disable-radix-cache", action="store_true", help="turn off prefix caching")
+    g.add_argument("--dsa-prefill-backend", "--nsa-prefill-backend", dest="dsa_prefill_backend", default=None,
+                   help="sparse-attention kernel for prefill/extend batches: flashmla_sparse, flashmla_auto, triton, "
+                        "... (default: the fastest that runs here; `dsv32 env` lists them with reasons)")
+    g.add_argument("--dsa-decode-backend", "--nsa-decode-backend", dest="dsa_decode_backend", default=None,
+                   help="sparse-attention kernel for decode batches: flashmla_kv (fp8 KV cache), flashmla_sparse, "
+                        "flashmla_auto, triton, ... (default: the fastest that runs here)")
+    g.add_argument("--moe-runner-backend", default=None,
+                   help="MoE expert kernels: deep_gemm (FP8 checkpoints), triton, ... (default: the fastest here)")
 
     g = p.add_argument_group("not available yet (exit with an error when set)")
     for flag, dest in (("--tp", "tp"), ("--tp-size", "tp"), ("--dp", "dp"), ("--dp-size", "dp"),
                        ("--ep", "ep"), ("--ep-size", "ep")):
         g.add_argument(flag, dest=dest, type=int, default=1, help="parallelism (only 1 for now)")
     g.add_argument("--enable-dp-attention", action="store_true")
-    for flag in ("--dsa-prefill-backend", "--nsa-prefill-backend", "--dsa-decode-backend", "--nsa-decode-backend"):
-        g.add_argument(flag, default=None, help="sparse-attention kernel (arrives with the CUDA backend)")
     g.add_argument("--attention-backend", default=None, help="'nsa' (DeepSeek sparse attention) is the only one")
-    g.add_argument("--moe-runner-backend", default=None, help="MoE kernel (arrives with the CUDA backend)")
     g.add_argument("--disaggregation-mode", default="null", help="'null' only for now")
     for flag in ("--speculative-algorithm", "--speculative-num-steps", "--speculative-eagle-topk",
                  "--speculative-num-draft-tokens", "--speculative-draft-model-path"):
@@ -90,14 +95,8 @@ def check_unsupported(args: argparse.Namespace) -> None:
                             "implemented yet (single device only)")
     if args.enable_dp_attention:
         problems.append("--enable-dp-attention: DP attention is not implemented yet")
-    for name in ("dsa_prefill_backend", "nsa_prefill_backend", "dsa_decode_backend", "nsa_decode_backend"):
-        if getattr(args, name) is not None:
-            problems.append(f"--{name.replace('_', '-')} {getattr(args, name)}: kernel selection arrives with the "
-                            "CUDA backend; this build has the reference backend only")
     if args.attention_backend not in (None, "nsa"):
         problems.append(f"--attention-backend {args.attention_backend}: only 'nsa' (DeepSeek sparse attention) exists")
-    if args.moe_runner_backend not in (None, "auto"):
-        problems.append(f"--moe-runner-backend {args.moe_runner_backend}: MoE kernel selection arrives with the CUDA backend")
     if args.disaggregation_mode not in ("null", None):
         problems.append(f"--disaggregation-mode {args.disaggregation_mode}: prefill/decode disaggregation is not implemented")
     spec = [f for f in ("speculative_algorithm", "speculative_num_steps", "speculative_eagle_topk",
@@ -108,6 +107,12 @@ def check_unsupported(args: argparse.Namespace) -> None:
         problems.append(f"--quantization {args.quantization}: only DeepSeek FP8-block ('fp8') checkpoints are supported")
     if problems:
         raise FlagError("cannot start:\n  " + "\n  ".join(problems))
+
+
+def kernel_requests(args: argparse.Namespace) -> dict[str, str | None]:
+    """The kernel flags as LLM(kernels=...) takes them."""
+    return {slot: getattr(args, slot, None) for slot in ("dsa_prefill_backend", "dsa_decode_backend",
+                                                          "moe_runner_backend")}
 
 
 def _auto_chat_template(args, model_dir: str) -> str:
@@ -152,7 +157,8 @@ def build_server(args: argparse.Namespace):
         indexer_precision=args.indexer_precision, page_size=args.page_size, max_model_len=args.context_length,
         num_kv_pages=args.num_kv_pages, max_running_requests=args.max_running_requests,
         chunked_prefill_size=args.chunked_prefill_size, enable_prefix_caching=not args.disable_radix_cache,
-        kv_cache_memory_gib=kv_gib if kv_gib is not None else 1.0, mem_fraction_static=args.mem_fraction_static))
+        kv_cache_memory_gib=kv_gib if kv_gib is not None else 1.0, mem_fraction_static=args.mem_fraction_static,
+        kernels=kernel_requests(args)))
     tokenizer = None
     if os.path.isfile(os.path.join(model, "tokenizer.json")):
         from tokenizers import Tokenizer
@@ -169,10 +175,15 @@ def build_server(args: argparse.Namespace):
 def serve(args: argparse.Namespace) -> int:
     import uvicorn
 
+    from dsv32.server.engine_process import EngineDead
+
     try:
         app, engine = build_server(args)
     except FlagError as e:
         print(f"error: {e.message}", file=sys.stderr)
+        return 2
+    except EngineDead as e:
+        print(f"error: {e}", file=sys.stderr)
         return 2
     info = engine.info
     print(f"[dsv32] serving {app.state.dsv32.cfg.served_model_name} on http://{args.host}:{args.port} "

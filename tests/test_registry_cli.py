@@ -160,3 +160,76 @@ def test_present_devices_reports_every_marker():
     present = present_devices()
     assert set(present) == {"cuda", "rocm", "ascend"}
     assert present["cuda"] == (torch.cuda.is_available() and torch.version.hip is None)
+
+
+# ---- kernel selection (SGLang's --dsa-*-backend / --moe-runner-backend) -----------------------------------
+def test_kernel_selection_reference():
+    from dsv32.backends.reference.ops import ReferenceOps
+    from dsv32.core.ops import KernelChoiceError, KernelContext
+
+    ops = ReferenceOps("cpu")
+    assert ops.select_kernels(KernelContext()) == {"dsa_prefill_backend": "reference",
+                                                   "dsa_decode_backend": "reference", "moe_runner_backend": "reference"}
+    with pytest.raises(KernelChoiceError, match=r"--dsa-decode-backend flashmla_kv cannot run here .*runnable here: "
+                                                r"\['reference'\]"):
+        ops.select_kernels(KernelContext(), {"dsa_decode_backend": "flashmla_kv"})
+    with pytest.raises(KernelChoiceError, match="--moe-runner-backend magic: unknown; choose one of"):
+        ops.select_kernels(KernelContext(), {"moe_runner_backend": "magic"})
+    assert ops.select_kernels(KernelContext(), {"dsa_prefill_backend": "auto"})["dsa_prefill_backend"] == "reference"
+
+
+def test_kernel_selection_cuda_without_vendor_libraries():
+    """The CUDA backend's choices with none of FlashMLA / DeepGEMM installed (as on CI): Triton is the default, and
+    asking for a vendor kernel is an error that says why and names what runs."""
+    pytest.importorskip("triton")
+    from dsv32.backends.cuda import vendor
+    from dsv32.backends.cuda.ops import CudaOps
+    from dsv32.core.ops import KernelChoiceError, KernelContext
+
+    if vendor.status("flash_mla")[0] or vendor.status("deep_gemm")[0]:
+        pytest.skip("a vendor library is installed here")
+    ops = CudaOps("cpu")
+    ctx = KernelContext(kv_cache_fp8=True, fp8_weights=True)
+    opts = ops.kernel_options(ctx)
+    assert "flash_mla" in opts["dsa_decode_backend"]["flashmla_kv"]
+    assert opts["dsa_prefill_backend"]["triton"] == "" and opts["moe_runner_backend"]["triton"] == ""
+    assert ops.select_kernels(ctx) == {"dsa_prefill_backend": "triton", "dsa_decode_backend": "triton",
+                                       "moe_runner_backend": "triton"}
+    with pytest.raises(KernelChoiceError, match=r"flashmla_kv cannot run here \(.*flash_mla.*\); runnable here: "
+                                                r"\['triton'\]"):
+        ops.select_kernels(ctx, {"dsa_decode_backend": "flashmla_kv"})
+    assert ops.kernel_options(KernelContext(kv_cache_fp8=False))["dsa_decode_backend"]["flashmla_kv"]
+
+
+def test_llm_rejects_unrunnable_kernel(tiny_dir):
+    from dsv32 import LLM
+    from dsv32.core.ops import KernelChoiceError
+
+    with pytest.raises(KernelChoiceError, match="runnable here"):
+        LLM(model=tiny_dir, dtype="float32", device="cpu", backend="reference",
+            kernels={"dsa_prefill_backend": "flashmla_sparse"})
+
+
+def test_dense_prefill_threshold_env(tiny_dir, monkeypatch):
+    """Short prompts take the dense path (no indexer logits) by default; threshold 0 forces the sparse path, which
+    selects every key when kv_len ≤ index_topk: the same tokens. Values above index_topk are clamped."""
+    from dsv32 import LLM, SamplingParams
+    from dsv32.core import envs
+
+    sp = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
+    prompts = [[5, 9, 2, 7, 11], [3, 4]]  # with 4 new tokens: ≤ index_topk = 16 keys
+    dense = LLM(model=tiny_dir, dtype="float32", device="cpu", backend="reference")
+    assert dense.model.dense_kv_threshold == 16
+    calls = []
+    monkeypatch.setenv("DSV32_DSA_PREFILL_DENSE_ATTN_KV_LEN_THRESHOLD", "0")
+    sparse = LLM(model=tiny_dir, dtype="float32", device="cpu", backend="reference")
+    monkeypatch.setattr(sparse.ops, "indexer_topk", lambda *a, **k: calls.append(1) or type(sparse.ops).indexer_topk(
+        sparse.ops, *a, **k))
+    assert [o.token_ids for o in sparse.generate(prompt_token_ids=prompts, sampling_params=sp)] == \
+        [o.token_ids for o in dense.generate(prompt_token_ids=prompts, sampling_params=sp)]
+    assert calls  # the sparse path really ran
+    monkeypatch.setenv("DSV32_DSA_PREFILL_DENSE_ATTN_KV_LEN_THRESHOLD", "99999")
+    assert envs.dense_attn_kv_len_threshold(2048) == 2048
+    monkeypatch.setenv("DSV32_DSA_PREFILL_DENSE_ATTN_KV_LEN_THRESHOLD", "many")
+    with pytest.raises(ValueError, match="must be an integer"):
+        envs.dense_attn_kv_len_threshold(2048)

@@ -230,7 +230,7 @@ class ReferenceOps(Ops):
         return out
 
     # ---- attention ----------------------------------------------------------------------------------
-    def sparse_mla_attention(self, q, latent_cache, topk_slots, softmax_scale, kv_lora_rank):
+    def sparse_mla_attention(self, q, latent_cache, topk_slots, softmax_scale, kv_lora_rank, batch=None):
         T, H, D = q.shape
         # Query rows in chunks so the gathered [rows, K, L+R] block stays ≤ MAX_BLOCK_ELEMS at any size.
         rows = max(1, MAX_BLOCK_ELEMS // max(1, topk_slots.shape[1] * D))
@@ -248,7 +248,7 @@ class ReferenceOps(Ops):
         return torch.einsum("thk,tkl->thl", probs, kv[..., :L])
 
     def dense_mla_attention(self, q, latent_cache, batch, softmax_scale, kv_lora_rank):
-        return self.sparse_mla_attention(q, latent_cache, causal_slots(batch), softmax_scale, kv_lora_rank)
+        return self.sparse_mla_attention(q, latent_cache, causal_slots(batch), softmax_scale, kv_lora_rank, batch)
 
     # ---- MoE ----------------------------------------------------------------------------------------
     def moe_route(self, router_logits, correction_bias, n_group, topk_group, top_k, renormalize,

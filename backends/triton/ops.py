@@ -29,10 +29,10 @@ class TritonOps(Ops):
 
         return silu_and_mul(x)
 
-    def sparse_mla_attention(self, q, latent_cache, topk_slots, softmax_scale, kv_lora_rank):
+    def sparse_mla_attention(self, q, latent_cache, topk_slots, softmax_scale, kv_lora_rank, batch=None):
         from dsv32.backends.triton.attention import sparse_mla_attention
 
         return sparse_mla_attention(q, latent_cache, topk_slots, softmax_scale, kv_lora_rank)
 
     def dense_mla_attention(self, q, latent_cache, batch, softmax_scale, kv_lora_rank):
-        return self.sparse_mla_attention(q, latent_cache, causal_slots(batch), softmax_scale, kv_lora_rank)
+        return self.sparse_mla_attention(q, latent_cache, causal_slots(batch), softmax_scale, kv_lora_rank, batch)

@@ -283,7 +283,8 @@ def test_bench_serve(server, tmp_path):
 def test_unsupported_flags_exit_clearly(model_dir):
     for flags, needle in ((["--tp", "2"], "parallelism is not implemented"),
                           (["--speculative-algorithm", "EAGLE"], "speculative decoding"),
-                          (["--dsa-decode-backend", "flashmla_kv"], "kernel selection"),
+                          (["--dsa-decode-backend", "flashmla_kv"], "cannot run here"),
+                          (["--moe-runner-backend", "magic"], "unknown; choose one of"),
                           (["--quantization", "w4afp8"], "only DeepSeek FP8")):
         r = subprocess.run([sys.executable, "-m", "dsv32.server.launch_server", "--model", model_dir[0], *flags],
                            capture_output=True, text=True, timeout=60)
