@@ -289,3 +289,26 @@ def _parse_quant(q: dict[str, Any] | None, source: str) -> Fp8BlockQuantConfig |
     if q.get("activation_scheme", "dynamic") != "dynamic":
         raise ConfigError(f"{source}: field 'quantization_config.activation_scheme': only 'dynamic' is supported")
     return Fp8BlockQuantConfig(block_n=block[0], block_k=block[1], scale_fmt=q.get("scale_fmt"))
+
+
+def deepseek_v32_config(**overrides: Any) -> dict[str, Any]:
+    """The official DeepSeek-V3.2 config.json (FP8-block checkpoint) as a dict, with overrides (e.g.
+    num_hidden_layers=4 for a reduced-depth model at full width, quantization_config=None for bf16 weights).
+    `ModelConfig.from_dict(deepseek_v32_config(...))` plus load_format='dummy' benchmarks without the checkpoint."""
+    raw: dict[str, Any] = {
+        "architectures": ["DeepseekV32ForCausalLM"], "model_type": "deepseek_v32", "vocab_size": 129280,
+        "hidden_size": 7168, "intermediate_size": 18432, "moe_intermediate_size": 2048, "num_hidden_layers": 61,
+        "first_k_dense_replace": 3, "moe_layer_freq": 1, "num_attention_heads": 128, "num_key_value_heads": 128,
+        "q_lora_rank": 1536, "kv_lora_rank": 512, "qk_nope_head_dim": 128, "qk_rope_head_dim": 64, "v_head_dim": 128,
+        "index_n_heads": 64, "index_head_dim": 128, "index_topk": 2048, "n_routed_experts": 256,
+        "n_shared_experts": 1, "num_experts_per_tok": 8, "n_group": 8, "topk_group": 4, "routed_scaling_factor": 2.5,
+        "scoring_func": "sigmoid", "topk_method": "noaux_tc", "norm_topk_prob": True, "num_nextn_predict_layers": 1,
+        "hidden_act": "silu", "rms_norm_eps": 1e-6, "max_position_embeddings": 163840, "rope_theta": 10000,
+        "rope_scaling": {"type": "yarn", "factor": 40, "original_max_position_embeddings": 4096, "beta_fast": 32,
+                         "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 1.0},
+        "quantization_config": {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+                                "scale_fmt": "ue8m0", "weight_block_size": [128, 128]},
+        "tie_word_embeddings": False, "torch_dtype": "bfloat16", "bos_token_id": 0, "eos_token_id": 1,
+    }
+    raw.update(overrides)
+    return {k: v for k, v in raw.items() if v is not None}

@@ -14,7 +14,7 @@ import torch
 from dsv32.core.config import ModelConfig
 from dsv32.core.engine import Engine, EngineConfig
 from dsv32.core.kv_cache import KVCache, KVCacheSpec
-from dsv32.core.loader import load_weights
+from dsv32.core.loader import dummy_weights, load_weights
 from dsv32.core.model import DeepseekV32
 from dsv32.core.ops import KernelContext
 from dsv32.core.registry import create_ops, select_backend
@@ -79,6 +79,8 @@ class LLM:
     kernels: per kernel slot the kernel to use, SGLang's names: {'dsa_prefill_backend': 'triton', 'dsa_decode_backend':
     'flashmla_kv', 'moe_runner_backend': 'deep_gemm'}; missing/None/'auto' = the fastest that runs here. A choice that
     cannot run raises KernelChoiceError naming what can.
+    load_format: 'auto' (read the checkpoint) or 'dummy' (random weights of the config's shapes, FP8-block where the
+    config says FP8: benchmarks at full size without the weights).
     max_model_len: context length (default: the config's max_position_embeddings, capped at 32768).
     num_kv_pages: KV cache size in pages (default: room for max_num_seqs full-length sequences, within
     kv_cache_memory_gib).
@@ -89,7 +91,8 @@ class LLM:
                  max_model_len: int | None = None, num_kv_pages: int | None = None, max_num_seqs: int = 16,
                  kv_cache_memory_gib: float = 1.0, load_mtp: bool = False, tokenizer: str | None = None,
                  chunked_prefill_size: int = 8192, enable_prefix_caching: bool = True,
-                 mem_fraction_static: float | None = None, kernels: dict[str, str | None] | None = None):
+                 mem_fraction_static: float | None = None, kernels: dict[str, str | None] | None = None,
+                 load_format: str = "auto"):
         t0 = time.monotonic()
         self.config = cfg = ModelConfig.from_pretrained(model)
         self.dtype = _resolve_dtype(dtype, cfg)
@@ -125,7 +128,13 @@ class LLM:
         if self.max_model_len > cfg.max_position_embeddings:
             raise ValueError(f"max_model_len {self.max_model_len} exceeds the model's max_position_embeddings "
                              f"{cfg.max_position_embeddings}")
-        weights = load_weights(model, cfg, self.ops, self.dtype, device, include_mtp=load_mtp)
+        if load_format == "dummy":
+            log.info("load_format=dummy: random weights (no checkpoint tensors are read)")
+            weights = dummy_weights(cfg, self.ops, self.dtype, device, include_mtp=load_mtp)
+        elif load_format == "auto":
+            weights = load_weights(model, cfg, self.ops, self.dtype, device, include_mtp=load_mtp)
+        else:
+            raise ValueError(f"load_format must be 'auto' or 'dummy', got {load_format!r}")
         self.model = DeepseekV32(cfg, weights, self.ops, self.dtype, device, indexer_fp8=indexer_precision == "fp8",
                                  max_positions=self.max_model_len)
 

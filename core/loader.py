@@ -196,3 +196,69 @@ def _check_unexpected(reader: _Reader, cfg: ModelConfig, include_mtp: bool) -> N
             if not include_mtp and int(m.group(1)) < cfg.num_hidden_layers + max(cfg.num_nextn_predict_layers, 1):
                 continue  # MTP layer, skipped unless asked for
         raise CheckpointError(f"unexpected tensor '{name}' (shape {list(reader.shape(name))}) not used by this config")
+
+
+# ---- random weights (SGLang's --load-format dummy) ----------------------------------------------------------
+# Linear layers kept in bf16 in the official FP8 checkpoint (everything else that is a linear layer is FP8-block).
+_BF16_IN_FP8_CHECKPOINTS = ("lm_head.weight", "mlp.gate.weight", "indexer.weights_proj.weight")
+
+
+def fp8_block_quantize(w: torch.Tensor, block: tuple[int, int] = (128, 128),
+                       ue8m0: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """DeepSeek FP8-block format of w [.., N, K]: e4m3 weight and fp32 scale_inv per block (partial edge blocks;
+    power-of-two scales when ue8m0, as V3.2's scale_fmt "ue8m0"), so that w ≈ weight · scale_inv."""
+    bn, bk = block
+    *lead, n, k = w.shape
+    nb, kb = -(-n // bn), -(-k // bk)
+    padded = torch.zeros(*lead, nb * bn, kb * bk, dtype=torch.float32, device=w.device)
+    padded[..., :n, :k] = w.float()
+    blocks = padded.view(*lead, nb, bn, kb, bk)
+    scale = blocks.abs().amax(dim=(-3, -1)).clamp(min=1e-8) / 448.0
+    if ue8m0:
+        scale = torch.pow(2.0, torch.ceil(torch.log2(scale)))
+    q = (blocks / scale[..., :, None, :, None]).clamp(-448, 448).to(torch.float8_e4m3fn)
+    return q.view(*lead, nb * bn, kb * bk)[..., :n, :k].contiguous(), scale
+
+
+def dummy_weights(cfg: ModelConfig, ops: Ops, dtype: torch.dtype, device, seed: int = 0,
+                  include_mtp: bool = False) -> dict:
+    """Random weights for every spec, prepared by `ops` like load_weights' result: linear layers ~ N(0, 1/K) (so
+    activations stay O(1)), FP8-block where the official checkpoint is FP8 when cfg.quant is set, norm weights in
+    [0.5, 1.5), router bias and indexer k_norm bias small. Deterministic for a seed and device. For benchmarks and
+    tests at full dimensions without a checkpoint."""
+    device = torch.device(device)
+    g = torch.Generator(device=device).manual_seed(seed)
+    fp8 = cfg.quant is not None
+    block = (cfg.quant.block_n, cfg.quant.block_k) if fp8 else (128, 128)
+
+    def linear(shape, keep_bf16: bool) -> LinearWeight:
+        w = torch.randn(shape, generator=g, device=device, dtype=torch.float32) * shape[-1] ** -0.5
+        if fp8 and not keep_bf16:
+            return LinearWeight(*fp8_block_quantize(w, block), block)
+        return LinearWeight(w.to(torch.bfloat16))
+
+    def stacked(E, shape) -> LinearWeight:  # one expert at a time: bounds the fp32 temporaries
+        parts = [linear(shape, False) for _ in range(E)]
+        return _stack(parts)
+
+    out: dict = {}
+    for name, spec in weight_specs(cfg, include_mtp).items():
+        target = torch.float32 if spec.fp32 else dtype
+        if spec.kind == "experts":
+            E, I, Hd = spec.shape
+            raw = ExpertWeights(stacked(E, (I, Hd)), stacked(E, (I, Hd)), stacked(E, (Hd, I)))
+            out[name] = ops.prepare_experts(raw, target)
+        elif spec.kind == "linear":
+            keep = spec.fp32 or name.endswith(_BF16_IN_FP8_CHECKPOINTS)
+            out[name] = ops.prepare_linear(linear(spec.shape, keep), target)
+        elif spec.kind == "tensor":
+            if name.endswith("e_score_correction_bias") or name.endswith("k_norm.bias"):
+                t = torch.randn(spec.shape, generator=g, device=device) * 0.1
+            elif name.endswith("embed_tokens.weight"):
+                t = torch.randn(spec.shape, generator=g, device=device)
+            else:  # norm weights
+                t = torch.rand(spec.shape, generator=g, device=device) + 0.5
+            out[name] = t.to(target)
+    if "lm_head.weight" not in out:
+        out["lm_head.weight"] = ops.prepare_linear(LinearWeight(out["model.embed_tokens.weight"]), dtype)
+    return out

@@ -42,6 +42,7 @@ class EngineArgs:
     kv_cache_memory_gib: float = 1.0
     mem_fraction_static: float | None = None
     kernels: dict | None = None  # kernel slot → requested kernel (--dsa-*-backend, --moe-runner-backend)
+    load_format: str = "auto"
 
 
 def _engine_main(conn, args: EngineArgs, log_level: int) -> None:
@@ -54,7 +55,8 @@ def _engine_main(conn, args: EngineArgs, log_level: int) -> None:
                   page_size=args.page_size, max_model_len=args.max_model_len, num_kv_pages=args.num_kv_pages,
                   max_num_seqs=args.max_running_requests, chunked_prefill_size=args.chunked_prefill_size,
                   enable_prefix_caching=args.enable_prefix_caching, kv_cache_memory_gib=args.kv_cache_memory_gib,
-                  mem_fraction_static=args.mem_fraction_static, kernels=args.kernels)
+                  mem_fraction_static=args.mem_fraction_static, kernels=args.kernels,
+                  load_format=args.load_format)
     except Exception as e:
         conn.send(("failed", f"{type(e).__name__}: {e}"))
         return

@@ -34,6 +34,8 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32"])
     g.add_argument("--quantization", default=None,
                    help="checkpoint quantization; 'fp8' (DeepSeek FP8 block) is read from config.json automatically")
+    g.add_argument("--load-format", default="auto", choices=["auto", "dummy"],
+                   help="'dummy': random weights of the config's shapes (benchmarking without the checkpoint)")
     g.add_argument("--trust-remote-code", action="store_true",
                    help="accepted for SGLang compatibility; dsv32 never executes code from a checkpoint")
     g.add_argument("--context-length", type=int, default=None, help="max tokens per request (prompt + output)")
@@ -158,7 +160,7 @@ def build_server(args: argparse.Namespace):
         num_kv_pages=args.num_kv_pages, max_running_requests=args.max_running_requests,
         chunked_prefill_size=args.chunked_prefill_size, enable_prefix_caching=not args.disable_radix_cache,
         kv_cache_memory_gib=kv_gib if kv_gib is not None else 1.0, mem_fraction_static=args.mem_fraction_static,
-        kernels=kernel_requests(args)))
+        kernels=kernel_requests(args), load_format=args.load_format))
     tokenizer = None
     if os.path.isfile(os.path.join(model, "tokenizer.json")):
         from tokenizers import Tokenizer

@@ -80,14 +80,9 @@ def hf_greedy(model, prompt: list[int], max_new_tokens: int) -> list[int]:
 
 def quantize_fp8_block(w: torch.Tensor, block: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
     """Official DeepSeek FP8 format: e4m3 weight and float32 scale_inv per block×block (partial edge blocks)."""
-    n, k = w.shape
-    nb, kb = math.ceil(n / block), math.ceil(k / block)
-    padded = torch.zeros(nb * block, kb * block)
-    padded[:n, :k] = w.float()
-    blocks = padded.view(nb, block, kb, block)
-    scale = blocks.abs().amax(dim=(1, 3)).clamp(min=1e-8) / 448.0
-    q = (blocks / scale[:, None, :, None]).clamp(-448, 448).to(torch.float8_e4m3fn)
-    return q.view(nb * block, kb * block)[:n, :k].contiguous(), scale.float()
+    from dsv32.core.loader import fp8_block_quantize
+
+    return fp8_block_quantize(w, (block, block), ue8m0=False)
 
 
 FP8_SKIP = ("embed_tokens", "lm_head", "norm", "mlp.gate.weight", "weights_proj", "k_norm")

@@ -3,11 +3,37 @@ registry (each fallback logged once and listed by `dsv32 env`)."""
 
 from __future__ import annotations
 
-from dsv32.core.ops import Ops, causal_slots
+import torch
+import torch.nn.functional as F
+
+from dsv32.core.ops import LinearWeight, Ops, causal_slots
 
 
 class TritonOps(Ops):
     name = "triton"
+
+    # ---- weights and linear layers: bf16 through torch (cuBLAS / hipBLASLt), FP8-block through the Triton GEMM ----
+    def prepare_linear(self, w, dtype):
+        if w.is_fp8 and w.weight.dim() == 2 and w.weight.dtype == torch.float8_e4m3fn and tuple(w.block) == (128, 128):
+            return LinearWeight(w.weight.contiguous(), w.scale_inv.float().contiguous(), (128, 128))
+        if w.is_fp8:  # other block shapes: dequantized once, as the reference does
+            from dsv32.backends.reference.ops import ReferenceOps
+
+            return LinearWeight(ReferenceOps(self.device).dequantize(w, dtype))
+        return LinearWeight(w.weight.to(dtype))
+
+    def linear(self, x, w):
+        if w.is_fp8:
+            from dsv32.backends.triton.gemm import fp8_block_linear
+
+            # activations quantized per token per 128 channels with power-of-two scales (V3.2's scale_fmt ue8m0)
+            return fp8_block_linear(x, w.weight, w.scale_inv, ue8m0_act=True)
+        return F.linear(x, w.weight.to(x.dtype))
+
+    def quantize_fp8(self, x, block, ue8m0=True):
+        from dsv32.backends.triton.quant import quantize_fp8
+
+        return quantize_fp8(x, block, ue8m0)
 
     def rms_norm(self, x, weight, eps, residual=None):
         from dsv32.backends.triton.elementwise import rms_norm

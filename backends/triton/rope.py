@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from dsv32.backends.triton.fp8 import to_e4m3, ue8m0_scale
+from dsv32.backends.triton.quant import e4m3_bits, fp8_scale
 from dsv32.core.kv_cache import latent_scale_blocks
 
 
@@ -97,9 +97,9 @@ def _mla_kv_write_kernel(kv_ptr, w_ptr, pos_ptr, cs_ptr, slot_ptr, cache_ptr, st
     base = cache_ptr + slot * entry_stride
     if FP8:
         amax = tl.max(tl.abs(c.to(tl.float32)), axis=1)
-        scale = ue8m0_scale(amax)
-        q = to_e4m3(c.to(tl.float32) / scale[:, None])
-        tl.store(base + lidx, q.to(tl.uint8, bitcast=True), mask=lmask)
+        scale = fp8_scale(amax, True)
+        q = e4m3_bits(c.to(tl.float32) / scale[:, None])  # exact: scale is a power of two
+        tl.store(base + lidx, q.to(tl.uint8), mask=lmask)
         nb = tl.arange(0, NB_POW2)
         tl.store((base + L).to(tl.pointer_type(tl.float32)) + nb, scale, mask=nb < NB)
         pe = (base + L + 4 * NB).to(tl.pointer_type(tl.bfloat16))
