@@ -62,3 +62,21 @@ class TritonOps(Ops):
 
     def dense_mla_attention(self, q, latent_cache, batch, softmax_scale, kv_lora_rank):
         return self.sparse_mla_attention(q, latent_cache, causal_slots(batch), softmax_scale, kv_lora_rank, batch)
+
+    # ---- MoE ------------------------------------------------------------------------------------------------
+    def moe_route(self, router_logits, correction_bias, n_group, topk_group, top_k, renormalize,
+                  routed_scaling_factor):
+        from dsv32.backends.triton.moe import moe_route
+
+        return moe_route(router_logits, correction_bias, n_group, topk_group, top_k, renormalize,
+                         routed_scaling_factor)
+
+    def prepare_experts(self, w, dtype):
+        from dsv32.backends.triton.moe import prepare_experts
+
+        return prepare_experts(w, dtype)
+
+    def moe_experts(self, x, experts, topk_weights, topk_ids):
+        from dsv32.backends.triton.moe import moe_experts
+
+        return moe_experts(x, experts, topk_weights, topk_ids)
