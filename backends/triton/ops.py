@@ -63,6 +63,23 @@ class TritonOps(Ops):
     def dense_mla_attention(self, q, latent_cache, batch, softmax_scale, kv_lora_rank):
         return self.sparse_mla_attention(q, latent_cache, causal_slots(batch), softmax_scale, kv_lora_rank, batch)
 
+    # ---- indexer ------------------------------------------------------------------------------------------------
+    def indexer_k_write(self, k, norm_weight, norm_bias, eps, positions, cos_sin, rope_dim, hadamard, index_cache,
+                        slots):
+        from dsv32.backends.triton.indexer import indexer_k_write
+
+        indexer_k_write(k, norm_weight, norm_bias, eps, positions, cos_sin, rope_dim, hadamard, index_cache, slots)
+
+    def indexer_q_prepare(self, q, head_weights, positions, cos_sin, rope_dim, fp8):
+        from dsv32.backends.triton.indexer import indexer_q_prepare
+
+        return indexer_q_prepare(q, head_weights, positions, cos_sin, rope_dim, fp8)
+
+    def indexer_topk(self, q, head_weights, index_cache, batch, softmax_scale, topk):
+        from dsv32.backends.triton.indexer import indexer_topk
+
+        return indexer_topk(q, head_weights, index_cache, batch, softmax_scale, topk)
+
     # ---- MoE ------------------------------------------------------------------------------------------------
     def moe_route(self, router_logits, correction_bias, n_group, topk_group, top_k, renormalize,
                   routed_scaling_factor):
