@@ -9,6 +9,7 @@ compared (fallbacks *are* the reference). Tolerances per dtype: fp32 1e-4 abs (i
 from __future__ import annotations
 
 import math
+import os
 
 import pytest
 import torch
@@ -252,47 +253,96 @@ def _greedy(model_dir, backend, dtype, kv, prompts, n):
     from dsv32 import LLM, SamplingParams
 
     llm = LLM(model=model_dir, dtype=dtype, device="cuda", backend=backend, kv_cache_dtype=kv)
-    sp = SamplingParams(max_tokens=n, temperature=0, ignore_eos=True)
-    return [o.token_ids for o in llm.generate(prompt_token_ids=prompts, sampling_params=sp)]
+    sp = SamplingParams(max_tokens=n, temperature=0, ignore_eos=True, logprobs=20)
+    return [o.outputs[0] for o in llm.generate(prompt_token_ids=prompts, sampling_params=sp)]
+
+
+def _decisive_routing(model_dir: str) -> str:
+    """Rewrite the router bias so every token picks the same experts. In bf16 a tiny random MoE is chaotic: a rounding
+    difference anywhere flips some token's top-2 of 8 experts, which changes its logits by up to ~80% (measured on an
+    H100), so token-level comparisons would measure the router, not the kernels (which the conformance tests and the
+    full-width layer test check with the flips identified)."""
+    from safetensors.torch import load_file, save_file
+
+    for name in os.listdir(model_dir):
+        if name.endswith(".safetensors"):
+            path = os.path.join(model_dir, name)
+            tensors = load_file(path)
+            for key, t in tensors.items():
+                if key.endswith("e_score_correction_bias"):
+                    tensors[key] = torch.zeros_like(t)
+                    tensors[key][:2] = 4.0
+            save_file(tensors, path, metadata={"format": "pt"})
+    return model_dir
+
+
+def _near_tie_gap(got, want) -> float:
+    """Largest log-probability gap, under the reference, between the reference's greedy token and the fast backend's
+    token, over the steps where both have generated the same prefix (after the first differing token the two
+    continue from different text). 0 when the tokens are identical."""
+    worst = 0.0
+    for g, w in zip(got, want):
+        for a, lp in zip(g.token_ids, w.logprobs):
+            top = dict(lp.top)
+            assert a in top, f"token {a} is not among the reference's 20 most likely ({lp.top[:3]} ...)"
+            worst = max(worst, lp.top[0][1] - top[a])
+            if a != lp.token_id:
+                break
+    return worst
 
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("backend", backends_under_test())
-@pytest.mark.parametrize("dtype,kv", [("float32", "fp8_e4m3"), ("bfloat16", "auto"), ("bfloat16", "fp8_e4m3")])
-def test_engine_formats_on_gpu(backend, dtype, kv, tiny_dir):
+@pytest.mark.parametrize("dtype,kv,max_gap", [("float32", "fp8_e4m3", 0.0), ("bfloat16", "auto", 0.15),
+                                              ("bfloat16", "fp8_e4m3", 0.5)])
+def test_engine_formats_on_gpu(backend, dtype, kv, max_gap, tmp_path):
     """Greedy generation of the fast backend vs the reference backend on the same GPU. fp32 compute: identical tokens
-    (both read the same fp8 cache bytes). bf16: rounding differs by op order, so a near-tie may flip a token and the
-    continuations part; the first token of every prompt must agree and ≥ 80% of all tokens."""
+    (both read the same fp8 cache bytes). bf16: rounding differs with op order (and flips fp8 roundings of the cached
+    latent now and then), so where the reference's two best tokens are within rounding the fast backend may take the
+    other one: every token it picks, on a shared prefix, must be within max_gap nats of the reference's best
+    (measured on an H100: 0.08 with a bf16 cache, 0.28 with fp8 — logits of this model have std ≈ 1, and its
+    64-wide dot products average little rounding away; a wrong kernel gives gaps of several nats)."""
+    import sys
+
+    sys.path.insert(0, str(__import__("pathlib").Path(__file__).parents[1]))
+    from _tiny import make_checkpoint
+
+    make_checkpoint(str(tmp_path), seed=1)
+    model = _decisive_routing(str(tmp_path))
     g = torch.Generator().manual_seed(11)
     prompts = [torch.randint(3, 300, (n,), generator=g).tolist() for n in (5, 37, 100, 64)]
-    got = _greedy(tiny_dir, backend, dtype, kv, prompts, 8)
-    want = _greedy(tiny_dir, "reference", dtype, kv, prompts, 8)
-    print(backend, dtype, kv, got, want)
+    got = _greedy(model, backend, dtype, kv, prompts, 8)
+    want = _greedy(model, "reference", dtype, kv, prompts, 8)
+    gap = _near_tie_gap(got, want)
+    print(f"{backend} {dtype} kv={kv}: largest near-tie gap {gap:.4f} nats; identical sequences "
+          f"{sum(a.token_ids == b.token_ids for a, b in zip(got, want))}/{len(want)}")
     if dtype == "float32":
-        assert got == want
-    else:
-        assert [s[0] for s in got] == [s[0] for s in want]
-        same = sum(a == b for x, y in zip(got, want) for a, b in zip(x, y)) / sum(map(len, want))
-        assert same >= 0.8, f"only {same:.2f} of greedy tokens agree"
+        assert [o.token_ids for o in got] == [o.token_ids for o in want]
+    assert gap <= max_gap
 
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("backend", backends_under_test())
 def test_engine_fp8_checkpoint_on_gpu(backend, tmp_path):
     """An FP8-block checkpoint end to end (Triton FP8 GEMMs and FP8 experts, fp8 indexer, fp8 KV cache). The fast path
-    quantizes activations per 128 channels where the reference multiplies by dequantized weights, so tokens are not
-    expected to be identical: the first token of each prompt must agree on ≥ 3 of 4 prompts."""
+    quantizes activations per 128 channels where the reference multiplies by dequantized weights (a few % on each
+    product; with 64-wide dot products that barely averages out), so its greedy token may be another of the
+    reference's near-best: within 2 nats (measured 1.16 on an H100; random tokens would be ~4 nats off). This is the
+    end-to-end run; the numerics of the FP8 path are checked at full width against an activation-quantizing oracle
+    in test_full_layer.py."""
     import sys
 
     sys.path.insert(0, str(__import__("pathlib").Path(__file__).parents[1]))
     from _tiny import convert_to_fp8_checkpoint, make_checkpoint
 
     make_checkpoint(str(tmp_path / "src"), seed=3, moe_intermediate_size=128, intermediate_size=256)
+    _decisive_routing(str(tmp_path / "src"))
     convert_to_fp8_checkpoint(str(tmp_path / "src"), str(tmp_path / "fp8"), str(tmp_path / "deq"))
     g = torch.Generator().manual_seed(5)
     prompts = [torch.randint(3, 300, (n,), generator=g).tolist() for n in (6, 40, 90, 20)]
     got = _greedy(str(tmp_path / "fp8"), backend, "bfloat16", "fp8_e4m3", prompts, 6)
     want = _greedy(str(tmp_path / "fp8"), "reference", "bfloat16", "fp8_e4m3", prompts, 6)
-    print(got, want)
-    assert all(len(s) == 6 for s in got)
-    assert sum(a[0] == b[0] for a, b in zip(got, want)) >= 3
+    gap = _near_tie_gap(got, want)
+    print(f"{backend} fp8 checkpoint: largest near-tie gap {gap:.4f} nats")
+    assert all(len(o.token_ids) == 6 for o in got)
+    assert gap <= 2.0

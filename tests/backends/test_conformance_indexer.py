@@ -3,8 +3,10 @@
 CPU CI runs them under TRITON_INTERPRET=1 at tiny shapes; `cuda`-marked tests run DeepSeek-V3.2 shapes (Hi 64, D 128,
 top-k 2048) on an NVIDIA GPU. Tolerances:
 - indexer_k_write, float pool: fp32 within 2e-6 abs+rel (LayerNorm's fp32 reduction order differs from torch's);
-  bf16 within 1 bf16 ulp (same rounding sequence; only a LayerNorm value within an fp32 ulp of a bf16 rounding
-  boundary can differ). fp8 pool: ≥ 99% of key bytes and scales identical, every dequantized key within 1 e4m3 ulp.
+  bf16 within 1 bf16 ulp of the value or 2^-8 of the largest (same rounding sequence; a LayerNorm value within an
+  fp32 ulp of a bf16 rounding boundary can differ by an ulp, which RoPE's products carry into a cancelling sum).
+  fp8 pool: ≥ 99% of key bytes and scales identical, every dequantized key within 1 e4m3 ulp (+ 2^-7 of its row's
+  largest: an ulp of difference before the Hadamard spreads over the row).
 - indexer_q_prepare: bf16 bit-exact; fp32 within 2e-6 (a GPU may fuse RoPE's multiply-add); fp8 as the k path.
 - top-k (kernel alone and indexer_topk): compared as sets. An element in one set only must score (recomputed here in
   float64 with the reference formula) within tol of the k-th largest score: exact ties for the kernel alone,
@@ -84,7 +86,9 @@ def _check_fp8(got_q: torch.Tensor, got_s: torch.Tensor, want_q: torch.Tensor, w
     assert (got_s == want_s).float().mean() >= 0.99
     a = got_q.view(FP8).float() * got_s[:, None]
     b = want_q.view(FP8).float() * want_s[:, None]
-    bound = 2**-3 * torch.maximum(a.abs(), b.abs()) + 2**-9 * torch.maximum(got_s, want_s)[:, None]
+    # + 2^-7 of the row's largest key: a bf16 ulp of difference before the Hadamard spreads over the whole row
+    bound = (2**-3 * torch.maximum(a.abs(), b.abs()) + 2**-9 * torch.maximum(got_s, want_s)[:, None]
+             + 2**-7 * b.abs().amax(-1, keepdim=True))
     assert ((a - b).abs() <= bound).all()
 
 
@@ -131,7 +135,9 @@ def _check_k_write(dtype, fp8, hadamard, page, T, D, R, seed):
     elif dtype == torch.float32:
         torch.testing.assert_close(gk, wk, atol=2e-6, rtol=2e-6)
     else:
-        torch.testing.assert_close(gk.float(), wk.float(), atol=0, rtol=2**-8)
+        # one bf16 ulp of the value, or of the row's largest (RoPE mixes two values: a 1-ulp difference in one of
+        # them can exceed an ulp of a result that cancels)
+        torch.testing.assert_close(gk.float(), wk.float(), atol=2**-8 * wk.float().abs().amax().item(), rtol=2**-7)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

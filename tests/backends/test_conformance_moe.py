@@ -244,8 +244,12 @@ def test_experts_fp8(T, I, K, dtype):
     x = torch.randn(T, K, generator=_gen(T + 2)).to(DEV, dtype)
     y = moe_experts(x, prepared, w, ids)
     assert y.shape == (T, K) and y.dtype == dtype
-    tol = 1e-4 if dtype == torch.float32 else 2e-2
-    torch.testing.assert_close(y.float(), _emulate_fp8(x, raw, w, ids).float(), atol=tol, rtol=tol)
+    emul = _emulate_fp8(x, raw, w, ids).float()
+    if dtype == torch.float32:
+        torch.testing.assert_close(y.float(), emul, atol=1e-4, rtol=1e-4)
+    else:  # bf16: a 1-ulp difference in h can flip an e4m3 rounding of it (a 6% step on that element)
+        assert _rel_err(y, emul) < 1e-2
+        torch.testing.assert_close(y.float(), emul, atol=5e-2 * emul.abs().max().item(), rtol=2e-2)
     y_ref = ReferenceOps(DEV).moe_experts(x, _ref_prepare(raw, dtype), w, ids)
     assert _rel_err(y, y_ref) < 0.1
 
