@@ -19,6 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
+from dsv32.backends.triton.quant import e4m3_bits, fp8_scale
 from dsv32.backends.triton.topk import topk_into
 from dsv32.core import envs
 from dsv32.core.ops import AttnMetadata
@@ -35,32 +36,6 @@ def _round_to(x, dtype: tl.constexpr):
         return b.to(tl.float32, bitcast=True).to(tl.bfloat16)
     else:
         return x.to(dtype)
-
-
-@triton.jit
-def _e4m3_bits(x):
-    """fp32 x with |x| ≤ 448 → e4m3fn byte, round to nearest even (as torch's .to(float8_e4m3fn))."""
-    b = x.to(tl.int32, bitcast=True)
-    a = b & 0x7FFFFFFF
-    e = a >> 23
-    normal = ((a + 0x7FFFF + ((a >> 20) & 1)) >> 20) - (120 << 3)  # drop 20 mantissa bits, rebias 127 → 7
-    # below 2^-6: the byte is the integer round(|x| · 2^9) (0..8; 8 is the smallest normal)
-    man = (a & 0x7FFFFF) | 0x800000
-    shift = tl.minimum(tl.maximum(141 - e, 1), 31)
-    q = man >> shift
-    rem = man & ((1 << shift) - 1)
-    half = 1 << (shift - 1)
-    q += ((rem > half) | ((rem == half) & ((q & 1) == 1))).to(tl.int32)
-    code = tl.where(e >= 121, normal, q) | ((b >> 24) & 0x80)
-    return code.to(tl.uint8)
-
-
-@triton.jit
-def _ue8m0_scale(amax):
-    """2^ceil(log2(max(amax, 1e-4) / 448)), exactly (from the bits, not a log)."""
-    s = (tl.maximum(amax, 1e-4) / 448.0).to(tl.int32, bitcast=True)
-    e = (s >> 23) + ((s & 0x7FFFFF) != 0).to(tl.int32)
-    return (e << 23).to(tl.float32, bitcast=True)
 
 
 @triton.jit
@@ -97,10 +72,10 @@ def _rope_half(x, xp, cols, cos_sin_row, R: tl.constexpr, dtype: tl.constexpr):
 @triton.jit
 def _quant_rows(x):
     """Rows of x [M, D] fp32 → (e4m3 bytes [M, D], ue8m0 scale [M]) as ReferenceOps.quantize_fp8 (block = D)."""
-    scale = _ue8m0_scale(tl.max(tl.abs(x), axis=1))
+    scale = fp8_scale(tl.max(tl.abs(x), axis=1), True)
     inv = ((254 << 23) - scale.to(tl.int32, bitcast=True)).to(tl.float32, bitcast=True)  # 1 / scale, exactly
     q = tl.minimum(tl.maximum(x * inv[:, None], -448.0), 448.0)
-    return _e4m3_bits(q), scale
+    return e4m3_bits(q).to(tl.uint8), scale
 
 
 @triton.jit

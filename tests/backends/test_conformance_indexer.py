@@ -26,6 +26,7 @@ import triton.language as tl
 
 from dsv32.backends.reference.ops import ReferenceOps
 from dsv32.backends.triton import indexer as ix
+from dsv32.backends.triton.quant import e4m3_bits
 from dsv32.backends.triton.topk import topk_indices, topk_into
 from dsv32.core.ops import AttnMetadata
 
@@ -39,7 +40,7 @@ def _rounding_kernel(x_ptr, bf16_ptr, fp8_ptr, N: tl.constexpr):
     offs = tl.arange(0, N)
     x = tl.load(x_ptr + offs)
     tl.store(bf16_ptr + offs, ix._round_to(x, tl.bfloat16))
-    tl.store(fp8_ptr + offs, ix._e4m3_bits(tl.minimum(tl.maximum(x, -448.0), 448.0)))
+    tl.store(fp8_ptr + offs, e4m3_bits(tl.minimum(tl.maximum(x, -448.0), 448.0)).to(tl.uint8))
 
 
 @triton.jit
