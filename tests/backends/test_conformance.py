@@ -191,7 +191,9 @@ def test_rotary_embedding(backend, dtype, interleaved, T, H, R):
     x = torch.randn(T, H, 2 * R, generator=g).to(dev, dtype)[..., R // 2:R // 2 + R]  # a strided view
     pos = torch.randint(0, 300, (T,), generator=g).to(dev)
     got, want = ops.rotary_embedding(x, pos, cos_sin, interleaved), ref.rotary_embedding(x, pos, cos_sin, interleaved)
-    if dtype == torch.bfloat16:  # one bf16 ulp: the products and sums are rounded at the reference's steps, but
+    if dtype == torch.bfloat16 and envs.triton_interpret():
+        close(got, want, dtype)  # the CPU interpreter truncates fp32 → bf16 at every rounding step
+    elif dtype == torch.bfloat16:  # one bf16 ulp: products and sums are rounded at the reference's steps, but
         torch.testing.assert_close(got, want, atol=2**-7, rtol=2**-7)  # fp32 → bf16 conversion differs in places
     else:
         torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
