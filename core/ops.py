@@ -121,8 +121,7 @@ class Ops:
     def kernel_options(self, ctx: KernelContext) -> dict[str, dict[str, str]]:
         """Per slot of KERNEL_SLOTS: kernel name → '' when it can run here, else why not; fastest first (the
         first runnable one is the default)."""
-        own = {slot: {self.name: ""} for slot in KERNEL_SLOTS}
-        return own
+        return {slot: {self.name: ""} for slot in KERNEL_SLOTS}
 
     def select_kernels(self, ctx: KernelContext, requested: dict[str, str | None] | None = None) -> dict[str, str]:
         """Resolve each slot's choice ('auto'/None: fastest runnable). Raises KernelChoiceError naming what can run."""

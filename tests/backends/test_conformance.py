@@ -304,9 +304,6 @@ def test_engine_formats_on_gpu(backend, dtype, kv, max_gap, tmp_path):
     other one: every token it picks, on a shared prefix, must be within max_gap nats of the reference's best
     (measured on an H100: 0.08 with a bf16 cache, 0.28 with fp8 — logits of this model have std ≈ 1, and its
     64-wide dot products average little rounding away; a wrong kernel gives gaps of several nats)."""
-    import sys
-
-    sys.path.insert(0, str(__import__("pathlib").Path(__file__).parents[1]))
     from _tiny import make_checkpoint
 
     make_checkpoint(str(tmp_path), seed=1)
@@ -332,9 +329,6 @@ def test_engine_fp8_checkpoint_on_gpu(backend, tmp_path):
     reference's near-best: within 2 nats (measured 1.16 on an H100; random tokens would be ~4 nats off). This is the
     end-to-end run; the numerics of the FP8 path are checked at full width against an activation-quantizing oracle
     in test_full_layer.py."""
-    import sys
-
-    sys.path.insert(0, str(__import__("pathlib").Path(__file__).parents[1]))
     from _tiny import convert_to_fp8_checkpoint, make_checkpoint
 
     make_checkpoint(str(tmp_path / "src"), seed=3, moe_intermediate_size=128, intermediate_size=256)
