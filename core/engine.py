@@ -8,6 +8,13 @@ prefix-cache pages that can be evicted). When a running request needs a page and
 recently admitted request is preempted: its pages are released and it returns to the front of the queue with
 prompt + generated tokens, to be recomputed. Per-request generators keep seeded sampling identical with or
 without preemption, batching or prefix hits.
+
+Overlap (EngineConfig.overlap, SGLang's overlap scheduler): a step schedules and launches batch N+1 before it
+reads batch N's sampled tokens, so the host's scheduling, batch building and output processing run while the
+device computes. A request sampled in N and scheduled again in N+1 gets its input token from N's token tensor on
+the device. Consequences kept invisible: a request that N finishes may run one extra token in N+1, which is
+dropped, and its pages are freed only once N+1 is done; preemption, and batches with penalties (which need the
+previous token on the host), first wait for N. Outputs are identical with and without overlap.
 """
 
 from __future__ import annotations
@@ -21,17 +28,18 @@ from dataclasses import dataclass, field
 import torch
 
 from dsv32.core.detokenizer import IncrementalDetokenizer
-from dsv32.core.forward_batch import ForwardBatch
+from dsv32.core.forward_batch import to_device
 from dsv32.core.kv_cache import KVCache
 from dsv32.core.model import DeepseekV32
+from dsv32.core.model_runner import ModelRunner
 from dsv32.core.prefix_cache import PrefixCache
-from dsv32.core.sampling import (SamplingParams, TokenLogprob, apply_penalties, logprobs_of,
-                                 mask_stops_before_min_tokens)
+from dsv32.core.sampling import (LogprobTensors, SamplingParams, TokenLogprob, apply_penalties, logprob_tensors,
+                                 mask_stops_before_min_tokens, token_logprobs)
 
 log = logging.getLogger("dsv32.engine")
 
 
-@dataclass
+@dataclass(eq=False)  # identity: requests are found in queues by `is`, never by value
 class Request:
     request_id: str
     prompt_ids: list[int]
@@ -47,10 +55,17 @@ class Request:
     num_preemptions: int = 0
     arrival_s: float = field(default_factory=time.monotonic)
     first_token_s: float | None = None
+    pending: int = 0  # tokens sampled by launched batches, not yet read back (overlap: at most 2, briefly)
+    inflight: int = 0  # launched batches that include this request and are not finished
 
     @property
     def all_ids(self) -> list[int]:
         return self.prompt_ids + self.output_ids
+
+    @property
+    def num_tokens(self) -> int:
+        """Prompt + generated tokens, counting a sampled token still on the device."""
+        return len(self.prompt_ids) + len(self.output_ids) + self.pending
 
     @property
     def finished(self) -> bool:
@@ -78,11 +93,32 @@ class EngineConfig:
     max_running_requests: int = 256
     chunked_prefill_size: int = 8192  # tokens per step; ≤ 0: no limit (whole prompts)
     enable_prefix_cache: bool = True
+    overlap: bool = False  # schedule step N+1 while the device runs step N
+
+
+@dataclass
+class _Launched:
+    """A batch on the device: its work, the requests it samples, and host copies of its results (valid once
+    `event` has completed; None event: the device is synchronous)."""
+
+    work: list[tuple[Request, int]]
+    sampled: list[Request]
+    tokens: torch.Tensor  # device [S]: read by the next batch's inputs
+    tokens_host: torch.Tensor
+    logprobs_host: LogprobTensors | None
+    event: object | None
+
+
+class _NeedsSync(Exception):
+    """Scheduling needs to preempt while a batch is in flight: finish that batch first."""
 
 
 class Engine:
-    def __init__(self, model: DeepseekV32, cache: KVCache, config: EngineConfig, tokenizer=None):
+    def __init__(self, model: DeepseekV32, cache: KVCache, config: EngineConfig, tokenizer=None,
+                 runner: ModelRunner | None = None):
         self.model, self.cache, self.ops, self.cfg = model, cache, model.ops, config
+        self.runner = runner or ModelRunner(model, cache, config.max_model_len)
+        self._launched: _Launched | None = None
         self.tokenizer = tokenizer
         self.eos_ids = set(model.cfg.eos_token_ids)
         self.prefix_cache = PrefixCache(cache.allocator, cache.page_size) if config.enable_prefix_cache else None
@@ -91,6 +127,7 @@ class Engine:
         self._ids = itertools.count()
         self._pending: list[StepOutput] = []  # outputs produced outside a forward step (aborts)
         self.num_preemptions = 0
+        self.overlapped_steps = 0  # launches made while the previous batch was still unread
 
     # ---- requests -----------------------------------------------------------------------------------
     def add_request(self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None) -> Request:
@@ -126,8 +163,15 @@ class Engine:
                     return True
         return False
 
+    def abort_all(self) -> None:
+        """After a failed step: drop the launched batch and abort every request, releasing all their pages."""
+        self._launched = None
+        for req in list(self.running) + list(self.waiting):
+            req.inflight = req.pending = 0
+            self.abort(req.request_id)
+
     def has_work(self) -> bool:
-        return bool(self.waiting or self.running or self._pending)
+        return bool(self.waiting or self.running or self._pending or self._launched)
 
     @property
     def kv_usage(self) -> float:
@@ -136,27 +180,85 @@ class Engine:
 
     # ---- one step -----------------------------------------------------------------------------------
     def step(self) -> list[StepOutput]:
-        """Runs one forward pass (if anything is schedulable); returns this step's outputs."""
+        """Runs one forward pass (if anything is schedulable); returns the outputs that became known: this step's
+        without overlap, the previous step's with it."""
         outputs, self._pending = self._pending, []
-        work = self._schedule()
-        if not work:
-            return outputs
-        fb = ForwardBatch.build([(req.all_ids[req.num_cached:req.num_cached + n], req.num_cached, req.pages)
-                                 for req, n in work], self.cache, self.model.device)
-        hidden = self.model.forward(fb, self.cache)
-        sampling = [i for i, (req, n) in enumerate(work) if req.num_cached + n == len(req.all_ids)]
+        if self._launched is not None and any(r.params.has_penalties for r in self.running):
+            outputs += self._sync()  # penalties read every generated token on the host
+        try:
+            work = self._schedule(can_preempt=self._launched is None)
+        except _NeedsSync:
+            outputs += self._sync()
+            work = self._schedule(can_preempt=True)
+        previous, self._launched = self._launched, self._launch(work) if work else None
+        if previous is not None and self._launched is not None:
+            self.overlapped_steps += 1
+        if previous is not None:
+            outputs += self._finish(previous)
+        if not self.cfg.overlap and self._launched is not None:
+            outputs += self._sync()
+        return outputs
+
+    def _sync(self) -> list[StepOutput]:
+        launched, self._launched = self._launched, None
+        return self._finish(launched) if launched is not None else []
+
+    def _launch(self, work: list[tuple[Request, int]]) -> _Launched:
+        """Builds the batch, queues the forward pass and the sampling on the device; returns without waiting."""
+        inputs, from_device = [], []  # from_device: (flat token index, row of the previous batch's tokens)
+        flat = 0
+        prev_row = {id(r): i for i, r in enumerate(self._launched.sampled)} if self._launched else {}
+        for req, n in work:
+            if req.pending:  # its input is the token the launched batch sampled: still on the device
+                assert n == 1 and req.num_cached == req.num_tokens - 1
+                from_device.append((flat, prev_row[id(req)]))
+                inputs.append(([0], req.num_cached, req.pages))
+            else:
+                inputs.append((req.all_ids[req.num_cached:req.num_cached + n], req.num_cached, req.pages))
+            flat += n
+        fb = self.runner.build(inputs)
+        if from_device:
+            dst, src = (to_device(torch.tensor(x, dtype=torch.int64), fb.input_ids.device) for x in zip(*from_device))
+            fb.input_ids[dst] = self._launched.tokens[src]
+        rows = [i for i, (req, n) in enumerate(work) if req.num_cached + n == req.num_tokens]
+        reqs = [work[i][0] for i in rows]
+        num_outputs = [len(r.output_ids) + r.pending for r in reqs]
         for req, n in work:
             req.num_cached += n
-        if not sampling:
-            return outputs
-        reqs = [work[i][0] for i in sampling]
-        logits = self.model.logits(hidden[fb.logits_indices[sampling]])
-        logits = apply_penalties(logits, [r.prompt_ids for r in reqs], [r.output_ids for r in reqs], [r.params for r in reqs])
-        logits = mask_stops_before_min_tokens(logits, [r.output_ids for r in reqs], [r.params for r in reqs], self.eos_ids)
-        tokens = self._sample(reqs, logits)
-        token_logprobs = logprobs_of(logits, tokens, [r.params for r in reqs])
+            req.inflight += 1
+        logits = self.runner.logits(fb, rows)
+        if reqs:
+            logits = apply_penalties(logits, [r.prompt_ids for r in reqs], [r.output_ids for r in reqs],
+                                     [r.params for r in reqs])
+            logits = mask_stops_before_min_tokens(logits, num_outputs, [r.params for r in reqs], self.eos_ids)
+            tokens = self._sample(reqs, logits)
+            lps = logprob_tensors(logits, tokens, [r.params for r in reqs])
+        else:
+            tokens, lps = torch.empty(0, dtype=torch.int64, device=logits.device), None
+        for req in reqs:
+            req.pending += 1
+        event = self.ops.new_event()
+        tokens_host = _host_copy(tokens)
+        if lps is not None:
+            lps = LogprobTensors(_host_copy(lps.chosen), _host_copy(lps.top_values), _host_copy(lps.top_ids), lps.want)
+        if event is not None:
+            event.record()
+        return _Launched(work, reqs, tokens, tokens_host, lps, event)
+
+    def _finish(self, launched: _Launched) -> list[StepOutput]:
+        """Reads a launched batch's tokens (waiting for it) and applies them: stop checks, outputs, page release."""
+        if launched.event is not None:
+            launched.event.synchronize()
+        tokens = launched.tokens_host.tolist()
+        lps = token_logprobs(launched.logprobs_host, tokens)
+        outputs = []
         now = time.monotonic()
-        for req, tok, lp in zip(reqs, tokens.tolist(), token_logprobs):
+        for req, n in launched.work:
+            req.inflight -= 1
+        for req, tok, lp in zip(launched.sampled, tokens, lps):
+            req.pending -= 1
+            if req.finished:  # finished or aborted while this batch ran: the extra token is dropped
+                continue
             if req.first_token_s is None:
                 req.first_token_s = now
             if not req.output_ids and self.prefix_cache is not None:
@@ -169,8 +271,10 @@ class Engine:
             self._check_stop(req, tok)
             if req.finished:
                 self.running.remove(req)
-                self._release(req)
             outputs.append(self._output(req, [tok], [lp] if lp is not None else []))
+        for req, n in launched.work:
+            if req.finished and req.inflight == 0:
+                self._release(req)
         return outputs
 
     def _output(self, req: Request, new: list[int], lps: list[TokenLogprob]) -> StepOutput:
@@ -183,7 +287,7 @@ class Engine:
                           len(req.output_ids), req.cached_prompt_tokens)
 
     # ---- scheduling ---------------------------------------------------------------------------------
-    def _schedule(self) -> list[tuple[Request, int]]:
+    def _schedule(self, can_preempt: bool = True) -> list[tuple[Request, int]]:
         limit = self.cfg.chunked_prefill_size
         budget = limit if limit > 0 else 1 << 62
         work: list[tuple[Request, int]] = []
@@ -192,8 +296,10 @@ class Engine:
                 break
             if req not in self.running:  # preempted while making room for an earlier request
                 continue
-            n = min(len(req.all_ids) - req.num_cached, budget)
-            if not self._make_room(req, req.num_cached + n):
+            if req.pending and self._length_done(req, len(req.output_ids) + 1):
+                continue  # its pending token ends it (max_tokens / context): nothing more to compute
+            n = min(req.num_tokens - req.num_cached, budget)
+            if not self._make_room(req, req.num_cached + n, can_preempt):
                 continue
             work.append((req, n))
             budget -= n
@@ -218,9 +324,11 @@ class Engine:
             self.prefix_cache.evict(n - free)
         return self.cache.allocator.num_free >= n
 
-    def _make_room(self, req: Request, num_tokens: int) -> bool:
+    def _make_room(self, req: Request, num_tokens: int, can_preempt: bool = True) -> bool:
         """Give req pages for num_tokens, preempting from the tail of the running list if needed."""
         while not self._ensure_free(self.cache.pages_needed(num_tokens, len(req.pages))):
+            if not can_preempt:
+                raise _NeedsSync
             victim = self.running[-1]
             self._preempt(victim)
             if victim is req:
@@ -244,6 +352,8 @@ class Engine:
         return False
 
     def _release(self, req: Request) -> None:
+        if req.inflight:  # a launched batch still writes its KV: _finish releases it
+            return
         if req.pages:
             self.cache.free(req.pages)
         req.num_cached = 0
@@ -258,11 +368,11 @@ class Engine:
 
     # ---- sampling and stopping ----------------------------------------------------------------------
     def _sample(self, batch: list[Request], logits: torch.Tensor) -> torch.Tensor:
-        dev = logits.device
-        f32 = dict(dtype=torch.float32, device=dev)
+        # Parameter tensors stay on the host: the sampler may branch on them without waiting for the device.
+        f32 = dict(dtype=torch.float32)
         return self.ops.sample(logits, torch.tensor([r.params.temperature for r in batch], **f32),
                                torch.tensor([r.params.top_p for r in batch], **f32),
-                               torch.tensor([r.params.top_k for r in batch], dtype=torch.int64, device=dev),
+                               torch.tensor([r.params.top_k for r in batch], dtype=torch.int64),
                                torch.tensor([r.params.min_p for r in batch], **f32),
                                [r.generator for r in batch])
 
@@ -275,5 +385,16 @@ class Engine:
             if req.detok is not None and req.detok.stopped_by is not None:
                 req.finish_reason = "stop"
                 return
-        if len(req.output_ids) >= p.max_tokens or len(req.all_ids) >= self.cfg.max_model_len:
+        if self._length_done(req, len(req.output_ids)):
             req.finish_reason = "length"
+
+    def _length_done(self, req: Request, num_outputs: int) -> bool:
+        return num_outputs >= req.params.max_tokens or len(req.prompt_ids) + num_outputs >= self.cfg.max_model_len
+
+
+def _host_copy(t: torch.Tensor | None) -> torch.Tensor | None:
+    """A host copy that is complete once an event recorded after it completes (pinned, non-blocking)."""
+    if t is None or t.device.type == "cpu":
+        return t
+    host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+    return host.copy_(t, non_blocking=True)

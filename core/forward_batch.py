@@ -9,6 +9,14 @@ import torch
 from dsv32.core.ops import AttnMetadata
 
 
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Host tensor → device without waiting for queued device work (a pinned, non-blocking copy), so the next
+    batch can be built while the device still runs the current one."""
+    if device.type == "cpu":
+        return t
+    return t.pin_memory().to(device, non_blocking=True)
+
+
 @dataclass
 class ForwardBatch:
     """Flat (ragged) batch of new tokens of B requests.
@@ -16,6 +24,8 @@ class ForwardBatch:
     input_ids / positions / slots are [T] int64 (slots: physical cache slot each token is written to);
     attn holds per-token request rows, the block table and per-request kv lengths after this step;
     logits_indices [B] picks the token of each request whose next-token logits are wanted (its last).
+    num_requests: the real requests; rows past it (when built with pad_to) are padding: one token at position
+    0 of a scratch page, whose outputs are discarded.
     """
 
     input_ids: torch.Tensor
@@ -23,6 +33,7 @@ class ForwardBatch:
     slots: torch.Tensor
     attn: AttnMetadata
     logits_indices: torch.Tensor
+    num_requests: int = 0
 
     @property
     def num_tokens(self) -> int:
@@ -33,12 +44,17 @@ class ForwardBatch:
         return max(self.attn.kv_lens_cpu, default=0)
 
     @classmethod
-    def build(cls, requests: list[tuple[list[int], int, list[int]]], kv_cache, device) -> "ForwardBatch":
+    def build(cls, requests: list[tuple[list[int], int, list[int]]], kv_cache, device, pad_to: int = 0,
+              table_width: int | None = None) -> "ForwardBatch":
         """requests: (new token ids, start position, page list) per request; pages must already cover
-        start + len(new tokens) positions."""
+        start + len(new tokens) positions. pad_to: add one-token padding requests up to this many (decode graphs);
+        table_width: block-table columns (default: the longest page list)."""
+        device = torch.device(device)
         ids, positions, slots, token_req, kv_lens, logits_idx = [], [], [], [], [], []
         offset = 0
-        for r, (new_ids, start, pages) in enumerate(requests):
+        scratch = [getattr(kv_cache, "scratch_page", -1)]
+        padded = list(requests) + [([0], 0, scratch)] * max(0, pad_to - len(requests))
+        for r, (new_ids, start, pages) in enumerate(padded):
             n = len(new_ids)
             ids.extend(new_ids)
             positions.append(torch.arange(start, start + n))
@@ -47,20 +63,18 @@ class ForwardBatch:
             kv_lens.append(start + n)
             offset += n
             logits_idx.append(offset - 1)
-        as_long = dict(dtype=torch.int64, device=device)
+        # One host tensor, one copy: [ids | positions | slots | token_req | logits_idx | kv_lens]
+        T, B = len(ids), len(padded)
+        flat = torch.cat([torch.tensor(ids, dtype=torch.int64), torch.cat(positions), torch.cat(slots),
+                          torch.tensor(token_req, dtype=torch.int64), torch.tensor(logits_idx, dtype=torch.int64),
+                          torch.tensor(kv_lens, dtype=torch.int64)])
+        flat = to_device(flat, device)
+        input_ids, pos, slot, req, logits_indices, kv = flat.split([T, T, T, T, B, B])
         attn = AttnMetadata(
-            token_req=torch.tensor(token_req, **as_long),
-            positions=torch.cat(positions).to(device),
-            block_table=kv_cache.block_table([p for _, _, p in requests]).to(device),
-            kv_lens=torch.tensor(kv_lens, **as_long),
-            kv_lens_cpu=kv_lens,
-            page_size=kv_cache.page_size,
-            is_decode=all(len(new_ids) == 1 for new_ids, _, _ in requests),
+            token_req=req, positions=pos,
+            block_table=to_device(kv_cache.block_table([p for _, _, p in padded], table_width), device),
+            kv_lens=kv, kv_lens_cpu=kv_lens, page_size=kv_cache.page_size,
+            is_decode=all(len(new_ids) == 1 for new_ids, _, _ in padded),
         )
-        return cls(
-            input_ids=torch.tensor(ids, **as_long),
-            positions=attn.positions,
-            slots=torch.cat(slots).to(device),
-            attn=attn,
-            logits_indices=torch.tensor(logits_idx, **as_long),
-        )
+        return cls(input_ids=input_ids, positions=pos, slots=slot, attn=attn, logits_indices=logits_indices,
+                   num_requests=len(requests))

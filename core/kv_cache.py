@@ -108,7 +108,10 @@ class KVCache:
     def __init__(self, spec: KVCacheSpec, device: torch.device | str):
         self.spec = spec
         self.device = torch.device(device)
-        P, n = spec.page_size, spec.num_pages
+        # One physical page past the allocator's: the scratch page that padding rows of a graph-replayed batch write
+        # to and read from, so they never touch a request's keys.
+        self.scratch_page = spec.num_pages
+        P, n = spec.page_size, spec.num_pages + 1
         if spec.latent_dtype == "fp8_e4m3":
             shape, dtype = (n, P, latent_entry_bytes(spec.kv_lora_rank, spec.rope_dim)), torch.uint8
         else:
@@ -119,7 +122,7 @@ class KVCache:
         else:
             ishape, idtype = (n, P, spec.index_head_dim), spec.index_dtype
         self.index_keys = [torch.zeros(ishape, dtype=idtype, device=self.device) for _ in range(spec.num_layers)]
-        self.allocator = PageAllocator(n)
+        self.allocator = PageAllocator(spec.num_pages)
 
     @property
     def page_size(self) -> int:
@@ -144,8 +147,8 @@ class KVCache:
         page_ids = torch.tensor(pages, dtype=torch.int64)[pos // self.page_size]
         return page_ids * self.page_size + pos % self.page_size
 
-    def block_table(self, page_lists: list[list[int]]) -> torch.Tensor:
-        width = max((len(p) for p in page_lists), default=0) or 1
+    def block_table(self, page_lists: list[list[int]], width: int | None = None) -> torch.Tensor:
+        width = width or max((len(p) for p in page_lists), default=0) or 1
         table = torch.full((len(page_lists), width), -1, dtype=torch.int32)
         for i, pages in enumerate(page_lists):
             if pages:

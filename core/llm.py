@@ -16,6 +16,7 @@ from dsv32.core.engine import Engine, EngineConfig
 from dsv32.core.kv_cache import KVCache, KVCacheSpec
 from dsv32.core.loader import dummy_weights, load_weights
 from dsv32.core.model import DeepseekV32
+from dsv32.core.model_runner import ModelRunner
 from dsv32.core.ops import KernelContext
 from dsv32.core.registry import create_ops, select_backend
 from dsv32.core.sampling import SamplingParams
@@ -81,6 +82,11 @@ class LLM:
     cannot run raises KernelChoiceError naming what can.
     load_format: 'auto' (read the checkpoint) or 'dummy' (random weights of the config's shapes, FP8-block where the
     config says FP8: benchmarks at full size without the weights).
+    cuda_graph_max_bs: largest decode batch replayed from a device graph (default: min(max_num_seqs, 256) where the
+    backend has graphs); disable_cuda_graph: run every step eagerly. graph_factory: a DeviceGraph maker (tests use
+    core.model_runner.EagerGraph to exercise graph replay on the CPU).
+    disable_overlap_schedule: schedule each step only after the previous one's tokens are read (the default
+    overlaps them where the device runs asynchronously).
     max_model_len: context length (default: the config's max_position_embeddings, capped at 32768).
     num_kv_pages: KV cache size in pages (default: room for max_num_seqs full-length sequences, within
     kv_cache_memory_gib).
@@ -92,7 +98,8 @@ class LLM:
                  kv_cache_memory_gib: float = 1.0, load_mtp: bool = False, tokenizer: str | None = None,
                  chunked_prefill_size: int = 8192, enable_prefix_caching: bool = True,
                  mem_fraction_static: float | None = None, kernels: dict[str, str | None] | None = None,
-                 load_format: str = "auto"):
+                 load_format: str = "auto", cuda_graph_max_bs: int | None = None, disable_cuda_graph: bool = False,
+                 disable_overlap_schedule: bool = False, graph_factory=None):
         t0 = time.monotonic()
         self.config = cfg = ModelConfig.from_pretrained(model)
         self.dtype = _resolve_dtype(dtype, cfg)
@@ -160,11 +167,32 @@ class LLM:
         spec = dataclasses.replace(spec, num_pages=num_kv_pages)
         self.kv_cache = KVCache(spec, device)
         self.tokenizer = _load_tokenizer(tokenizer or model)
+        graph_bs = self._graph_max_bs(cuda_graph_max_bs, disable_cuda_graph, graph_factory, max_num_seqs)
+        self.runner = ModelRunner(self.model, self.kv_cache, self.max_model_len, graph_bs, graph_factory)
+        self.runner.capture()
+        overlap = not disable_overlap_schedule and self.ops.new_event() is not None  # CPU: nothing to overlap
         self.engine = Engine(self.model, self.kv_cache, EngineConfig(
             max_model_len=self.max_model_len, max_running_requests=max_num_seqs,
-            chunked_prefill_size=chunked_prefill_size, enable_prefix_cache=enable_prefix_caching), self.tokenizer)
+            chunked_prefill_size=chunked_prefill_size, enable_prefix_cache=enable_prefix_caching, overlap=overlap),
+            self.tokenizer, self.runner)
         log.info("ready in %.1f s: %d KV pages of %d tokens (%.1f MiB)", time.monotonic() - t0, num_kv_pages,
                  page_size, num_kv_pages * spec.bytes_per_page() / 2**20)
+
+    def _graph_max_bs(self, requested: int | None, disabled: bool, factory, max_num_seqs: int) -> int:
+        if disabled:
+            return 0
+        why = "" if factory is not None else self.ops.graph_support()
+        if requested is not None:
+            if requested < 0:
+                raise ValueError(f"cuda_graph_max_bs must be ≥ 0, got {requested}")
+            if requested and why:
+                raise ValueError(f"cuda_graph_max_bs={requested}: device graphs are not available here ({why}); "
+                                 "drop --cuda-graph-max-bs or pass --disable-cuda-graph")
+            return requested
+        if why:
+            log.info("decode runs without device graphs: %s", why)
+            return 0
+        return min(max_num_seqs, 256)
 
     def generate(self, prompts=None, sampling_params: SamplingParams | list[SamplingParams] | None = None,
                  prompt_token_ids: list[list[int]] | None = None, use_tqdm: bool = False) -> list[RequestOutput]:

@@ -131,8 +131,8 @@ class DeepseekV32:
     @torch.inference_mode()
     def forward(self, fb: ForwardBatch, cache: KVCache) -> torch.Tensor:
         """Runs all layers on fb's tokens, writing their KV into cache; returns final-normed hidden [T, Hd]."""
-        if fb.num_tokens and int(fb.positions.max()) >= self.max_positions:
-            raise ValueError(f"position {int(fb.positions.max())} exceeds the model's {self.max_positions} positions")
+        if fb.max_kv_len > self.max_positions:  # host-side lengths: no device sync (graph capture, overlap)
+            raise ValueError(f"position {fb.max_kv_len - 1} exceeds the model's {self.max_positions} positions")
         h = torch.nn.functional.embedding(fb.input_ids, self.w["model.embed_tokens.weight"])
         residual = None
         for i in range(self.cfg.num_hidden_layers):

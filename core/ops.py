@@ -75,10 +75,10 @@ class AttnMetadata:
 
 
 def causal_slots(batch: AttnMetadata) -> torch.Tensor:
-    """int32 [T, max_pos+1]: for each query token, the physical slots of positions 0..positions[t] of its request
-    (−1 beyond). Turns dense causal attention into sparse attention over every causal key."""
-    T = batch.positions.shape[0]
-    max_len = int(batch.positions.max().item()) + 1 if T else 0
+    """int32 [T, max(kv_lens_cpu)]: for each query token, the physical slots of positions 0..positions[t] of its
+    request (−1 beyond). Turns dense causal attention into sparse attention over every causal key. The width comes
+    from the host-side kv_lens_cpu (no device sync, so it can be captured in a device graph)."""
+    max_len = max(batch.kv_lens_cpu, default=0)
     pos = torch.arange(max_len, device=batch.positions.device)
     pages = batch.block_table[batch.token_req][:, pos // batch.page_size].long()
     slots = pages * batch.page_size + pos % batch.page_size
@@ -295,7 +295,31 @@ class Ops:
         raise NotImplementedError
 
 
-_NOT_OPS = {"kernel_options", "select_kernels", "kernel_notes"}
+    # ---- device graphs and events (not ops) ---------------------------------------------------------
+    def graph_support(self) -> str:
+        """'' when this backend can capture the decode forward into device graphs (CUDA graphs) and replay them,
+        else why not. A backend that can returns graphs from `new_graph`."""
+        return f"the {self.name} backend runs eagerly"
+
+    def new_graph(self, pool=None):
+        """A DeviceGraph (see core/model_runner.py): `with g.capture(): ...` records device work, `g.replay()`
+        re-runs it on the same buffers. `pool` (from `graph_pool()`) lets several graphs share their memory."""
+        raise NotImplementedError(self.graph_support())
+
+    def graph_pool(self):
+        return None
+
+    def new_event(self):
+        """An event with record() / synchronize() on the current stream, or None when the device runs
+        synchronously (then host reads never overlap device work and need no event)."""
+        return None
+
+    def synchronize(self) -> None:
+        """Waits for all queued device work."""
+
+
+_NOT_OPS = {"kernel_options", "select_kernels", "kernel_notes", "graph_support", "new_graph", "graph_pool",
+            "new_event", "synchronize"}
 OP_NAMES = tuple(
     name for name, value in vars(Ops).items() if callable(value) and not name.startswith("_") and name not in _NOT_OPS
 )

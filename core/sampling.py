@@ -117,31 +117,51 @@ def apply_penalties(logits: torch.Tensor, prompts: list[list[int]], outputs: lis
     return out
 
 
-def mask_stops_before_min_tokens(logits: torch.Tensor, outputs: list[list[int]], params: list[SamplingParams],
+def mask_stops_before_min_tokens(logits: torch.Tensor, num_outputs: list[int], params: list[SamplingParams],
                                  eos_ids: set[int]) -> torch.Tensor:
+    """Bans stop tokens for rows that have generated fewer than min_tokens (num_outputs: tokens so far)."""
     for i, p in enumerate(params):
-        if len(outputs[i]) < p.min_tokens:
+        if num_outputs[i] < p.min_tokens:
             banned = set(p.stop_token_ids) | (set() if p.ignore_eos else eos_ids)
             if banned:
                 logits[i, torch.tensor(sorted(banned), device=logits.device)] = float("-inf")
     return logits
 
 
-def logprobs_of(logits: torch.Tensor, tokens: torch.Tensor, params: list[SamplingParams]) -> list[TokenLogprob | None]:
+@dataclass
+class LogprobTensors:
+    """Device-side logprobs of a step's chosen tokens (and the top-k alternatives), read on the host later so
+    that computing them never waits for the device."""
+
+    chosen: torch.Tensor  # [B] fp32
+    top_values: torch.Tensor | None  # [B, kmax]
+    top_ids: torch.Tensor | None
+    want: list[int | None]  # per row: None = no logprobs, else how many alternatives
+
+
+def logprob_tensors(logits: torch.Tensor, tokens: torch.Tensor, params: list[SamplingParams]) -> LogprobTensors | None:
     """Logprobs of the chosen tokens under the (penalized, unscaled by temperature) model distribution."""
-    want = [p.logprobs is not None for p in params]
-    if not any(want):
-        return [None] * len(params)
+    want = [p.logprobs for p in params]
+    if all(w is None for w in want):
+        return None
     lp = torch.log_softmax(logits.float(), dim=-1)
+    chosen = lp.gather(1, tokens[:, None])[:, 0]
+    kmax = max((w or 0) for w in want)
+    top_values, top_ids = lp.topk(kmax, dim=-1) if kmax else (None, None)
+    return LogprobTensors(chosen, top_values, top_ids, want)
+
+
+def token_logprobs(t: LogprobTensors | None, tokens: list[int]) -> list[TokenLogprob | None]:
+    if t is None:
+        return [None] * len(tokens)
+    chosen = t.chosen.tolist()
+    values = t.top_values.tolist() if t.top_values is not None else None
+    ids = t.top_ids.tolist() if t.top_ids is not None else None
     out = []
-    for i, p in enumerate(params):
-        if not want[i]:
+    for i, w in enumerate(t.want):
+        if w is None:
             out.append(None)
             continue
-        tok = int(tokens[i])
-        top = []
-        if p.logprobs:
-            v, ids = lp[i].topk(p.logprobs)
-            top = list(zip(ids.tolist(), v.tolist()))
-        out.append(TokenLogprob(tok, float(lp[i, tok]), top))
+        top = list(zip(ids[i][:w], values[i][:w])) if w else []
+        out.append(TokenLogprob(tokens[i], chosen[i], top))
     return out

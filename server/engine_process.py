@@ -43,6 +43,9 @@ class EngineArgs:
     mem_fraction_static: float | None = None
     kernels: dict | None = None  # kernel slot → requested kernel (--dsa-*-backend, --moe-runner-backend)
     load_format: str = "auto"
+    cuda_graph_max_bs: int | None = None
+    disable_cuda_graph: bool = False
+    disable_overlap_schedule: bool = False
 
 
 def _engine_main(conn, args: EngineArgs, log_level: int) -> None:
@@ -56,7 +59,8 @@ def _engine_main(conn, args: EngineArgs, log_level: int) -> None:
                   max_num_seqs=args.max_running_requests, chunked_prefill_size=args.chunked_prefill_size,
                   enable_prefix_caching=args.enable_prefix_caching, kv_cache_memory_gib=args.kv_cache_memory_gib,
                   mem_fraction_static=args.mem_fraction_static, kernels=args.kernels,
-                  load_format=args.load_format)
+                  load_format=args.load_format, cuda_graph_max_bs=args.cuda_graph_max_bs,
+                  disable_cuda_graph=args.disable_cuda_graph, disable_overlap_schedule=args.disable_overlap_schedule)
     except Exception as e:
         conn.send(("failed", f"{type(e).__name__}: {e}"))
         return
@@ -92,8 +96,7 @@ def _serve_loop(conn, engine) -> None:
         except Exception:  # a bug in a step must not wedge every client: fail the running requests loudly
             msg = traceback.format_exc()
             log.error("engine step failed:\n%s", msg)
-            for req in list(engine.running) + list(engine.waiting):
-                engine.abort(req.request_id)
+            engine.abort_all()
             outputs = engine.step()
         if outputs:
             pc = engine.prefix_cache

@@ -75,6 +75,13 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
                         "flashmla_auto, triton, ... (default: the fastest that runs here)")
     g.add_argument("--moe-runner-backend", default=None,
                    help="MoE expert kernels: deep_gemm (FP8 checkpoints), triton, ... (default: the fastest here)")
+    g.add_argument("--cuda-graph-max-bs", type=int, default=None,
+                   help="largest decode batch replayed from a CUDA graph (default: min(--max-running-requests, 256) "
+                        "on GPUs); graphs are captured at startup, with progress in the log")
+    g.add_argument("--disable-cuda-graph", action="store_true", help="run every step eagerly (no CUDA graphs)")
+    g.add_argument("--disable-overlap-schedule", action="store_true",
+                   help="schedule each step only after the previous step's tokens are read (default on GPUs: the "
+                        "next step is scheduled while the current one runs)")
 
     g = p.add_argument_group("not available yet (exit with an error when set)")
     for flag, dest in (("--tp", "tp"), ("--tp-size", "tp"), ("--dp", "dp"), ("--dp-size", "dp"),
@@ -160,7 +167,8 @@ def build_server(args: argparse.Namespace):
         num_kv_pages=args.num_kv_pages, max_running_requests=args.max_running_requests,
         chunked_prefill_size=args.chunked_prefill_size, enable_prefix_caching=not args.disable_radix_cache,
         kv_cache_memory_gib=kv_gib if kv_gib is not None else 1.0, mem_fraction_static=args.mem_fraction_static,
-        kernels=kernel_requests(args), load_format=args.load_format))
+        kernels=kernel_requests(args), load_format=args.load_format, cuda_graph_max_bs=args.cuda_graph_max_bs,
+        disable_cuda_graph=args.disable_cuda_graph, disable_overlap_schedule=args.disable_overlap_schedule))
     tokenizer = None
     if os.path.isfile(os.path.join(model, "tokenizer.json")):
         from tokenizers import Tokenizer

@@ -28,7 +28,7 @@ def test_chunked_prefill_matches_whole_prefill(tiny_dir):
     chunked = LLM(model=tiny_dir, dtype="float32", chunked_prefill_size=16, page_size=8, enable_prefix_caching=False)
     steps = []
     orig = chunked.engine._schedule
-    chunked.engine._schedule = lambda: steps.append(orig()) or steps[-1]
+    chunked.engine._schedule = lambda **kw: steps.append(orig(**kw)) or steps[-1]
     assert run(chunked, prompts, sp) == whole
     assert max(sum(n for _, n in w) for w in steps if w) <= 16  # the budget is respected
     assert any(n not in (1,) and n < len(r.prompt_ids) for w in steps for r, n in w)  # prompts were split

@@ -97,3 +97,42 @@ class TritonOps(Ops):
         from dsv32.backends.triton.moe import moe_experts
 
         return moe_experts(x, experts, topk_weights, topk_ids)
+
+    def sample(self, logits, temperatures, top_ps, top_ks, min_ps, generators):
+        from dsv32.backends.triton.sampling import sample
+
+        return sample(logits, temperatures, top_ps, top_ks, min_ps, generators)
+
+    # ---- device graphs and events: torch.cuda covers CUDA and HIP (ROCm) ----------------------------------------
+    def graph_support(self) -> str:
+        if self.device.type != "cuda":
+            return f"device graphs need a GPU (this backend runs on {self.device.type})"
+        return ""
+
+    def new_graph(self, pool=None):
+        if self.graph_support():
+            raise RuntimeError(self.graph_support())
+        return _CudaGraph(pool)
+
+    def graph_pool(self):
+        return torch.cuda.graph_pool_handle() if not self.graph_support() else None
+
+    def new_event(self):
+        return torch.cuda.Event() if self.device.type == "cuda" else None
+
+    def synchronize(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+
+class _CudaGraph:
+    """torch.cuda.CUDAGraph behind the DeviceGraph interface (capture() context, replay())."""
+
+    def __init__(self, pool):
+        self.graph, self.pool = torch.cuda.CUDAGraph(), pool
+
+    def capture(self):
+        return torch.cuda.graph(self.graph, pool=self.pool)
+
+    def replay(self) -> None:
+        self.graph.replay()

@@ -48,7 +48,8 @@ def _cache(latent="fp8_e4m3", index_fp8=True, L=512, R=64, D=128, pages=4, page=
 
 def test_latent_fp8_layout_is_flashmla_656():
     cache = _cache()
-    assert cache.latent[0].shape == (4, 64, 656)
+    assert cache.latent[0].shape == (4 + 1, 64, 656)  # + the scratch page (padding rows of graph replays)
+    assert cache.scratch_page == 4 and cache.allocator.num_pages == 4
     g = torch.Generator().manual_seed(0)
     c, k_pe = torch.randn(3, 512, generator=g), torch.randn(3, 64, generator=g)
     c[1, 128:256] *= 50  # a block with a different scale (≥ 16× after rounding the scales up to powers of two)
@@ -67,7 +68,7 @@ def test_latent_fp8_layout_is_flashmla_656():
 def test_index_key_fp8_layout_is_deepgemm_132():
     cache = _cache()
     pool = cache.index_keys[0]
-    assert pool.shape == (4, 64 * 132)
+    assert pool.shape == (4 + 1, 64 * 132)  # + the scratch page
     k = torch.randn(2, 128)
     slots = torch.tensor([64 * 2 + 9, 1])
     ops.write_index_keys(pool, k, slots)

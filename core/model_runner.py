@@ -1,0 +1,162 @@
+"""ModelRunner: turns scheduled work into a ForwardBatch, runs the model and returns the logits of the rows to
+sample; decode batches replay device graphs (CUDA graphs) captured at startup.
+
+Graphs (SGLang's --cuda-graph-max-bs / --disable-cuda-graph): one per padded batch size in `graph_batch_sizes`
+and per attention path — "dense" (every request has ≤ the dense threshold of keys: no indexer logits, attention
+over every causal key) and "sparse" (indexer logits + top-k + sparse attention). A decode batch of n requests runs
+the graph of the smallest captured size ≥ n; the extra rows are padding requests on the KV cache's scratch page.
+Each graph holds the whole step: embedding, every layer (indexer and top-k included) and the LM head.
+
+Kernels that size work by host-side lengths (kv_lens_cpu) see the captured upper bound: the dense threshold, or
+the context length for the sparse path; their device-side loops stop at each row's real length, and skipped
+keys contribute exact zeros, so a replay gives the same logits as the eager step of the same padded batch.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass
+
+import torch
+
+from dsv32.core.forward_batch import ForwardBatch, to_device
+from dsv32.core.kv_cache import KVCache
+from dsv32.core.model import DeepseekV32
+
+log = logging.getLogger("dsv32.runner")
+
+
+def graph_batch_sizes(max_bs: int) -> list[int]:
+    """Captured batch sizes up to max_bs (SGLang's ladder: 1, 2, 4, 8, 12, then steps of 8, then 16)."""
+    if max_bs <= 0:
+        return []
+    ladder = [1, 2, 4, 8, 12] + list(range(16, 257, 8)) + list(range(272, max(max_bs, 256) + 16, 16))
+    sizes = [s for s in ladder if s < max_bs]
+    return sizes + [max_bs]
+
+
+class EagerGraph:
+    """A stand-in DeviceGraph for devices without graphs, used by tests: replay() re-runs the captured function on
+    the same static buffers. It checks the runner's plumbing (inputs copied into the buffers the graph reads,
+    outputs read from the buffers it writes) without a GPU."""
+
+    def __init__(self, pool=None):
+        self.fn = None
+
+    def capture_fn(self, fn) -> None:
+        self.fn = fn
+        fn()
+
+    def replay(self) -> None:
+        self.fn()
+
+
+@dataclass
+class _Graph:
+    graph: object
+    batch: ForwardBatch  # views of the static buffers
+    logits: torch.Tensor  # [bs, V] fp32, written by replay
+
+
+class ModelRunner:
+    def __init__(self, model: DeepseekV32, cache: KVCache, max_model_len: int, graph_max_bs: int = 0,
+                 graph_factory=None):
+        """graph_max_bs: largest decode batch replayed from a graph (0: graphs off). graph_factory: makes
+        DeviceGraphs (default: the backend's `new_graph`; tests pass EagerGraph)."""
+        self.model, self.cache, self.ops = model, cache, model.ops
+        self.max_model_len = max_model_len
+        self.graph_sizes = graph_batch_sizes(graph_max_bs)
+        self._factory = graph_factory
+        self.graphs: dict[tuple[int, bool], _Graph] = {}
+        self.table_width = math.ceil(max_model_len / cache.page_size)
+        self.dense_threshold = min(model.dense_kv_threshold, max_model_len)
+        self.replays = 0  # steps served by a graph (tests, logs)
+
+    # ---- batches ------------------------------------------------------------------------------------
+    def build(self, requests: list[tuple[list[int], int, list[int]]]) -> ForwardBatch:
+        """(new token ids, start position, pages) per request → ForwardBatch, padded to a graph size when a graph
+        will run it."""
+        if self.graphs and all(len(ids) == 1 for ids, _, _ in requests) and len(requests) <= self.graph_sizes[-1]:
+            bs = next(s for s in self.graph_sizes if s >= len(requests))
+            return ForwardBatch.build(requests, self.cache, self.model.device, pad_to=bs, table_width=self.table_width)
+        return ForwardBatch.build(requests, self.cache, self.model.device)
+
+    def _graph_for(self, fb: ForwardBatch) -> _Graph | None:
+        if not self.graphs or not fb.attn.is_decode or fb.attn.block_table.shape[1] != self.table_width:
+            return None
+        sparse = fb.max_kv_len > self.dense_threshold
+        return self.graphs.get((fb.num_tokens, sparse))
+
+    def logits(self, fb: ForwardBatch, rows: list[int]) -> torch.Tensor:
+        """Runs the step; returns fp32 logits [len(rows), V] for the given request rows (their last tokens)."""
+        g = self._graph_for(fb)
+        if g is None:
+            hidden = self.model.forward(fb, self.cache)
+            if not rows:
+                return hidden.new_empty(0, self.model.cfg.vocab_size, dtype=torch.float32)
+            idx = fb.logits_indices
+            if rows != list(range(idx.shape[0])):
+                idx = idx[to_device(torch.tensor(rows, dtype=torch.int64), idx.device)]
+            return self.model.logits(hidden[idx])
+        b = g.batch
+        b.input_ids.copy_(fb.input_ids)
+        b.positions.copy_(fb.positions)
+        b.slots.copy_(fb.slots)
+        b.attn.kv_lens.copy_(fb.attn.kv_lens)
+        b.attn.block_table.copy_(fb.attn.block_table)
+        g.graph.replay()
+        self.replays += 1
+        if rows == list(range(fb.num_requests)):
+            return g.logits[:fb.num_requests]
+        return g.logits[to_device(torch.tensor(rows, dtype=torch.int64), g.logits.device)]
+
+    # ---- capture ------------------------------------------------------------------------------------
+    def capture(self) -> None:
+        """Captures one graph per (batch size, attention path), largest first; logs progress."""
+        if not self.graph_sizes:
+            return
+        factory = self._factory
+        if factory is None:
+            why = self.ops.graph_support()
+            if why:
+                raise RuntimeError(f"device graphs are not available: {why}; pass --disable-cuda-graph")
+            factory = self.ops.new_graph
+        paths = [False] + ([True] if self.max_model_len > self.dense_threshold else [])
+        todo = [(bs, sparse) for bs in reversed(self.graph_sizes) for sparse in paths]
+        pool = self.ops.graph_pool() if self._factory is None else None
+        t0 = time.monotonic()
+        log.info("capturing device graphs for %d decode batch sizes (1..%d) × %d attention paths",
+                 len(self.graph_sizes), self.graph_sizes[-1], len(paths))
+        for k, (bs, sparse) in enumerate(todo):
+            self.graphs[(bs, sparse)] = self._capture_one(factory, pool, bs, sparse)
+            if k == 0 or (k + 1) % 8 == 0 or k + 1 == len(todo):
+                log.info("captured %d/%d graphs (bs %d, %s) in %.1f s", k + 1, len(todo), bs,
+                         "sparse" if sparse else "dense", time.monotonic() - t0)
+
+    def _capture_one(self, factory, pool, bs: int, sparse: bool) -> _Graph:
+        fb = ForwardBatch.build([], self.cache, self.model.device, pad_to=bs, table_width=self.table_width)
+        # The static batch claims the captured path's upper bound of keys; the real lengths are in kv_lens.
+        fb.attn.kv_lens_cpu = [self.max_model_len if sparse else self.dense_threshold] * bs
+        fb.num_requests = bs
+        out = {}
+
+        def step():
+            logits = self.model.logits(self.model.forward(fb, self.cache))
+            if "logits" in out:  # an EagerGraph's replay: into the buffer the runner reads
+                out["logits"].copy_(logits)
+            else:
+                out["logits"] = logits
+
+        step()  # warm-up outside capture: compiles kernels, settles allocator pools
+        self.ops.synchronize()
+        out.clear()
+        graph = factory(pool) if pool is not None else factory()
+        if isinstance(graph, EagerGraph):
+            graph.capture_fn(step)
+        else:
+            with graph.capture():
+                step()
+        self.ops.synchronize()
+        return _Graph(graph, fb, out["logits"])
