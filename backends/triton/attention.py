@@ -17,13 +17,14 @@ from dsv32.core.kv_cache import latent_scale_blocks
 
 
 @triton.jit
-def _sparse_mla_kernel(q_ptr, kv_ptr, idx_ptr, out_ptr, stride_qt, stride_qh, stride_it, stride_ot, stride_oh,
-                       entry_stride, n_slots, H, K, scale,
+def _sparse_mla_kernel(q_ptr, kv_ptr, idx_ptr, out_ptr, lse_ptr, stride_qt, stride_qh, stride_it, stride_ot, stride_os,
+                       stride_oh, entry_stride, n_slots, H, K, keys_per_split, scale,
                        L: tl.constexpr, R: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_R: tl.constexpr,
                        BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, FP8: tl.constexpr, NB: tl.constexpr,
-                       IEEE: tl.constexpr):
+                       SB: tl.constexpr, IEEE: tl.constexpr, SPLIT: tl.constexpr):
     t = tl.program_id(0).to(tl.int64)
     heads = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    split = tl.program_id(2)
     hmask = heads < H
     offs_l = tl.arange(0, BLOCK_L)
     lmask = offs_l < L
@@ -33,13 +34,17 @@ def _sparse_mla_kernel(q_ptr, kv_ptr, idx_ptr, out_ptr, stride_qt, stride_qh, st
     q_lat = tl.load(q_base + offs_l[None, :], mask=hmask[:, None] & lmask[None, :], other=0.0)
     q_pe = tl.load(q_base + L + offs_r[None, :], mask=hmask[:, None] & rmask[None, :], other=0.0)
     dtype = q_lat.dtype
+    NSB: tl.constexpr = BLOCK_L // SB
+    offs_sb = tl.arange(0, NSB)
 
     m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_H], tl.float32)
     acc = tl.zeros([BLOCK_H, BLOCK_L], tl.float32)
-    for k0 in range(0, K, BLOCK_K):
+    k_begin = split * keys_per_split
+    k_end = tl.minimum(K, k_begin + keys_per_split)
+    for k0 in range(k_begin, k_end, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
-        slot = tl.load(idx_ptr + t * stride_it + offs_k, mask=offs_k < K, other=-1)
+        slot = tl.load(idx_ptr + t * stride_it + offs_k, mask=offs_k < k_end, other=-1)
         valid = (slot >= 0) & (slot < n_slots)
         base = tl.where(valid, slot, 0).to(tl.int64) * entry_stride
         lm = valid[:, None] & lmask[None, :]
@@ -47,8 +52,10 @@ def _sparse_mla_kernel(q_ptr, kv_ptr, idx_ptr, out_ptr, stride_qt, stride_qh, st
         if FP8:
             raw = tl.load(kv_ptr + base[:, None] + offs_l[None, :], mask=lm, other=0)
             c = raw.to(tl.float8e4nv, bitcast=True).to(tl.float32)
-            scale_ptr = (kv_ptr + base[:, None] + L).to(tl.pointer_type(tl.float32)) + (offs_l // 128)[None, :]
-            c = (c * tl.load(scale_ptr, mask=lm, other=0.0)).to(dtype)
+            # one fp32 scale per SB (=128) latent channels: load [BLOCK_K, NSB], broadcast over each block's channels
+            sc = tl.load((kv_ptr + base[:, None] + L).to(tl.pointer_type(tl.float32)) + offs_sb[None, :],
+                         mask=valid[:, None] & (offs_sb < NB)[None, :], other=0.0)
+            c = tl.reshape(tl.reshape(c, [BLOCK_K, NSB, SB]) * sc[:, :, None], [BLOCK_K, BLOCK_L]).to(dtype)
             pe_ptr = (kv_ptr + base[:, None] + L + 4 * NB).to(tl.pointer_type(tl.bfloat16)) + offs_r[None, :]
             k_pe = tl.load(pe_ptr, mask=rm, other=0.0).to(tl.float32).to(dtype)
         else:
@@ -70,12 +77,55 @@ def _sparse_mla_kernel(q_ptr, kv_ptr, idx_ptr, out_ptr, stride_qt, stride_qh, st
             acc = acc * alpha[:, None] + tl.dot(p.to(dtype), c)
         m_i = m_new
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
-    o_ptr = out_ptr + t * stride_ot + heads[:, None] * stride_oh + offs_l[None, :]
-    tl.store(o_ptr, out.to(dtype), mask=hmask[:, None] & lmask[None, :])
+    o_ptr = out_ptr + t * stride_ot + split * stride_os + heads[:, None] * stride_oh + offs_l[None, :]
+    if SPLIT:  # partial result of this split of the keys (fp32) and its log-sum-exp; _combine_kernel merges
+        tl.store(o_ptr, out, mask=hmask[:, None] & lmask[None, :])
+        lse = tl.where(l_i > 0, m_i + tl.log(tl.where(l_i > 0, l_i, 1.0)), float("-inf"))
+        tl.store(lse_ptr + (t * tl.num_programs(2) + split) * H + heads, lse, mask=hmask)
+    else:
+        tl.store(o_ptr, out.to(dtype), mask=hmask[:, None] & lmask[None, :])
+
+
+@triton.jit
+def _combine_kernel(part_ptr, lse_ptr, out_ptr, H, NSPLIT, stride_pt, stride_ps, stride_ph, stride_ot, stride_oh,
+                    L: tl.constexpr, BLOCK_L: tl.constexpr):
+    """out[t, h] = Σ_s exp(lse_s − max) · part_s / Σ_s exp(lse_s − max) over the key splits, in split order (so
+    trailing empty splits, lse = −inf, change nothing: padded key lists give bit-identical results); 0 when all
+    splits are empty."""
+    t = tl.program_id(0).to(tl.int64)
+    h = tl.program_id(1)
+    m = float("-inf")
+    for sp in range(0, NSPLIT):
+        m = tl.maximum(m, tl.load(lse_ptr + (t * NSPLIT + sp) * H + h))
+    m_safe = tl.where(m == float("-inf"), 0.0, m)
+    cols = tl.arange(0, BLOCK_L)
+    acc = tl.zeros([BLOCK_L], tl.float32)
+    total = 0.0
+    for sp in range(0, NSPLIT):
+        w = tl.exp(tl.load(lse_ptr + (t * NSPLIT + sp) * H + h) - m_safe)
+        part = tl.load(part_ptr + t * stride_pt + sp * stride_ps + h * stride_ph + cols, mask=cols < L, other=0.0)
+        acc += w * part
+        total += w
+    out = acc / tl.where(total > 0, total, 1.0)
+    tl.store(out_ptr + t * stride_ot + h * stride_oh + cols, out.to(out_ptr.dtype.element_ty), mask=cols < L)
+
+
+_SM_COUNT: dict = {}
+
+
+def _num_sms(device) -> int:
+    if device.type != "cuda":
+        return 4
+    if device not in _SM_COUNT:
+        _SM_COUNT[device] = torch.cuda.get_device_properties(device).multi_processor_count
+    return _SM_COUNT[device]
 
 
 def sparse_mla_attention(q: torch.Tensor, latent_cache: torch.Tensor, topk_slots: torch.Tensor,
-                         softmax_scale: float, kv_lora_rank: int) -> torch.Tensor:
+                         softmax_scale: float, kv_lora_rank: int, block_h: int | None = None, block_k: int | None = None,
+                         num_warps: int | None = None, keys_per_split: int | None = None) -> torch.Tensor:
+    """Tuning knobs (None: the defaults below): heads per program, keys per block, warps, and keys per split
+    (flash-decoding: few query tokens spread their keys over several programs, merged by a second kernel)."""
     T, H, D = q.shape
     L, R = kv_lora_rank, D - kv_lora_rank
     q = q.contiguous()
@@ -84,13 +134,35 @@ def sparse_mla_attention(q: torch.Tensor, latent_cache: torch.Tensor, topk_slots
     n_slots = latent_cache.shape[0] * latent_cache.shape[1]
     fp8 = latent_cache.dtype == torch.uint8
     pool = latent_cache.view(n_slots, -1)
-    if T == 0:
-        return out
-    block_h = 16
-    grid = (T, triton.cdiv(H, block_h))
-    _sparse_mla_kernel[grid](
-        q, pool, idx, out, q.stride(0), q.stride(1), idx.stride(0), out.stride(0), out.stride(1),
-        pool.stride(0), n_slots, H, idx.shape[1], softmax_scale,
-        L=L, R=R, BLOCK_L=max(16, triton.next_power_of_2(L)), BLOCK_R=max(16, triton.next_power_of_2(R)),
-        BLOCK_H=block_h, BLOCK_K=32, FP8=fp8, NB=latent_scale_blocks(L), IEEE=q.dtype == torch.float32)
+    K = idx.shape[1]
+    if T == 0 or K == 0:
+        return out.zero_()
+    ieee = q.dtype == torch.float32
+    block_h = block_h or (16 if ieee else 32)
+    block_k = block_k or (16 if ieee else 32)
+    block_l = max(16, triton.next_power_of_2(L))
+    programs = T * triton.cdiv(H, block_h)
+    # Key splits: sized from the query count only (never from K), so the same keys fall in the same splits whatever
+    # the padding of the slot lists (graph-captured and eager steps give identical results).
+    if keys_per_split is None:
+        target = triton.cdiv(2 * _num_sms(q.device), programs)  # programs to fill the GPU twice
+        keys_per_split = K if target <= 1 else max(2 * block_k, triton.cdiv(triton.cdiv(2048, target), block_k) * block_k)
+    keys_per_split = triton.cdiv(keys_per_split, block_k) * block_k
+    nsplit = triton.cdiv(K, keys_per_split)
+    if nsplit > 1:
+        part = torch.empty(T, nsplit, H, L, dtype=torch.float32, device=q.device)
+        lse = torch.empty(T, nsplit, H, dtype=torch.float32, device=q.device)
+        dst, strides = part, (part.stride(0), part.stride(1), part.stride(2))
+    else:
+        lse = out  # unused
+        dst, strides = out, (out.stride(0), 0, out.stride(1))
+    _sparse_mla_kernel[(T, triton.cdiv(H, block_h), nsplit)](
+        q, pool, idx, dst, lse, q.stride(0), q.stride(1), idx.stride(0), *strides,
+        pool.stride(0), n_slots, H, K, keys_per_split, softmax_scale,
+        L=L, R=R, BLOCK_L=block_l, BLOCK_R=max(16, triton.next_power_of_2(R)),
+        BLOCK_H=block_h, BLOCK_K=block_k, FP8=fp8, NB=latent_scale_blocks(L), SB=min(128, block_l), IEEE=ieee,
+        SPLIT=nsplit > 1, num_warps=num_warps or (4 if block_h <= 16 else 8))
+    if nsplit > 1:
+        _combine_kernel[(T, H)](part, lse, out, H, nsplit, part.stride(0), part.stride(1), part.stride(2),
+                                out.stride(0), out.stride(1), L=L, BLOCK_L=block_l)
     return out

@@ -183,10 +183,10 @@ def indexer_q_prepare(q, head_weights, positions, cos_sin, rope_dim, fp8):
 def _logits_kernel(q_ptr, w_ptr, kv_ptr, bt_ptr, pos_ptr, req_ptr, order_ptr, tile_first_ptr, tile_n_ptr, out_ptr,
                    H, stride_qt, stride_qh, stride_wt, stride_bt, stride_out, page_size, page_bytes, softmax_scale,
                    D: tl.constexpr, BLOCK_D: tl.constexpr, HI_P: tl.constexpr, BLOCK_T: tl.constexpr,
-                   BLOCK_S: tl.constexpr, S_ITERS: tl.constexpr, FP8: tl.constexpr, FP8_DOT: tl.constexpr,
+                   BLOCK_S: tl.constexpr, FP8: tl.constexpr, FP8_DOT: tl.constexpr,
                    IEEE: tl.constexpr):
     """logits[t, s] = k_scale[s] · Σ_h w[t, h] · relu(softmax_scale · q[t, h] · k[s]) for the ≤ BLOCK_T query
-    tokens of one tile (all of one request; q [BLOCK_T·HI_P, D] loaded once) and S_ITERS blocks of BLOCK_S key
+    tokens of one tile (all of one request; q [BLOCK_T·HI_P, D] loaded once) and the blocks of BLOCK_S key
     positions, s ≤ positions[t]."""
     tile = tl.program_id(0)
     n_tok = tl.load(tile_n_ptr + tile)
@@ -195,8 +195,10 @@ def _logits_kernel(q_ptr, w_ptr, kv_ptr, bt_ptr, pos_ptr, req_ptr, order_ptr, ti
     tok_t = tl.load(order_ptr + first + tt, mask=tt < n_tok, other=0)
     pos_t = tl.load(pos_ptr + tok_t, mask=tt < n_tok, other=-1)
     s_end = tl.max(pos_t, axis=0) + 1  # keys this tile needs: [0, s_end)
-    s_begin = tl.program_id(1) * (BLOCK_S * S_ITERS)
-    if s_begin < s_end:
+    # Key blocks are dealt round-robin to the grid's programs along axis 1 (block j to program j mod G): the work
+    # spreads over the grid whatever the real lengths (a graph-captured grid is sized for the longest context).
+    G = tl.num_programs(1)
+    if tl.program_id(1) * BLOCK_S < s_end:
         m = tl.arange(0, BLOCK_T * HI_P)
         ti = m // HI_P
         h = m % HI_P
@@ -216,9 +218,8 @@ def _logits_kernel(q_ptr, w_ptr, kv_ptr, bt_ptr, pos_ptr, req_ptr, order_ptr, ti
         w = tl.load(w_ptr + tok * stride_wt + h, mask=rmask, other=0.0)
         bt_row = bt_ptr + tl.load(req_ptr + tl.load(order_ptr + first)).to(tl.int64) * stride_bt
         out_rows = out_ptr + tok_t.to(tl.int64)[:, None] * stride_out
-        n_blocks = tl.minimum(tl.cdiv(s_end - s_begin, BLOCK_S), S_ITERS)
-        for j in range(0, n_blocks):
-            s = s_begin + j * BLOCK_S + tl.arange(0, BLOCK_S)
+        for j in range(tl.program_id(1), tl.cdiv(s_end, BLOCK_S), G):
+            s = j * BLOCK_S + tl.arange(0, BLOCK_S)
             smask = s < s_end
             page = tl.load(bt_row + s // page_size, mask=smask, other=0).to(tl.int64)
             off = s % page_size
@@ -288,18 +289,19 @@ def indexer_topk(q, head_weights, index_cache, batch: AttnMetadata, softmax_scal
     m = 64 if ieee else 128  # query rows (tokens × padded heads) per tile
     block_t = max(1, m // hi_p, triton.cdiv(16, hi_p))
     block_s = 32 if ieee else 64
-    s_iters = 8
+    sms = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 4
     rows = max(1, min(T, LOGITS_BYTES // (4 * n_max)))
     logits = torch.empty(rows, n_max, dtype=torch.float32, device=q.device)
     for c0 in range(0, T, rows):
         c1 = min(T, c0 + rows)
         order, first, count = _query_tiles(req[c0:c1], bt.shape[0], block_t)
-        grid = (first.shape[0], triton.cdiv(n_max, block_s * s_iters))
+        # programs along the keys: ~4 waves of the GPU over all tiles, never more than there are key blocks
+        grid = (first.shape[0], max(1, min(triton.cdiv(n_max, block_s), triton.cdiv(4 * sms, first.shape[0]))))
         _logits_kernel[grid](
             qv[c0:c1], head_weights[c0:c1], index_cache, bt, pos[c0:c1], req[c0:c1], order, first, count, logits,
             H, qv.stride(0), qv.stride(1), head_weights.stride(0), bt.stride(0), logits.stride(0), P,
             index_cache.shape[1] if fp8 else 0, softmax_scale, D=D, BLOCK_D=triton.next_power_of_2(D), HI_P=hi_p,
-            BLOCK_T=block_t, BLOCK_S=block_s, S_ITERS=s_iters, FP8=fp8, FP8_DOT=fp8 and not interpret, IEEE=ieee,
+            BLOCK_T=block_t, BLOCK_S=block_s, FP8=fp8, FP8_DOT=fp8 and not interpret, IEEE=ieee,
             num_warps=8 if block_t * hi_p >= 128 else 4)
         topk_into(out[c0:c1], logits[: c1 - c0], lengths[c0:c1], topk, bt, req[c0:c1], P)
     return out

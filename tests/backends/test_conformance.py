@@ -125,6 +125,26 @@ def test_sparse_mla_attention_tiny(backend, fp8, T, H, K, page):
     _check_attention(backend, torch.float32, fp8, T, H, L=32, R=16, K=K, n_tokens=50, page=page, seed=T * 100 + K)
 
 
+@pytest.mark.parametrize("fp8", [False, True], ids=["float-cache", "fp8-cache"])
+def test_sparse_mla_attention_split_keys(fp8):
+    """Flash-decoding splits of the key list (merged by the combine kernel) match the reference; trailing −1 padding
+    of the slot lists leaves the result bit-identical (graph-captured steps pad them)."""
+    from dsv32.backends.triton.attention import sparse_mla_attention
+
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    cache, slots, g = _latent_setup(dev, torch.float32, 50, 32, 16, 8, fp8, 7)
+    q = (torch.randn(3, 4, 48, generator=g) / 7).to(dev)
+    idx = slots.cpu()[torch.stack([torch.randperm(50, generator=g)[:40] for _ in range(3)])].to(torch.int32)
+    idx[1, 16:] = -1  # a split with no valid key
+    idx = idx.to(dev)
+    want = ReferenceOps(dev).sparse_mla_attention(q, cache.latent[0], idx, 0.2, 32)
+    for kps in (16, 32, 48):
+        got = sparse_mla_attention(q, cache.latent[0], idx, 0.2, 32, block_k=16, keys_per_split=kps)
+        close(got, want, torch.float32)
+        padded = torch.cat([idx, torch.full((3, 24), -1, dtype=torch.int32, device=dev)], 1)
+        assert torch.equal(sparse_mla_attention(q, cache.latent[0], padded, 0.2, 32, block_k=16, keys_per_split=kps), got)
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("backend", backends_under_test())
 @pytest.mark.parametrize("fp8", [False, True], ids=["bf16-cache", "fp8-cache"])
