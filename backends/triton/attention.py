@@ -138,7 +138,9 @@ def sparse_mla_attention(q: torch.Tensor, latent_cache: torch.Tensor, topk_slots
     if T == 0 or K == 0:
         return out.zero_()
     ieee = q.dtype == torch.float32
-    block_h = block_h or (16 if ieee else 32)
+    # measured on an H100 (scratch sweeps over 16/32/64 heads × 16/32/64 keys × 4/8 warps): 64 × 32 × 8 warps is
+    # the fastest for batches ≥ 32 and prefill with either cache, within 20% of the best at batch 1
+    block_h = block_h or (16 if ieee else 64)
     block_k = block_k or (16 if ieee else 32)
     block_l = max(16, triton.next_power_of_2(L))
     programs = T * triton.cdiv(H, block_h)

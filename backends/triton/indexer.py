@@ -265,7 +265,9 @@ def _query_tiles(token_req: torch.Tensor, num_reqs: int, block_t: int):
     return order, (starts[rc] + j * block_t).to(torch.int32), count.to(torch.int32)
 
 
-def indexer_topk(q, head_weights, index_cache, batch: AttnMetadata, softmax_scale, topk):
+def indexer_topk(q, head_weights, index_cache, batch: AttnMetadata, softmax_scale, topk, block_s=None,
+                 num_stages=None):
+    """block_s / num_stages: tuning knobs (None: the defaults below)."""
     T, H, D = q.shape
     out = torch.full((T, topk), -1, dtype=torch.int32, device=q.device)
     n_max = max(batch.kv_lens_cpu, default=0)
@@ -286,15 +288,20 @@ def indexer_topk(q, head_weights, index_cache, batch: AttnMetadata, softmax_scal
     interpret = envs.triton_interpret()
     hi_p = triton.next_power_of_2(H)
     ieee = not fp8 and (interpret or torch.float32 in (q.dtype, index_cache.dtype))
-    m = 64 if ieee else 128  # query rows (tokens × padded heads) per tile
+    decode = batch.is_decode and bt.shape[0] == T  # one query token per request: tile = token, no grouping
+    m = 64 if ieee or decode else 128  # query rows (tokens × padded heads) per tile
     block_t = max(1, m // hi_p, triton.cdiv(16, hi_p))
-    block_s = 32 if ieee else 64
+    block_s = block_s or (32 if ieee else 64)
     sms = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 4
     rows = max(1, min(T, LOGITS_BYTES // (4 * n_max)))
     logits = torch.empty(rows, n_max, dtype=torch.float32, device=q.device)
     for c0 in range(0, T, rows):
         c1 = min(T, c0 + rows)
-        order, first, count = _query_tiles(req[c0:c1], bt.shape[0], block_t)
+        if decode and block_t == 1:
+            order = first = torch.arange(c1 - c0, dtype=torch.int32, device=q.device)
+            count = torch.ones_like(order)
+        else:
+            order, first, count = _query_tiles(req[c0:c1], bt.shape[0], block_t)
         # programs along the keys: ~4 waves of the GPU over all tiles, never more than there are key blocks
         grid = (first.shape[0], max(1, min(triton.cdiv(n_max, block_s), triton.cdiv(4 * sms, first.shape[0]))))
         _logits_kernel[grid](
@@ -302,6 +309,6 @@ def indexer_topk(q, head_weights, index_cache, batch: AttnMetadata, softmax_scal
             H, qv.stride(0), qv.stride(1), head_weights.stride(0), bt.stride(0), logits.stride(0), P,
             index_cache.shape[1] if fp8 else 0, softmax_scale, D=D, BLOCK_D=triton.next_power_of_2(D), HI_P=hi_p,
             BLOCK_T=block_t, BLOCK_S=block_s, FP8=fp8, FP8_DOT=fp8 and not interpret, IEEE=ieee,
-            num_warps=8 if block_t * hi_p >= 128 else 4)
+            num_warps=8 if block_t * hi_p >= 128 else 4, **({"num_stages": num_stages} if num_stages else {}))
         topk_into(out[c0:c1], logits[: c1 - c0], lengths[c0:c1], topk, bt, req[c0:c1], P)
     return out

@@ -253,8 +253,9 @@ def _align(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> tuple[torc
 
 
 def moe_experts(x: torch.Tensor, experts: ExpertWeights, topk_weights: torch.Tensor,
-                topk_ids: torch.Tensor) -> torch.Tensor:
-    """Contract of Ops.moe_experts, on weights from `prepare_experts`: y [T, K] in x's dtype."""
+                topk_ids: torch.Tensor, config: dict | None = None) -> torch.Tensor:
+    """Contract of Ops.moe_experts, on weights from `prepare_experts`: y [T, K] in x's dtype. config: tuning
+    overrides (block_m, bn1, bn2, warps, stages)."""
     T, K = x.shape
     top_k = topk_ids.shape[1]
     n_pairs = T * top_k
@@ -272,6 +273,10 @@ def moe_experts(x: torch.Tensor, experts: ExpertWeights, topk_weights: torch.Ten
     bn1, bn2 = (64, 64) if small else (64, 128)
     block_k = FP8_BLOCK if fp8 else 64
     warps = 4 if small else 8
+    cfg = config or {}
+    block_m, bn1, bn2, warps = (cfg.get("block_m", block_m), cfg.get("bn1", bn1), cfg.get("bn2", bn2),
+                                cfg.get("warps", warps))
+    stages = {"num_stages": cfg["stages"]} if "stages" in cfg else {}
     ieee = dtype == torch.float32 or envs.triton_interpret()
     rne = dtype == torch.bfloat16 and envs.triton_interpret()
     sorted_ids, expert_ids = _align(topk_ids, E, block_m)
@@ -286,7 +291,8 @@ def moe_experts(x: torch.Tensor, experts: ExpertWeights, topk_weights: torch.Ten
     _gate_up_kernel[(n_blocks, triton.cdiv(I, bn1))](
         a, a_s, gate, up, gate_s, up_s, h, sorted_ids, expert_ids, n_pairs, I, K,
         a.stride(0), a_s.stride(0), gate.stride(0), gate.stride(1), gate_s.stride(0), gate_s.stride(1), h.stride(0),
-        TOP_K=top_k, BLOCK_M=block_m, BLOCK_N=bn1, BLOCK_K=block_k, FP8=fp8, IEEE=ieee, RNE=rne, num_warps=warps)
+        TOP_K=top_k, BLOCK_M=block_m, BLOCK_N=bn1, BLOCK_K=block_k, FP8=fp8, IEEE=ieee, RNE=rne, num_warps=warps,
+        **stages)
 
     if fp8:
         h, h_s = quantize_fp8(h, FP8_BLOCK, ue8m0=True)
@@ -297,7 +303,7 @@ def moe_experts(x: torch.Tensor, experts: ExpertWeights, topk_weights: torch.Ten
     _down_kernel[(n_blocks, triton.cdiv(K, bn2))](
         h, h_s, down, down_s, rw, out, sorted_ids, expert_ids, n_pairs, K, I,
         h.stride(0), h_s.stride(0), down.stride(0), down.stride(1), down_s.stride(0), down_s.stride(1), out.stride(0),
-        BLOCK_M=block_m, BLOCK_N=bn2, BLOCK_K=block_k, FP8=fp8, IEEE=ieee, RNE=rne, num_warps=warps)
+        BLOCK_M=block_m, BLOCK_N=bn2, BLOCK_K=block_k, FP8=fp8, IEEE=ieee, RNE=rne, num_warps=warps, **stages)
 
     block = min(1024, triton.next_power_of_2(K))
     _sum_topk_kernel[(T, triton.cdiv(K, block))](out, y, K, TOP_K=top_k, BLOCK=block, RNE=rne)

@@ -257,7 +257,7 @@ def test_topk_indices_long_rows():
 
 
 # ---- indexer_topk end to end -----------------------------------------------------------------------------------
-def _batch(reqs, page, D, fp8, dtype, g):
+def _batch(reqs, page, D, fp8, dtype, g, decode=False):
     """Requests (kv_len, query tokens = the last n positions) over pages scattered in a shared pool; random keys
     written with the reference; query tokens of all requests shuffled together. Returns (AttnMetadata, pool)."""
     ref = ReferenceOps(DEV)
@@ -279,7 +279,7 @@ def _batch(reqs, page, D, fp8, dtype, g):
     order = torch.randperm(len(tok_req), generator=g)
     kv_lens = torch.tensor([n for n, _ in reqs])
     batch = AttnMetadata(torch.tensor(tok_req)[order].to(DEV), torch.tensor(tok_pos)[order].to(DEV), bt.to(DEV),
-                         kv_lens.to(DEV), kv_lens.tolist(), page)
+                         kv_lens.to(DEV), kv_lens.tolist(), page, is_decode=decode)
     return batch, pool
 
 
@@ -298,9 +298,9 @@ def _scores64(q, hw, pool, batch, scale, D):
     return out
 
 
-def _check_indexer_topk(reqs, page, fp8, dtype, H, D, topk, seed, tol_rel, min_overlap=None):
+def _check_indexer_topk(reqs, page, fp8, dtype, H, D, topk, seed, tol_rel, min_overlap=None, decode=False):
     g = torch.Generator().manual_seed(seed)
-    batch, pool = _batch(reqs, page, D, fp8, dtype, g)
+    batch, pool = _batch(reqs, page, D, fp8, dtype, g, decode)
     T = batch.positions.shape[0]
     q = torch.randn(T, H, D, generator=g).to(DEV, dtype)
     hw = torch.randn(T, H, generator=g).to(DEV)
@@ -332,6 +332,13 @@ _REQS = [(70, 19), (9, 1), (131, 3), (40, 2), (25, 25), (0, 0), (57, 1)]
 def test_indexer_topk_tiny(page, pool):
     dtype = torch.float32 if pool == "fp32" else torch.bfloat16
     _check_indexer_topk(_REQS, page, pool == "fp8", dtype, H=4, D=32, topk=32, seed=page, tol_rel=1e-5)
+
+
+@pytest.mark.parametrize("pool", ["bf16", "fp8"])
+def test_indexer_topk_decode_rows(pool):
+    """A decode batch (one query token per request, shuffled): one tile per token, no query grouping."""
+    reqs = [(70, 1), (9, 1), (131, 1), (40, 1), (57, 1)]
+    _check_indexer_topk(reqs, 16, pool == "fp8", torch.bfloat16, H=6, D=32, topk=16, seed=8, tol_rel=1e-5, decode=True)
 
 
 def test_indexer_topk_chunked_rows(monkeypatch):
