@@ -46,36 +46,39 @@ def _sparse_mla_kernel(q_ptr, kv_ptr, idx_ptr, out_ptr, lse_ptr, stride_qt, stri
         offs_k = k0 + tl.arange(0, BLOCK_K)
         slot = tl.load(idx_ptr + t * stride_it + offs_k, mask=offs_k < k_end, other=-1)
         valid = (slot >= 0) & (slot < n_slots)
-        base = tl.where(valid, slot, 0).to(tl.int64) * entry_stride
-        lm = valid[:, None] & lmask[None, :]
-        rm = valid[:, None] & rmask[None, :]
-        if FP8:
-            raw = tl.load(kv_ptr + base[:, None] + offs_l[None, :], mask=lm, other=0)
-            c = raw.to(tl.float8e4nv, bitcast=True).to(tl.float32)
-            # one fp32 scale per SB (=128) latent channels: load [BLOCK_K, NSB], broadcast over each block's channels
-            sc = tl.load((kv_ptr + base[:, None] + L).to(tl.pointer_type(tl.float32)) + offs_sb[None, :],
-                         mask=valid[:, None] & (offs_sb < NB)[None, :], other=0.0)
-            c = tl.reshape(tl.reshape(c, [BLOCK_K, NSB, SB]) * sc[:, :, None], [BLOCK_K, BLOCK_L]).to(dtype)
-            pe_ptr = (kv_ptr + base[:, None] + L + 4 * NB).to(tl.pointer_type(tl.bfloat16)) + offs_r[None, :]
-            k_pe = tl.load(pe_ptr, mask=rm, other=0.0).to(tl.float32).to(dtype)
-        else:
-            c = tl.load(kv_ptr + base[:, None] + offs_l[None, :], mask=lm, other=0.0).to(dtype)
-            k_pe = tl.load(kv_ptr + base[:, None] + L + offs_r[None, :], mask=rm, other=0.0).to(dtype)
-        if IEEE:
-            s = tl.dot(q_lat, tl.trans(c), input_precision="ieee") + tl.dot(q_pe, tl.trans(k_pe), input_precision="ieee")
-        else:
-            s = tl.dot(q_lat, tl.trans(c)) + tl.dot(q_pe, tl.trans(k_pe))
-        s = tl.where(valid[None, :], s * scale, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp(m_i - m_safe)
-        p = tl.exp(s - m_safe[:, None])
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        if IEEE:
-            acc = acc * alpha[:, None] + tl.dot(p.to(dtype), c, input_precision="ieee")
-        else:
-            acc = acc * alpha[:, None] + tl.dot(p.to(dtype), c)
-        m_i = m_new
+        # Skip blocks with no valid slot (top-k lists end in −1 padding; causal lists past the row's length):
+        # they would add exact zeros, so skipping changes no result, only the time.
+        if tl.max(valid.to(tl.int32), axis=0) > 0:
+            base = tl.where(valid, slot, 0).to(tl.int64) * entry_stride
+            lm = valid[:, None] & lmask[None, :]
+            rm = valid[:, None] & rmask[None, :]
+            if FP8:
+                raw = tl.load(kv_ptr + base[:, None] + offs_l[None, :], mask=lm, other=0)
+                c = raw.to(tl.float8e4nv, bitcast=True).to(tl.float32)
+                # one fp32 scale per SB (=128) latent channels: load [BLOCK_K, NSB], broadcast over each block's channels
+                sc = tl.load((kv_ptr + base[:, None] + L).to(tl.pointer_type(tl.float32)) + offs_sb[None, :],
+                             mask=valid[:, None] & (offs_sb < NB)[None, :], other=0.0)
+                c = tl.reshape(tl.reshape(c, [BLOCK_K, NSB, SB]) * sc[:, :, None], [BLOCK_K, BLOCK_L]).to(dtype)
+                pe_ptr = (kv_ptr + base[:, None] + L + 4 * NB).to(tl.pointer_type(tl.bfloat16)) + offs_r[None, :]
+                k_pe = tl.load(pe_ptr, mask=rm, other=0.0).to(tl.float32).to(dtype)
+            else:
+                c = tl.load(kv_ptr + base[:, None] + offs_l[None, :], mask=lm, other=0.0).to(dtype)
+                k_pe = tl.load(kv_ptr + base[:, None] + L + offs_r[None, :], mask=rm, other=0.0).to(dtype)
+            if IEEE:
+                s = tl.dot(q_lat, tl.trans(c), input_precision="ieee") + tl.dot(q_pe, tl.trans(k_pe), input_precision="ieee")
+            else:
+                s = tl.dot(q_lat, tl.trans(c)) + tl.dot(q_pe, tl.trans(k_pe))
+            s = tl.where(valid[None, :], s * scale, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, axis=1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.exp(m_i - m_safe)
+            p = tl.exp(s - m_safe[:, None])
+            l_i = l_i * alpha + tl.sum(p, axis=1)
+            if IEEE:
+                acc = acc * alpha[:, None] + tl.dot(p.to(dtype), c, input_precision="ieee")
+            else:
+                acc = acc * alpha[:, None] + tl.dot(p.to(dtype), c)
+            m_i = m_new
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
     o_ptr = out_ptr + t * stride_ot + split * stride_os + heads[:, None] * stride_oh + offs_l[None, :]
     if SPLIT:  # partial result of this split of the keys (fp32) and its log-sum-exp; _combine_kernel merges

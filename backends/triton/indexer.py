@@ -291,7 +291,7 @@ def indexer_topk(q, head_weights, index_cache, batch: AttnMetadata, softmax_scal
     decode = batch.is_decode and bt.shape[0] == T  # one query token per request: tile = token, no grouping
     m = 64 if ieee or decode else 128  # query rows (tokens × padded heads) per tile
     block_t = max(1, m // hi_p, triton.cdiv(16, hi_p))
-    block_s = block_s or (32 if ieee else 64)
+    block_s = block_s or (32 if ieee else 128)  # 128 keys per block: measured fastest on an H100 (decode 4k-32k)
     sms = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 4
     rows = max(1, min(T, LOGITS_BYTES // (4 * n_max)))
     logits = torch.empty(rows, n_max, dtype=torch.float32, device=q.device)

@@ -270,7 +270,7 @@ def moe_experts(x: torch.Tensor, experts: ExpertWeights, topk_weights: torch.Ten
     x = x.contiguous()
     small = n_pairs <= 64
     block_m = 16 if small else 64
-    bn1, bn2 = (64, 64) if small else (64, 128)
+    bn1, bn2 = (64, 64) if small else ((128, 128) if n_pairs >= 8192 else (64, 128))  # H100 sweep (scratch)
     block_k = FP8_BLOCK if fp8 else 64
     warps = 4 if small else 8
     cfg = config or {}
