@@ -72,14 +72,18 @@ def offline(path, concs, args):
             wall = time.perf_counter() - t0
             torch.cuda.synchronize()
             gen = sum(len(r.token_ids) for r in res)
-            steady = [(a.elapsed_time(b), t) for a, b, k, dec, t in events if dec and k == conc]
+            # consecutive pairs of launches that are both full-concurrency decode steps: the wall time between them is
+            # one step (prefill steps of the next wave in between are excluded)
+            ok = [dec and k == conc for _, _, k, dec, _ in events]
+            steady = [(events[i][0].elapsed_time(events[i][1]), events[i + 1][4] - events[i][4])
+                      for i in range(len(events) - 1) if ok[i] and ok[i + 1]]
             row = {"input": inp, "output": out, "concurrency": conc, "prompts": n, "wall_s": round(wall, 2),
                    "output_tok_s": round(gen / wall, 1), "total_tok_s": round((gen + n * inp) / wall, 1)}
             if len(steady) > 10:
-                gpu_ms = sum(ms for ms, _ in steady[1:])
-                wall_ms = (steady[-1][1] - steady[0][1]) * 1e3  # launch-to-launch over the same steps
-                row.update({"decode_steps": len(steady), "step_ms": round(wall_ms / (len(steady) - 1), 3),
-                            "gpu_step_ms": round(gpu_ms / (len(steady) - 1), 3),
+                gpu_ms = sum(ms for ms, _ in steady)
+                wall_ms = sum(dt for _, dt in steady) * 1e3  # launch to next launch
+                row.update({"decode_steps": len(steady), "step_ms": round(wall_ms / len(steady), 3),
+                            "gpu_step_ms": round(gpu_ms / len(steady), 3),
                             "overhead": round(max(0.0, 1 - gpu_ms / wall_ms), 3)})
             rows.append(row)
             print(row, flush=True)

@@ -126,7 +126,8 @@ def _num_sms(device) -> int:
 
 def sparse_mla_attention(q: torch.Tensor, latent_cache: torch.Tensor, topk_slots: torch.Tensor,
                          softmax_scale: float, kv_lora_rank: int, block_h: int | None = None, block_k: int | None = None,
-                         num_warps: int | None = None, keys_per_split: int | None = None) -> torch.Tensor:
+                         num_warps: int | None = None, keys_per_split: int | None = None,
+                         num_stages: int | None = None) -> torch.Tensor:
     """Tuning knobs (None: the defaults below): heads per program, keys per block, warps, and keys per split
     (flash-decoding: few query tokens spread their keys over several programs, merged by a second kernel)."""
     T, H, D = q.shape
@@ -166,7 +167,8 @@ def sparse_mla_attention(q: torch.Tensor, latent_cache: torch.Tensor, topk_slots
         pool.stride(0), n_slots, H, K, keys_per_split, softmax_scale,
         L=L, R=R, BLOCK_L=block_l, BLOCK_R=max(16, triton.next_power_of_2(R)),
         BLOCK_H=block_h, BLOCK_K=block_k, FP8=fp8, NB=latent_scale_blocks(L), SB=min(128, block_l), IEEE=ieee,
-        SPLIT=nsplit > 1, num_warps=num_warps or (4 if block_h <= 16 else 8))
+        SPLIT=nsplit > 1, num_warps=num_warps or (4 if block_h <= 16 else 8),
+        **({"num_stages": num_stages} if num_stages else {}))
     if nsplit > 1:
         _combine_kernel[(T, H)](part, lse, out, H, nsplit, part.stride(0), part.stride(1), part.stride(2),
                                 out.stride(0), out.stride(1), L=L, BLOCK_L=block_l)

@@ -270,13 +270,17 @@ def moe_experts(x: torch.Tensor, experts: ExpertWeights, topk_weights: torch.Ten
     x = x.contiguous()
     small = n_pairs <= 64
     block_m = 16 if small else 64
-    bn1, bn2 = (64, 64) if small else ((128, 128) if n_pairs >= 8192 else (64, 128))  # H100 sweep (scratch)
+    bn1, bn2 = (64, 64) if small else (64, 128)
     block_k = FP8_BLOCK if fp8 else 64
     warps = 4 if small else 8
+    stages = {}
+    if fp8 and n_pairs >= 4096:  # H100 sweep: 256-wide N tiles, 3 stages: 1.15-1.2× faster at 512-16k tokens
+        bn1 = bn2 = 256
+        stages = {"num_stages": 3}
     cfg = config or {}
     block_m, bn1, bn2, warps = (cfg.get("block_m", block_m), cfg.get("bn1", bn1), cfg.get("bn2", bn2),
                                 cfg.get("warps", warps))
-    stages = {"num_stages": cfg["stages"]} if "stages" in cfg else {}
+    stages = {"num_stages": cfg["stages"]} if "stages" in cfg else stages
     ieee = dtype == torch.float32 or envs.triton_interpret()
     rne = dtype == torch.bfloat16 and envs.triton_interpret()
     sorted_ids, expert_ids = _align(topk_ids, E, block_m)
