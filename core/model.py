@@ -120,12 +120,45 @@ class DeepseekV32:
         self.lm_head = weights.get("lm_head.weight") or LinearWeight(weights["model.embed_tokens.weight"])
         # Absorbed MLA needs kv_b_proj per head as dense matrices: W_UK [H, dn, L], W_UV [H, dv, L].
         H, dn, dv = cfg.num_attention_heads, cfg.qk_nope_head_dim, cfg.v_head_dim
+        Is = cfg.moe_intermediate_size * cfg.n_shared_experts
+        self._out_size = {"self_attn.q_a_proj": cfg.q_lora_rank, "self_attn.indexer.wk": cfg.index_head_dim,
+                          "self_attn.kv_a_proj_with_mqa": cfg.latent_dim, "mlp.gate_proj": cfg.intermediate_size,
+                          "mlp.up_proj": cfg.intermediate_size, "mlp.shared_experts.gate_proj": Is,
+                          "mlp.shared_experts.up_proj": Is}
+        self._fuse_linears()
         self.w_uk, self.w_uv = [], []
         for i in range(cfg.num_hidden_layers):
             kv_b = ops.dequantize(weights[f"model.layers.{i}.self_attn.kv_b_proj.weight"], dtype)
             kv_b = kv_b.view(H, dn + dv, cfg.kv_lora_rank)
             self.w_uk.append(kv_b[:, :dn].contiguous())
             self.w_uv.append(kv_b[:, dn:].contiguous())
+
+    # Linears that read the same input, computed as one where the backend fuses them (one activation quantization,
+    # one GEMM launch). The separate weights are dropped: the fused one replaces them.
+    _FUSED = {"self_attn.qkv_a": ("self_attn.q_a_proj", "self_attn.indexer.wk", "self_attn.kv_a_proj_with_mqa"),
+              "mlp.gate_up": ("mlp.gate_proj", "mlp.up_proj"),
+              "mlp.shared_experts.gate_up": ("mlp.shared_experts.gate_proj", "mlp.shared_experts.up_proj")}
+
+    def _fuse_linears(self) -> None:
+        for i in range(self.cfg.num_hidden_layers):
+            p = f"model.layers.{i}."
+            for fused, parts in self._FUSED.items():
+                names = [p + n + ".weight" for n in parts]
+                if all(n in self.w for n in names):
+                    w = self.ops.fuse_linears([self.w[n] for n in names])
+                    if w is not None:
+                        self.w[p + fused + ".weight"] = w
+                        for n in names:
+                            del self.w[n]
+
+    def _linears(self, x: torch.Tensor, layer: str, fused: str) -> list[torch.Tensor]:
+        """The outputs of the linears fused under `fused` (layer = 'model.layers.{i}.') on x: one GEMM split, or
+        one GEMM each."""
+        parts = self._FUSED[fused]
+        w = self.w.get(layer + fused + ".weight")
+        if w is None:
+            return [self.ops.linear(x, self.w[layer + n + ".weight"]) for n in parts]
+        return list(self.ops.linear(x, w).split([self._out_size[n] for n in parts], dim=-1))
 
     # ---- forward ------------------------------------------------------------------------------------
     @torch.inference_mode()
@@ -156,15 +189,15 @@ class DeepseekV32:
         T, H = x.shape[0], cfg.num_attention_heads
         dn, dr, L = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.kv_lora_rank
 
-        qr = ops.rms_norm(ops.linear(x, w[p + "q_a_proj.weight"]), w[p + "q_a_layernorm.weight"], 1e-6)
+        q_a, index_k, kv = self._linears(x, f"model.layers.{i}.", "self_attn.qkv_a")
+        qr = ops.rms_norm(q_a, w[p + "q_a_layernorm.weight"], 1e-6)
         q = ops.linear(qr, w[p + "q_b_proj.weight"]).view(T, H, cfg.qk_head_dim)
         q_nope, q_pe = q.split([dn, dr], dim=-1)
-        kv = ops.linear(x, w[p + "kv_a_proj_with_mqa.weight"])
         ops.mla_kv_write(kv, L, w[p + "kv_a_layernorm.weight"], 1e-6, fb.positions, self.cos_sin, cache.latent[i],
                          fb.slots)
         q_pe = ops.rotary_embedding(q_pe, fb.positions, self.cos_sin, interleaved=True)
 
-        topk_slots = self._indexer(i, x, qr, fb, cache)
+        topk_slots = self._indexer(i, x, qr, index_k, fb, cache)
         q_abs = torch.bmm(q_nope.transpose(0, 1), self.w_uk[i]).transpose(0, 1)  # [T, H, L]
         q_full = torch.cat([q_abs, q_pe], dim=-1)
         if topk_slots is None:
@@ -174,13 +207,13 @@ class DeepseekV32:
         o = torch.bmm(o_lat.transpose(0, 1), self.w_uv[i].transpose(1, 2)).transpose(0, 1)  # [T, H, dv]
         return ops.linear(o.reshape(T, H * cfg.v_head_dim), w[p + "o_proj.weight"])
 
-    def _indexer(self, i: int, x: torch.Tensor, qr: torch.Tensor, fb: ForwardBatch, cache: KVCache):
-        """Writes this step's indexer keys; returns top-k physical slots [T, index_topk], or None when no
+    def _indexer(self, i: int, x: torch.Tensor, qr: torch.Tensor, k: torch.Tensor, fb: ForwardBatch, cache: KVCache):
+        """Writes this step's indexer keys (k = wk·x); returns top-k physical slots [T, index_topk], or None when no
         request has more keys than index_topk (every causal key is selected: dense attention)."""
         cfg, ops, w, p = self.cfg, self.ops, self.w, f"model.layers.{i}.self_attn.indexer."
         T, Hi, D, dr = x.shape[0], cfg.index_n_heads, cfg.index_head_dim, cfg.qk_rope_head_dim
         # [rope | nope]: rope first, unlike MLA
-        ops.indexer_k_write(ops.linear(x, w[p + "wk.weight"]), w[p + "k_norm.weight"], w[p + "k_norm.bias"], 1e-6,
+        ops.indexer_k_write(k, w[p + "k_norm.weight"], w[p + "k_norm.bias"], 1e-6,
                             fb.positions, self.cos_sin, dr, self.indexer_fp8, cache.index_keys[i], fb.slots)
         if fb.max_kv_len <= self.dense_kv_threshold:
             return None
@@ -192,8 +225,14 @@ class DeepseekV32:
 
     # ---- MLP / MoE ----------------------------------------------------------------------------------
     def _mlp(self, prefix: str, x: torch.Tensor) -> torch.Tensor:
+        """prefix: 'model.layers.{i}.mlp.' (dense) or '….mlp.shared_experts.'."""
         ops, w = self.ops, self.w
-        gate_up = torch.cat([ops.linear(x, w[prefix + "gate_proj.weight"]), ops.linear(x, w[prefix + "up_proj.weight"])], -1)
+        fused = w.get(prefix + "gate_up.weight")
+        if fused is not None:  # [gate | up] in one GEMM: what silu_and_mul takes
+            gate_up = ops.linear(x, fused)
+        else:
+            gate_up = torch.cat([ops.linear(x, w[prefix + "gate_proj.weight"]),
+                                 ops.linear(x, w[prefix + "up_proj.weight"])], -1)
         return ops.linear(ops.silu_and_mul(gate_up), w[prefix + "down_proj.weight"])
 
     def _moe(self, p: str, x: torch.Tensor) -> torch.Tensor:

@@ -164,6 +164,12 @@ class Ops:
         """Like prepare_linear for stacked routed experts; the result is what `moe_experts` receives."""
         raise NotImplementedError
 
+    def fuse_linears(self, ws: list[LinearWeight]) -> LinearWeight | None:
+        """One prepared weight computing several linears of the same input at once (outputs concatenated in
+        order), or None when this backend does not fuse them (then the model calls each). Not an op: the reference
+        never fuses, so its numbers stay those of the separate linears."""
+        return None
+
     def dequantize(self, w: LinearWeight, dtype: torch.dtype) -> torch.Tensor:
         """Dense [N, K] (or [E, N, K]) tensor of dtype equal to the weight's real value (FP8 blocks scaled)."""
         raise NotImplementedError
@@ -319,7 +325,7 @@ class Ops:
 
 
 _NOT_OPS = {"kernel_options", "select_kernels", "kernel_notes", "graph_support", "new_graph", "graph_pool",
-            "new_event", "synchronize"}
+            "new_event", "synchronize", "fuse_linears"}
 OP_NAMES = tuple(
     name for name, value in vars(Ops).items() if callable(value) and not name.startswith("_") and name not in _NOT_OPS
 )

@@ -82,6 +82,15 @@ class CudaOps(TritonOps):
             self._deep_gemm_weights.add(id(out.weight))
         return out
 
+    def fuse_linears(self, ws):
+        from dsv32.backends.cuda import vendor
+
+        out = super().fuse_linears(ws)
+        if (out is not None and out.is_fp8 and all(id(w.weight) in self._deep_gemm_weights for w in ws)
+                and vendor.deep_gemm_fp8_linear_unsupported(out.weight, out.scale_inv) is None):
+            self._deep_gemm_weights.add(id(out.weight))
+        return out
+
     def linear(self, x, w):
         if id(w.weight) in self._deep_gemm_weights and x.dtype == torch.bfloat16:
             from dsv32.backends.cuda import vendor

@@ -30,6 +30,20 @@ class TritonOps(Ops):
             return fp8_block_linear(x, w.weight, w.scale_inv, ue8m0_act=True)
         return F.linear(x, w.weight.to(x.dtype))
 
+    def fuse_linears(self, ws):
+        """Concatenates along N: fp8 weights with their scale rows (each part but the last must fill whole
+        128-row scale blocks), or plain weights of one dtype."""
+        first = ws[0]
+        if any(w.is_fp8 != first.is_fp8 or w.weight.dtype != first.weight.dtype or w.shape[1] != first.shape[1]
+               for w in ws):
+            return None
+        if not first.is_fp8:
+            return LinearWeight(torch.cat([w.weight for w in ws]))
+        bn = first.block[0]
+        if any(w.block != first.block for w in ws) or any(w.shape[0] % bn for w in ws[:-1]):
+            return None
+        return LinearWeight(torch.cat([w.weight for w in ws]), torch.cat([w.scale_inv for w in ws]), first.block)
+
     def quantize_fp8(self, x, block, ue8m0=True):
         from dsv32.backends.triton.quant import quantize_fp8
 

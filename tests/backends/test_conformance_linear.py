@@ -178,3 +178,36 @@ def test_quantize_fp8_v32_shapes():
         for D, block in [(7168, 128), (18432, 128), (512, 128), (128, 128)]:
             x = (torch.randn(333, D, generator=g) * torch.logspace(-6, 3, 333)[:, None]).to(DEV, torch.bfloat16)
             assert_quant_exact(x, block, ue8m0)
+
+
+def test_fuse_linears():
+    """TritonOps fuses linears of one input along N (FP8: whole 128-row scale blocks before the last part); the
+    fused GEMM's outputs equal the separate ones (each output row is its own K reduction: equal up to the K-split
+    order, fp32 accumulation)."""
+    from dsv32.backends.triton.ops import TritonOps
+
+    ops = TritonOps(DEV)
+    g = torch.Generator().manual_seed(4)
+    parts = [LinearWeight(*fp8_block_weight(n, 256, g)) for n in (128, 256, 72)]
+    fused = ops.fuse_linears(parts)
+    assert fused.shape == (456, 256) and fused.scale_inv.shape == (1 + 2 + 1, 2)
+    x = torch.randn(3, 256, generator=g).to(DEV, torch.bfloat16)
+    want = torch.cat([ops.linear(x, w) for w in parts], -1)
+    torch.testing.assert_close(ops.linear(x, fused).float(), want.float(), atol=2e-2, rtol=1e-2)
+    assert ops.fuse_linears([parts[2], parts[0]]) is None  # 72 rows would split a scale block
+    bf = [LinearWeight(torch.randn(n, 64, generator=g).to(DEV)) for n in (5, 7)]
+    torch.testing.assert_close(ops.linear(x.float()[:, :64], ops.fuse_linears(bf)),
+                               torch.cat([ops.linear(x.float()[:, :64], w) for w in bf], -1))
+    assert ops.fuse_linears([bf[0], parts[0]]) is None  # formats differ
+
+
+def test_model_uses_fused_linears(tiny_dir):
+    """The model computes q_a / indexer wk / kv_a (and gate / up) as one GEMM where the backend fuses, and drops the
+    separate weights; the reference backend never fuses."""
+    from dsv32 import LLM
+
+    fused = LLM(model=tiny_dir, dtype="float32", backend="triton").model.w
+    assert "model.layers.0.self_attn.qkv_a.weight" in fused and "model.layers.0.self_attn.q_a_proj.weight" not in fused
+    assert "model.layers.0.mlp.gate_up.weight" in fused and "model.layers.1.mlp.shared_experts.gate_up.weight" in fused
+    ref = LLM(model=tiny_dir, dtype="float32", backend="reference").model.w
+    assert "model.layers.0.self_attn.q_a_proj.weight" in ref and "model.layers.0.self_attn.qkv_a.weight" not in ref
