@@ -70,6 +70,7 @@ class ModelRunner:
         self.graph_sizes = graph_batch_sizes(graph_max_bs)
         self._factory = graph_factory
         self.graphs: dict[tuple[int, bool], _Graph] = {}
+        self._logits: torch.Tensor | None = None  # [max bs, V] fp32, shared by every graph's output
         self.table_width = math.ceil(max_model_len / cache.page_size)
         self.dense_threshold = min(model.dense_kv_threshold, max_model_len)
         self.replays = 0  # steps served by a graph (tests, logs)
@@ -125,6 +126,9 @@ class ModelRunner:
             factory = self.ops.new_graph
         paths = [False] + ([True] if self.max_model_len > self.dense_threshold else [])
         todo = [(bs, sparse) for bs in reversed(self.graph_sizes) for sparse in paths]
+        # One logits buffer for all graphs (only one replays at a time): per-graph outputs would cost Σ bs · V · 4 B.
+        self._logits = torch.empty(self.graph_sizes[-1], self.model.cfg.vocab_size, dtype=torch.float32,
+                                   device=self.model.device)
         pool = self.ops.graph_pool() if self._factory is None else None
         t0 = time.monotonic()
         log.info("capturing device graphs for %d decode batch sizes (1..%d) × %d attention paths",
@@ -140,18 +144,13 @@ class ModelRunner:
         # The static batch claims the captured path's upper bound of keys; the real lengths are in kv_lens.
         fb.attn.kv_lens_cpu = [self.max_model_len if sparse else self.dense_threshold] * bs
         fb.num_requests = bs
-        out = {}
+        logits = self._logits[:bs]
 
         def step():
-            logits = self.model.logits(self.model.forward(fb, self.cache))
-            if "logits" in out:  # an EagerGraph's replay: into the buffer the runner reads
-                out["logits"].copy_(logits)
-            else:
-                out["logits"] = logits
+            logits.copy_(self.model.logits(self.model.forward(fb, self.cache)))
 
         step()  # warm-up outside capture: compiles kernels, settles allocator pools
         self.ops.synchronize()
-        out.clear()
         graph = factory(pool) if pool is not None else factory()
         if isinstance(graph, EagerGraph):
             graph.capture_fn(step)
@@ -159,4 +158,4 @@ class ModelRunner:
             with graph.capture():
                 step()
         self.ops.synchronize()
-        return _Graph(graph, fb, out["logits"])
+        return _Graph(graph, fb, logits)

@@ -53,5 +53,6 @@ def sample(logits: torch.Tensor, temperatures: torch.Tensor, top_ps: torch.Tenso
     else:
         for i, g in enumerate(generators):
             noise[i].exponential_(generator=g)
-    sampled = (probs / noise).argmax(-1)
+    # Exp(1) noise can be 0 (a uniform draw of exactly 1): 0/0 would be NaN, which argmax takes. Banned tokens never win.
+    sampled = (probs / noise).masked_fill(probs <= 0, -1.0).argmax(-1)
     return torch.where(_to(greedy, dev), greedy_tokens, sampled)
