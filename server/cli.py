@@ -53,6 +53,9 @@ def _env(args: argparse.Namespace) -> int:
     for op in OP_NAMES:
         note = notes.get(op)
         print(f"  {op:<22} {ops.kernel_sources.get(op, '?')}" + (f"  ({note})" if note else ""))
+    why = ops.graph_support()
+    print(f"\ndecode CUDA graphs: {'yes (--cuda-graph-max-bs, --disable-cuda-graph)' if not why else 'no: ' + why}")
+    print(f"overlap scheduler: {'on by default (--disable-overlap-schedule)' if ops.new_event() is not None else 'off: this device runs synchronously'}")
     return 0
 
 

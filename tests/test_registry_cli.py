@@ -132,6 +132,7 @@ def test_cli_env():
     r = _cli("env")
     assert r.returncode == 0, r.stderr
     assert "selected: reference on cpu" in r.stdout and "indexer_topk" in r.stdout
+    assert "decode CUDA graphs: no: the reference backend runs eagerly" in r.stdout
     r = _cli("env", "--backend", "nope")
     assert r.returncode == 2 and "unknown backend 'nope'" in r.stderr
 
