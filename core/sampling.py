@@ -8,6 +8,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from dsv32.core.forward_batch import to_device
+
 
 @dataclass
 class SamplingParams:
@@ -123,8 +125,8 @@ def mask_stops_before_min_tokens(logits: torch.Tensor, num_outputs: list[int], p
     for i, p in enumerate(params):
         if num_outputs[i] < p.min_tokens:
             banned = set(p.stop_token_ids) | (set() if p.ignore_eos else eos_ids)
-            if banned:
-                logits[i, torch.tensor(sorted(banned), device=logits.device)] = float("-inf")
+            if banned:  # a pinned, non-blocking index copy: no wait for the device (overlap)
+                logits[i, to_device(torch.tensor(sorted(banned)), logits.device)] = float("-inf")
     return logits
 
 
