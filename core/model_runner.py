@@ -124,7 +124,8 @@ class ModelRunner:
             if why:
                 raise RuntimeError(f"device graphs are not available: {why}; pass --disable-cuda-graph")
             factory = self.ops.new_graph
-        paths = [False] + ([True] if self.max_model_len > self.dense_threshold else [])
+        # dense: batches whose requests all have ≤ the threshold of keys (none when the threshold is 0)
+        paths = ([False] if self.dense_threshold > 0 else []) + ([True] if self.max_model_len > self.dense_threshold else [])
         todo = [(bs, sparse) for bs in reversed(self.graph_sizes) for sparse in paths]
         # One logits buffer for all graphs (only one replays at a time): per-graph outputs would cost Σ bs · V · 4 B.
         self._logits = torch.empty(self.graph_sizes[-1], self.model.cfg.vocab_size, dtype=torch.float32,
