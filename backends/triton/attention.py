@@ -13,6 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
+from dsv32.backends.triton.gemm import num_sms
 from dsv32.core.kv_cache import latent_scale_blocks
 
 
@@ -113,17 +114,6 @@ def _combine_kernel(part_ptr, lse_ptr, out_ptr, H, NSPLIT, stride_pt, stride_ps,
     tl.store(out_ptr + t * stride_ot + h * stride_oh + cols, out.to(out_ptr.dtype.element_ty), mask=cols < L)
 
 
-_SM_COUNT: dict = {}
-
-
-def _num_sms(device) -> int:
-    if device.type != "cuda":
-        return 4
-    if device not in _SM_COUNT:
-        _SM_COUNT[device] = torch.cuda.get_device_properties(device).multi_processor_count
-    return _SM_COUNT[device]
-
-
 def sparse_mla_attention(q: torch.Tensor, latent_cache: torch.Tensor, topk_slots: torch.Tensor,
                          softmax_scale: float, kv_lora_rank: int, block_h: int | None = None, block_k: int | None = None,
                          num_warps: int | None = None, keys_per_split: int | None = None,
@@ -151,7 +141,7 @@ def sparse_mla_attention(q: torch.Tensor, latent_cache: torch.Tensor, topk_slots
     # Key splits: sized from the query count only (never from K), so the same keys fall in the same splits whatever
     # the padding of the slot lists (graph-captured and eager steps give identical results).
     if keys_per_split is None:
-        target = triton.cdiv(2 * _num_sms(q.device), programs)  # programs to fill the GPU twice
+        target = triton.cdiv(2 * num_sms(q.device, off_gpu=4), programs)  # programs to fill the GPU twice
         keys_per_split = K if target <= 1 else max(2 * block_k, triton.cdiv(triton.cdiv(2048, target), block_k) * block_k)
     keys_per_split = triton.cdiv(keys_per_split, block_k) * block_k
     nsplit = triton.cdiv(K, keys_per_split)

@@ -94,9 +94,11 @@ def _sum_splits_kernel(ws_ptr, y_ptr, numel, SPLITS: tl.constexpr, BLOCK: tl.con
 
 
 @functools.lru_cache(maxsize=None)
-def _num_sms(device: torch.device) -> int:
+def num_sms(device: torch.device, off_gpu: int = 1) -> int:
+    """Streaming multiprocessors of a GPU, cached per device; `off_gpu` stands in under the CPU interpreter (a few
+    pretend SMs make heuristics take their multi-program paths in CPU tests)."""
     if device.type != "cuda":
-        return 1
+        return off_gpu
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
@@ -130,7 +132,7 @@ def fp8_block_gemm(a: torch.Tensor, a_scale: torch.Tensor, w: torch.Tensor, w_sc
         return y
     if K == 0:
         return y.zero_()
-    cfg, split = _config(M, N, nkb, _num_sms(a.device))
+    cfg, split = _config(M, N, nkb, num_sms(a.device))
     kb_per_split = triton.cdiv(nkb, split if split_k is None else split_k)
     split = triton.cdiv(nkb, kb_per_split)  # no empty splits
     out = y if split == 1 else torch.empty(split, M, N, dtype=torch.float32, device=a.device)

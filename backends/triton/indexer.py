@@ -19,6 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
+from dsv32.backends.triton.gemm import num_sms
 from dsv32.backends.triton.quant import e4m3_bits, fp8_scale
 from dsv32.backends.triton.topk import topk_into
 from dsv32.core import envs
@@ -292,7 +293,7 @@ def indexer_topk(q, head_weights, index_cache, batch: AttnMetadata, softmax_scal
     m = 64 if ieee or decode else 128  # query rows (tokens × padded heads) per tile
     block_t = max(1, m // hi_p, triton.cdiv(16, hi_p))
     block_s = block_s or (32 if ieee else 128)  # 128 keys per block: measured fastest on an H100 (decode 4k-32k)
-    sms = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 4
+    sms = num_sms(q.device, off_gpu=4)
     rows = max(1, min(T, LOGITS_BYTES // (4 * n_max)))
     logits = torch.empty(rows, n_max, dtype=torch.float32, device=q.device)
     for c0 in range(0, T, rows):

@@ -10,11 +10,7 @@ from __future__ import annotations
 
 import torch
 
-
-def _to(t: torch.Tensor, device: torch.device) -> torch.Tensor:
-    if device.type == "cpu":
-        return t
-    return t.pin_memory().to(device, non_blocking=True)
+from dsv32.core.forward_batch import to_device
 
 
 def sample(logits: torch.Tensor, temperatures: torch.Tensor, top_ps: torch.Tensor, top_ks: torch.Tensor,
@@ -26,26 +22,26 @@ def sample(logits: torch.Tensor, temperatures: torch.Tensor, top_ps: torch.Tenso
     if bool(greedy.all()):
         return greedy_tokens
     dev, (B, V) = rows.device, rows.shape
-    temps = _to(torch.where(greedy, torch.ones_like(temperatures), temperatures).float(), dev)
+    temps = to_device(torch.where(greedy, torch.ones_like(temperatures), temperatures).float(), dev)
     x = rows / temps[:, None]
     k = top_ks.clone()
     k[(k <= 0) | (k >= V)] = V
     p = top_ps.float()
     if bool((k < V).any()) or bool((p < 1).any()):
         sorted_x, order = x.sort(dim=-1, descending=True)
-        kth = sorted_x.gather(1, _to(k - 1, dev)[:, None])
+        kth = sorted_x.gather(1, to_device(k - 1, dev)[:, None])
         if bool((k < V).any()):
             x = x.masked_fill(x < kth, float("-inf"))
             sorted_x = sorted_x.masked_fill(sorted_x < kth, float("-inf"))
         if bool((p < 1).any()):
             probs_sorted = sorted_x.softmax(-1)
-            drop = (probs_sorted.cumsum(-1) - probs_sorted) >= _to(p, dev)[:, None]
-            drop &= _to(p < 1, dev)[:, None]  # p = 1 keeps every token (cumsum may round past 1)
+            drop = (probs_sorted.cumsum(-1) - probs_sorted) >= to_device(p, dev)[:, None]
+            drop &= to_device(p < 1, dev)[:, None]  # p = 1 keeps every token (cumsum may round past 1)
             x = x.scatter(1, order, sorted_x.masked_fill(drop, float("-inf")))
     probs = x.softmax(-1)
     m = min_ps.float()
     if bool((m > 0).any()):
-        probs = probs.masked_fill(probs < _to(m, dev)[:, None] * probs.amax(-1, keepdim=True), 0.0)
+        probs = probs.masked_fill(probs < to_device(m, dev)[:, None] * probs.amax(-1, keepdim=True), 0.0)
     noise = torch.empty_like(probs)
     unseeded = [i for i, g in enumerate(generators) if g is None]
     if len(unseeded) == B:
@@ -55,4 +51,4 @@ def sample(logits: torch.Tensor, temperatures: torch.Tensor, top_ps: torch.Tenso
             noise[i].exponential_(generator=g)
     # Exp(1) noise can be 0 (a uniform draw of exactly 1): 0/0 would be NaN, which argmax takes. Banned tokens never win.
     sampled = (probs / noise).masked_fill(probs <= 0, -1.0).argmax(-1)
-    return torch.where(_to(greedy, dev), greedy_tokens, sampled)
+    return torch.where(to_device(greedy, dev), greedy_tokens, sampled)
