@@ -87,10 +87,17 @@ def causal_slots(batch: AttnMetadata) -> torch.Tensor:
 
 # Kernel choices a user can make (SGLang's flag names) and every value SGLang documents for them. A backend lists
 # what it can run in `kernel_options`; the rest are refused at startup with the reason.
+# `fp8_gemm_backend` is SGLang's flag for the dense FP8 linears; `dsa_indexer_backend` (dsv32's own) picks the
+# indexer-logits kernel. "auto" as an option name is a backend's per-batch policy (e.g. a vendor kernel only where
+# it was measured faster).
 KERNEL_SLOTS = {
-    "dsa_prefill_backend": ("flashmla_sparse", "flashmla_kv", "flashmla_auto", "fa3", "tilelang", "triton", "reference"),
-    "dsa_decode_backend": ("flashmla_sparse", "flashmla_kv", "flashmla_auto", "fa3", "tilelang", "triton", "reference"),
+    "dsa_prefill_backend": ("auto", "flashmla_sparse", "flashmla_kv", "flashmla_auto", "fa3", "tilelang", "triton",
+                            "reference"),
+    "dsa_decode_backend": ("auto", "flashmla_sparse", "flashmla_kv", "flashmla_auto", "fa3", "tilelang", "triton",
+                           "reference"),
     "moe_runner_backend": ("deep_gemm", "triton", "flashinfer_cutlass", "flashinfer_trtllm", "cutlass", "reference"),
+    "fp8_gemm_backend": ("deep_gemm", "triton", "flashinfer_trtllm", "cutlass", "reference"),
+    "dsa_indexer_backend": ("deep_gemm", "triton", "reference"),
 }
 
 
@@ -119,8 +126,9 @@ class Ops:
 
     # ---- kernel selection (not ops) ----------------------------------------------------------------
     def kernel_options(self, ctx: KernelContext) -> dict[str, dict[str, str]]:
-        """Per slot of KERNEL_SLOTS: kernel name → '' when it can run here, else why not; fastest first (the
-        first runnable one is the default)."""
+        """Per slot of KERNEL_SLOTS: kernel name → '' when it can run here, else why not; the default first (the
+        first runnable one is chosen when the user asks for nothing). A kernel never verified against its real
+        library is listed after the default: runnable on request, never chosen by itself."""
         return {slot: {self.name: ""} for slot in KERNEL_SLOTS}
 
     def select_kernels(self, ctx: KernelContext, requested: dict[str, str | None] | None = None) -> dict[str, str]:

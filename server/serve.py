@@ -75,6 +75,11 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
                         "flashmla_auto, triton, ... (default: the fastest that runs here)")
     g.add_argument("--moe-runner-backend", default=None,
                    help="MoE expert kernels: deep_gemm (FP8 checkpoints), triton, ... (default: the fastest here)")
+    g.add_argument("--fp8-gemm-backend", default=None,
+                   help="kernel for the dense FP8-block linears: triton (default) or deep_gemm (opt-in: not yet run "
+                        "against the real library)")
+    g.add_argument("--dsa-indexer-backend", default=None,
+                   help="indexer-logits kernel: triton (default) or deep_gemm (opt-in, fp8 indexer keys)")
     g.add_argument("--cuda-graph-max-bs", type=int, default=None,
                    help="largest decode batch replayed from a CUDA graph (default: min(--max-running-requests, 256) "
                         "on GPUs); graphs are captured at startup, with progress in the log")
@@ -120,8 +125,9 @@ def check_unsupported(args: argparse.Namespace) -> None:
 
 def kernel_requests(args: argparse.Namespace) -> dict[str, str | None]:
     """The kernel flags as LLM(kernels=...) takes them."""
-    return {slot: getattr(args, slot, None) for slot in ("dsa_prefill_backend", "dsa_decode_backend",
-                                                          "moe_runner_backend")}
+    from dsv32.core.ops import KERNEL_SLOTS
+
+    return {slot: getattr(args, slot, None) for slot in KERNEL_SLOTS}
 
 
 def _auto_chat_template(args, model_dir: str) -> str:

@@ -169,8 +169,9 @@ def test_kernel_selection_reference():
     from dsv32.core.ops import KernelChoiceError, KernelContext
 
     ops = ReferenceOps("cpu")
-    assert ops.select_kernels(KernelContext()) == {"dsa_prefill_backend": "reference",
-                                                   "dsa_decode_backend": "reference", "moe_runner_backend": "reference"}
+    assert ops.select_kernels(KernelContext()) == {"dsa_prefill_backend": "reference", "dsa_decode_backend": "reference",
+                                                   "moe_runner_backend": "reference", "fp8_gemm_backend": "reference",
+                                                   "dsa_indexer_backend": "reference"}
     with pytest.raises(KernelChoiceError, match=r"--dsa-decode-backend flashmla_kv cannot run here .*runnable here: "
                                                 r"\['reference'\]"):
         ops.select_kernels(KernelContext(), {"dsa_decode_backend": "flashmla_kv"})
@@ -194,10 +195,12 @@ def test_kernel_selection_cuda_without_vendor_libraries():
     opts = ops.kernel_options(ctx)
     assert "flash_mla" in opts["dsa_decode_backend"]["flashmla_kv"]
     assert opts["dsa_prefill_backend"]["triton"] == "" and opts["moe_runner_backend"]["triton"] == ""
-    assert ops.select_kernels(ctx) == {"dsa_prefill_backend": "triton", "dsa_decode_backend": "triton",
-                                       "moe_runner_backend": "triton"}
+    assert ops.select_kernels(ctx) == {"dsa_prefill_backend": "auto", "dsa_decode_backend": "auto",
+                                       "moe_runner_backend": "triton", "fp8_gemm_backend": "triton",
+                                       "dsa_indexer_backend": "triton"}
+    assert "Triton (FlashMLA is not usable here)" in ops.kernel_notes()["sparse_mla_attention"]
     with pytest.raises(KernelChoiceError, match=r"flashmla_kv cannot run here \(.*flash_mla.*\); runnable here: "
-                                                r"\['triton'\]"):
+                                                r"\['auto', 'triton'\]"):
         ops.select_kernels(ctx, {"dsa_decode_backend": "flashmla_kv"})
     assert ops.kernel_options(KernelContext(kv_cache_fp8=False))["dsa_decode_backend"]["flashmla_kv"]
 

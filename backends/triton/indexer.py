@@ -107,7 +107,8 @@ def _k_write_kernel(k_ptr, w_ptr, b_ptr, pos_ptr, cs_ptr, slot_ptr, pool_ptr, st
     y = _rope_half(y, yp, cols, cs_ptr + tl.load(pos_ptr + t) * stride_cs, R, dtype)
     if HADAMARD:
         y = _round_to(_hadamard(y, 1, BLOCK_D) * inv_sqrt_d, dtype).to(tl.float32)
-    smask = cmask & (slot >= 0)
+    # the scalar condition broadcast to the row first: Triton 3.9's interpreter turns block_bool & scalar_bool into int32
+    smask = cmask & ((cols * 0 + slot) >= 0)
     page = slot // page_size
     off = slot % page_size
     if FP8:
@@ -115,7 +116,8 @@ def _k_write_kernel(k_ptr, w_ptr, b_ptr, pos_ptr, cs_ptr, slot_ptr, pool_ptr, st
         base = pool_ptr + page * page_bytes
         tl.store(base + off * D + cols, q, mask=smask)
         scale_ptr = (base + page_size * D + off * 4).to(tl.pointer_type(tl.float32))
-        tl.store(scale_ptr + tl.arange(0, 1), scale, mask=slot >= 0)
+        one = tl.arange(0, 1)
+        tl.store(scale_ptr + one, scale, mask=(one * 0 + slot) >= 0)
     else:
         tl.store(pool_ptr + slot * D + cols, _round_to(y, pool_ptr.dtype.element_ty), mask=smask)
 

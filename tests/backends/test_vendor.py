@@ -632,3 +632,39 @@ def test_flashinfer_topk_fake(fake, R, N, k):
 def test_flashinfer_topk_v32_shapes(R, N):
     need("flashinfer")
     check_flashinfer_topk("cuda", R, N, 2048, seed=R)
+
+
+# ---- what the CUDA backend picks by itself when the libraries are installed ------------------------------------------
+@pytest.mark.parametrize("fp8", [False, True], ids=["bf16-pool", "fp8-pool"])
+def test_cuda_defaults_with_vendor_libraries_installed(fake, monkeypatch, fp8):
+    """With FlashMLA and DeepGEMM importable, the defaults are: FlashMLA for attention only from
+    FLASHMLA_MIN_QUERY_TOKENS query tokens (it was measured slower below), Triton otherwise; DeepGEMM never by
+    itself (its wrappers never ran against the real library): only --fp8-gemm-backend / --dsa-indexer-backend."""
+    pytest.importorskip("triton")
+    from dsv32.backends.cuda import ops as cuda_ops
+    from dsv32.backends.triton.ops import TritonOps
+    from dsv32.core.ops import KernelContext
+
+    fm = fake_flash_mla(new_api=True)
+    fake.install("flash_mla", fm)
+    fake.install("deep_gemm", fake_deep_gemm())
+    ops = cuda_ops.CudaOps("cpu")
+    ctx = KernelContext(kv_cache_fp8=fp8, fp8_weights=True, num_heads=64)
+    chosen = ops.select_kernels(ctx)
+    assert chosen["dsa_prefill_backend"] == chosen["dsa_decode_backend"] == "auto"
+    assert chosen["fp8_gemm_backend"] == chosen["dsa_indexer_backend"] == "triton"
+    assert ops.kernel_options(ctx)["fp8_gemm_backend"]["deep_gemm"] == ""  # runnable, on request only
+    triton_calls = []
+    monkeypatch.setattr(TritonOps, "sparse_mla_attention",
+                        lambda self, q, *a, **k: triton_calls.append(q.shape[0]) or torch.zeros(q.shape[0], 64, 512))
+    n = cuda_ops.FLASHMLA_MIN_QUERY_TOKENS
+    for T in (1, n - 1, n):
+        q, pool, idx = attention_case("cpu", fp8, T, 64, 64, n_tokens=100, page=64, seed=T)
+        ops.sparse_mla_attention(q, pool, idx, SCALE, 512)
+    assert triton_calls == [1, n - 1] and len(fm.calls) == 1 and fm.calls[0][0] == ("decode" if fp8 else "prefill")
+    w = LinearWeight(*[t for t in (torch.zeros(256, 256).to(FP8), torch.ones(2, 2))])
+    ops.prepare_linear(w, BF16)
+    assert not ops._deep_gemm_weights
+    ops.select_kernels(ctx, {"fp8_gemm_backend": "deep_gemm"})
+    ops.prepare_linear(w, BF16)
+    assert len(ops._deep_gemm_weights) == 1
