@@ -13,6 +13,7 @@ the GPU spends waiting for the host (0 when the host fully hides behind the devi
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import json
 import os
@@ -64,7 +65,7 @@ def offline(path, concs, args):
         for conc in concs:
             n = max(2, 2 * conc)
             prompts = [[rng.randrange(3, 120000) for _ in range(inp)] for _ in range(n)]
-            eng.cfg.max_running_requests = conc
+            eng.cfg = dataclasses.replace(eng.cfg, max_running_requests=conc)
             events.clear()
             t0 = time.perf_counter()
             res = llm.generate(prompt_token_ids=prompts,

@@ -30,7 +30,7 @@ import torch
 sys.path.insert(0, os.path.dirname(__file__))
 from common import ceilings, gpu_ops, header, print_table, rate_row, time_ms, write_json  # noqa: E402
 
-from dsv32.core.loader import _stack, fp8_block_quantize  # noqa: E402
+from dsv32.core.model.checkpoint import _stack, fp8_block_quantize  # noqa: E402
 from dsv32.core.ops import AttnMetadata, ExpertWeights, LinearWeight  # noqa: E402
 
 PAGE, TOPK, HI, DI = 64, 2048, 64, 128

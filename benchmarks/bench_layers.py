@@ -29,7 +29,7 @@ from common import ceilings, gpu_ops, header, print_table, time_ms, write_json  
 from dsv32.core.config import ModelConfig, deepseek_v32_config  # noqa: E402
 from dsv32.core.forward_batch import ForwardBatch  # noqa: E402
 from dsv32.core.kv_cache import KVCache, KVCacheSpec, latent_entry_bytes  # noqa: E402
-from dsv32.core.loader import dummy_weights  # noqa: E402
+from dsv32.core.model.checkpoint import dummy_weights  # noqa: E402
 from dsv32.core.model import DeepseekV32  # noqa: E402
 from dsv32.core.ops import KernelContext  # noqa: E402
 
@@ -102,16 +102,16 @@ class Bench:
 
         def run():
             x, res = ops.rms_norm(h, w[p + "input_layernorm.weight"], cfg.rms_norm_eps, residual)
-            a = m._attention(i, x, fb, self.cache)
+            a = m.layers[i].attn(x, fb, self.cache)
             x, res = ops.rms_norm(a, w[p + "post_attention_layernorm.weight"], cfg.rms_norm_eps, res)
             if cfg.is_dense_layer(i):
-                return m._mlp(p + "mlp.", x)
+                return m.layers[i].ffn(x, fb)
             if record is not None:
                 logits = ops.linear(x.float(), w[p + "mlp.gate.weight"])
                 _, ids = ops.moe_route(logits, w[p + "mlp.gate.e_score_correction_bias"], cfg.n_group, cfg.topk_group,
                                        cfg.num_experts_per_tok, cfg.norm_topk_prob, cfg.routed_scaling_factor)
                 record.append(int(ids.unique().numel()))
-            return m._moe(p, x)
+            return m.layers[i].ffn(x, fb)
 
         return run
 

@@ -13,6 +13,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
+from dsv32.core.parallel import ParallelConfig
+
 SUPPORTED_ARCHITECTURES = ("DeepseekV32ForCausalLM",)
 
 # Fields without a sensible default: a config.json lacking one is rejected.
@@ -312,3 +314,55 @@ def deepseek_v32_config(**overrides: Any) -> dict[str, Any]:
     }
     raw.update(overrides)
     return {k: v for k, v in raw.items() if v is not None}
+
+
+# ---- engine configuration: built by LLM(...) and by `dsv32 serve` alike, handed to every rank ------------------------
+@dataclass(frozen=True)
+class CacheConfig:
+    """KV cache: kv_cache_dtype 'auto' (= model dtype), 'bfloat16', 'float32' or 'fp8_e4m3' (FlashMLA 656-byte
+    layout); indexer_precision 'auto' ('fp8' for FP8 checkpoints, else 'exact'), 'exact' or 'fp8'; the pool is
+    num_kv_pages pages, else sized by memory: mem_fraction_static × device memory − weights, else
+    kv_cache_memory_gib (at most room for max_running_requests full-length requests)."""
+
+    kv_cache_dtype: str = "auto"
+    indexer_precision: str = "auto"
+    page_size: int = 64
+    num_kv_pages: int | None = None
+    kv_cache_memory_gib: float = 1.0
+    mem_fraction_static: float | None = None
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    """Batching: max_model_len (None: the config's max_position_embeddings capped at 32768), requests running at
+    once, tokens per step (chunked prefill; ≤ 0: whole prompts), prefix cache, overlap of step N+1's scheduling with
+    step N (where the device runs asynchronously), decode graphs up to cuda_graph_max_bs (None: min(running, 256)
+    where the backend has graphs)."""
+
+    max_model_len: int | None = None
+    max_running_requests: int = 16
+    chunked_prefill_size: int = 8192
+    enable_prefix_cache: bool = True
+    overlap: bool = True
+    cuda_graph_max_bs: int | None = None
+    disable_cuda_graph: bool = False
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Everything a rank needs to build its engine (picklable). model: checkpoint directory; tokenizer: directory
+    with tokenizer.json (default: model); dtype 'auto' / 'bfloat16' / 'float32'; device (default: the backend's;
+    with several ranks per node each takes index local_rank); backend (None / 'auto': by availability);
+    load_format 'auto' or 'dummy'; kernels: (slot, kernel) pairs as SGLang's --dsa-*-backend etc."""
+
+    model: str
+    tokenizer: str | None = None
+    dtype: str = "auto"
+    device: str | None = None
+    backend: str | None = None
+    load_format: str = "auto"
+    load_mtp: bool = False
+    kernels: tuple[tuple[str, str | None], ...] = ()
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)

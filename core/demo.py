@@ -13,7 +13,7 @@ import os
 import torch
 
 from dsv32.core.config import ModelConfig
-from dsv32.core.model import weight_specs
+from dsv32.core.model.specs import weight_specs
 
 DEMO_CONFIG = {
     "architectures": ["DeepseekV32ForCausalLM"], "model_type": "deepseek_v32", "vocab_size": 512,

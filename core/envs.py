@@ -38,3 +38,9 @@ def dense_attn_kv_len_threshold(index_topk: int) -> int:
             "DSV32_DSA_PREFILL_DENSE_ATTN_KV_LEN_THRESHOLD=%d is above index_topk=%d: clamped to %d (dense attention "
             "beyond the top-k would change the model's output)", value, index_topk, index_topk)
     return max(0, min(value, index_topk))
+
+
+def check_rank_agreement() -> bool:
+    """DSV32_CHECK_RANK_AGREEMENT=1: ranks of an attention group compare their indexer top-k every layer and stop on
+    any difference (a debugging aid: they must select the same keys; costs one broadcast per layer)."""
+    return os.environ.get("DSV32_CHECK_RANK_AGREEMENT", "") not in ("", "0")

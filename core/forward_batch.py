@@ -34,6 +34,9 @@ class ForwardBatch:
     attn: AttnMetadata
     logits_indices: torch.Tensor
     num_requests: int = 0
+    # With attention data-parallelism: the step's token count per attention group (every group's largest, padded to a
+    # multiple of the group's ranks), to which the dense MLP / MoE gather pads each group's tokens. Set by the runner.
+    mlp_tokens_per_group: int = 0
 
     @property
     def num_tokens(self) -> int:

@@ -296,7 +296,9 @@ class Ops:
 
     def moe_experts(self, x: torch.Tensor, experts: ExpertWeights, topk_weights: torch.Tensor,
                     topk_ids: torch.Tensor) -> torch.Tensor:
-        """Routed experts: y [T, K] = Σ_i topk_weights[t, i] · W2_e(silu(W1_e x) · W3_e x), e = topk_ids[t, i]."""
+        """Routed experts: y [T, K] = Σ_i topk_weights[t, i] · W2_e(silu(W1_e x) · W3_e x), e = topk_ids[t, i].
+        topk_ids are in [0, E] with E = experts.num_experts: E marks an expert held by another rank (expert
+        parallelism), which contributes nothing here."""
         raise NotImplementedError
 
     # ---- sampling -----------------------------------------------------------------------------------
@@ -331,9 +333,21 @@ class Ops:
     def synchronize(self) -> None:
         """Waits for all queued device work."""
 
+    def memory_allocated(self) -> int | None:
+        """Bytes of device memory this process holds through torch's allocator (None on the CPU or where torch
+        cannot tell): the memory report's measure of graphs and workspace."""
+        get = getattr(getattr(torch, "accelerator", None), "memory_allocated", None)
+        if self.device.type == "cpu" or get is None:
+            return None
+        return get(self.device.index if self.device.index is not None else 0)
+
+    def process_group_backend(self) -> str:
+        """The torch.distributed backend that carries this backend's device tensors between ranks (gloo: CPU)."""
+        return "gloo"
+
 
 _NOT_OPS = {"kernel_options", "select_kernels", "kernel_notes", "graph_support", "new_graph", "graph_pool",
-            "new_event", "synchronize", "fuse_linears"}
+            "new_event", "synchronize", "fuse_linears", "memory_allocated", "process_group_backend"}
 OP_NAMES = tuple(
     name for name, value in vars(Ops).items() if callable(value) and not name.startswith("_") and name not in _NOT_OPS
 )

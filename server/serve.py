@@ -88,11 +88,25 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
                    help="schedule each step only after the previous step's tokens are read (default on GPUs: the "
                         "next step is scheduled while the current one runs)")
 
+    g = p.add_argument_group("parallelism (SGLang's meanings; one process per rank, torch.distributed between them)")
+    g.add_argument("--tp", "--tp-size", dest="tp", type=int, default=1,
+                   help="number of ranks (GPUs): attention heads, MLPs, experts' columns and the vocabulary are split "
+                        "over them")
+    g.add_argument("--dp", "--dp-size", dest="dp", type=int, default=1,
+                   help="with --enable-dp-attention: attention groups, each running its own batch (divides --tp)")
+    g.add_argument("--ep", "--ep-size", dest="ep", type=int, default=1,
+                   help="expert parallelism: routed experts partitioned over this many groups of ranks (divides --tp)")
+    g.add_argument("--enable-dp-attention", action="store_true",
+                   help="data-parallel attention over --dp groups; dense MLP and MoE still span all --tp ranks")
+    g.add_argument("--nnodes", type=int, default=1, help="nodes the --tp ranks are spread over")
+    g.add_argument("--node-rank", type=int, default=0, help="this node's index (0 runs the HTTP server)")
+    g.add_argument("--dist-init-addr", "--nccl-init-addr", "--nccl-init", dest="dist_init_addr", default=None,
+                   help="HOST:PORT where the ranks meet (needed with --nnodes > 1; default: a free local port)")
+    g.add_argument("--dist-timeout", type=float, default=600.0,
+                   help="seconds a collective may wait, or a rank may make no progress, before the server stops "
+                        "naming the rank")
+
     g = p.add_argument_group("not available yet (exit with an error when set)")
-    for flag, dest in (("--tp", "tp"), ("--tp-size", "tp"), ("--dp", "dp"), ("--dp-size", "dp"),
-                       ("--ep", "ep"), ("--ep-size", "ep")):
-        g.add_argument(flag, dest=dest, type=int, default=1, help="parallelism (only 1 for now)")
-    g.add_argument("--enable-dp-attention", action="store_true")
     g.add_argument("--attention-backend", default=None, help="'nsa' (DeepSeek sparse attention) is the only one")
     g.add_argument("--disaggregation-mode", default="null", help="'null' only for now")
     for flag in ("--speculative-algorithm", "--speculative-num-steps", "--speculative-eagle-topk",
@@ -102,13 +116,7 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
 
 def check_unsupported(args: argparse.Namespace) -> None:
     """Exit with a clear message for any flag asking for what does not exist yet."""
-    problems = []
-    for name in ("tp", "dp", "ep"):
-        if getattr(args, name) != 1:
-            problems.append(f"--{name}/--{name}-size {getattr(args, name)}: tensor/data/expert parallelism is not "
-                            "implemented yet (single device only)")
-    if args.enable_dp_attention:
-        problems.append("--enable-dp-attention: DP attention is not implemented yet")
+    problems = parallel_config(args).problems()
     if args.attention_backend not in (None, "nsa"):
         problems.append(f"--attention-backend {args.attention_backend}: only 'nsa' (DeepSeek sparse attention) exists")
     if args.disaggregation_mode not in ("null", None):
@@ -121,6 +129,34 @@ def check_unsupported(args: argparse.Namespace) -> None:
         problems.append(f"--quantization {args.quantization}: only DeepSeek FP8-block ('fp8') checkpoints are supported")
     if problems:
         raise FlagError("cannot start:\n  " + "\n  ".join(problems))
+
+
+def parallel_config(args: argparse.Namespace):
+    from dsv32.core.parallel import ParallelConfig
+
+    return ParallelConfig(tp_size=args.tp, dp_size=args.dp, ep_size=args.ep, enable_dp_attention=args.enable_dp_attention,
+                          nnodes=args.nnodes, node_rank=args.node_rank, dist_init_addr=args.dist_init_addr,
+                          dist_timeout_s=args.dist_timeout)
+
+
+def engine_config(args: argparse.Namespace, model: str):
+    """The serve flags as the EngineConfig every rank builds from (the same one LLM(...) builds)."""
+    from dsv32.core.config import CacheConfig, EngineConfig, SchedulerConfig
+
+    if args.mem_fraction_static is not None and not 0 < args.mem_fraction_static < 1:
+        raise FlagError("--mem-fraction-static must be in (0, 1)")
+    return EngineConfig(
+        model=model, dtype=args.dtype, device=args.device, backend=args.backend, load_format=args.load_format,
+        kernels=tuple(kernel_requests(args).items()),
+        cache=CacheConfig(kv_cache_dtype=args.kv_cache_dtype, indexer_precision=args.indexer_precision,
+                          page_size=args.page_size, num_kv_pages=args.num_kv_pages, kv_cache_memory_gib=args.kv_cache_gib,
+                          mem_fraction_static=args.mem_fraction_static),
+        scheduler=SchedulerConfig(max_model_len=args.context_length, max_running_requests=args.max_running_requests,
+                                  chunked_prefill_size=args.chunked_prefill_size,
+                                  enable_prefix_cache=not args.disable_radix_cache,
+                                  overlap=not args.disable_overlap_schedule, cuda_graph_max_bs=args.cuda_graph_max_bs,
+                                  disable_cuda_graph=args.disable_cuda_graph),
+        parallel=parallel_config(args))
 
 
 def kernel_requests(args: argparse.Namespace) -> dict[str, str | None]:
@@ -143,38 +179,46 @@ def _auto_chat_template(args, model_dir: str) -> str:
     return "dsv32"
 
 
-def build_server(args: argparse.Namespace):
-    """Start the engine process and build the app. Returns (app, engine_client)."""
+def _model_dir(args: argparse.Namespace) -> str:
     from dsv32.core import envs
-    from dsv32.core.config import ModelConfig
     from dsv32.core.demo import make_demo_checkpoint
-    from dsv32.server.app import ServerConfig, ServerState, create_app
-    from dsv32.server.engine_process import EngineArgs, EngineClient
-    from dsv32.server.protocol import load_generation_defaults
+
+    if args.model is not None:
+        return args.model
+    model = make_demo_checkpoint(os.path.join(envs.cache_dir(), "demo-model"))
+    log.info("no --model given: serving the built-in tiny demo model (random weights) from %s", model)
+    return model
+
+
+def _checked_config(args: argparse.Namespace):
+    """The EngineConfig, with every flag problem found before any process starts (FlagError)."""
+    from dsv32.core.config import ModelConfig
+    from dsv32.core.engine.build import resolve
 
     check_unsupported(args)
-    model = args.model
-    if model is None:
-        model = make_demo_checkpoint(os.path.join(envs.cache_dir(), "demo-model"))
-        log.info("no --model given: serving the built-in tiny demo model (random weights) from %s", model)
-    cfg = ModelConfig.from_pretrained(model)  # fail fast, before starting a process
+    model = _model_dir(args)
+    cfg = ModelConfig.from_pretrained(model)
     if args.quantization == "fp8" and cfg.quant is None:
         raise FlagError("--quantization fp8: this checkpoint's config.json has no FP8 quantization_config")
     if args.trust_remote_code:
         log.info("--trust-remote-code: accepted; dsv32 runs no checkpoint code, so it changes nothing")
-    kv_gib = args.kv_cache_gib
-    if args.mem_fraction_static is not None:
-        if not 0 < args.mem_fraction_static < 1:
-            raise FlagError("--mem-fraction-static must be in (0, 1)")
-        kv_gib = None
-    engine = EngineClient(EngineArgs(
-        model=model, dtype=args.dtype, device=args.device, backend=args.backend, kv_cache_dtype=args.kv_cache_dtype,
-        indexer_precision=args.indexer_precision, page_size=args.page_size, max_model_len=args.context_length,
-        num_kv_pages=args.num_kv_pages, max_running_requests=args.max_running_requests,
-        chunked_prefill_size=args.chunked_prefill_size, enable_prefix_caching=not args.disable_radix_cache,
-        kv_cache_memory_gib=kv_gib if kv_gib is not None else 1.0, mem_fraction_static=args.mem_fraction_static,
-        kernels=kernel_requests(args), load_format=args.load_format, cuda_graph_max_bs=args.cuda_graph_max_bs,
-        disable_cuda_graph=args.disable_cuda_graph, disable_overlap_schedule=args.disable_overlap_schedule))
+    config = engine_config(args, model)
+    try:
+        resolve(config, cfg)
+    except ValueError as e:
+        raise FlagError(str(e)) from None
+    return config
+
+
+def build_server(args: argparse.Namespace, on_failure=None):
+    """Start the engine's rank processes and build the app. Returns (app, engine_client)."""
+    from dsv32.server.app import ServerConfig, ServerState, create_app
+    from dsv32.server.engine_process import EngineClient
+    from dsv32.server.protocol import load_generation_defaults
+
+    config = _checked_config(args)
+    model = config.model
+    engine = EngineClient(config, on_failure)
     tokenizer = None
     if os.path.isfile(os.path.join(model, "tokenizer.json")):
         from tokenizers import Tokenizer
@@ -188,13 +232,48 @@ def build_server(args: argparse.Namespace):
     return create_app(state), engine
 
 
+def _serve_other_node(args: argparse.Namespace) -> int:
+    """--node-rank > 0: this node runs its ranks only (node 0 serves HTTP) until they stop or one fails."""
+    import time
+
+    from dsv32.core.engine.launcher import RankFailure, RankProcesses
+
+    config = _checked_config(args)
+    try:
+        ranks = RankProcesses(config, logging.getLogger().level)
+    except RankFailure as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    p = config.parallel
+    print(f"[dsv32] node {p.node_rank}: ranks {ranks.ranks[0]}-{ranks.ranks[-1]} running; node 0 serves HTTP",
+          file=sys.stderr, flush=True)
+    try:
+        while any(proc.is_alive() for proc in ranks.procs):
+            failure = ranks.check()
+            if failure and not all(proc.exitcode == 0 for proc in ranks.procs if not proc.is_alive()):
+                print(f"error: {failure}", file=sys.stderr)
+                return 1
+            time.sleep(0.5)
+    finally:
+        ranks.shutdown()
+    return 0
+
+
 def serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from dsv32.server.engine_process import EngineDead
 
     try:
-        app, engine = build_server(args)
+        if args.node_rank > 0:
+            return _serve_other_node(args)
+        server = None
+
+        def stop_serving(message: str) -> None:  # the engine failed: the server exits (non-zero, below)
+            if server is not None:
+                server.should_exit = True
+
+        app, engine = build_server(args, on_failure=stop_serving)
     except FlagError as e:
         print(f"error: {e.message}", file=sys.stderr)
         return 2
@@ -202,13 +281,21 @@ def serve(args: argparse.Namespace) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     info = engine.info
+    ranks = f", {info['world_size']} ranks" if info["world_size"] > 1 else ""
     print(f"[dsv32] serving {app.state.dsv32.cfg.served_model_name} on http://{args.host}:{args.port} "
-          f"(backend {info['backend']} on {info['device']}, context {info['max_model_len']}, "
+          f"(backend {info['backend']} on {info['device']}{ranks}, context {info['max_model_len']}, "
           f"{info['num_kv_pages']} KV pages of {info['page_size']})", file=sys.stderr, flush=True)
+    server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="warning",
+                                           timeout_graceful_shutdown=5))
+    if engine.failure:  # failed before the server object existed
+        server.should_exit = True
     try:
-        uvicorn.run(app, host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=5)
+        server.run()
     finally:
         engine.shutdown()
+    if engine.failure:
+        print(f"error: the engine failed, so the server stopped: {engine.failure}", file=sys.stderr, flush=True)
+        return 1
     return 0
 
 

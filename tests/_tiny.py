@@ -80,7 +80,7 @@ def hf_greedy(model, prompt: list[int], max_new_tokens: int) -> list[int]:
 
 def quantize_fp8_block(w: torch.Tensor, block: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
     """Official DeepSeek FP8 format: e4m3 weight and float32 scale_inv per block×block (partial edge blocks)."""
-    from dsv32.core.loader import fp8_block_quantize
+    from dsv32.core.model.checkpoint import fp8_block_quantize
 
     return fp8_block_quantize(w, (block, block), ue8m0=False)
 

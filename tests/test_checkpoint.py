@@ -15,7 +15,7 @@ from test_parity_hf import engine_logits, hf_logits
 
 from dsv32 import LLM, SamplingParams
 from dsv32.core.config import ConfigError, ModelConfig
-from dsv32.core.loader import CheckpointError
+from dsv32.core.model.checkpoint import CheckpointError
 
 
 @pytest.fixture(scope="module")

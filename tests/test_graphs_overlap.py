@@ -6,11 +6,13 @@ graphs."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 from test_engine import GREEDY, assert_all_pages_returned, prompts_of
 
 from dsv32 import LLM, SamplingParams
-from dsv32.core.model_runner import EagerGraph, graph_batch_sizes
+from dsv32.core.engine.runner import EagerGraph, graph_batch_sizes
 
 
 def outputs(llm, prompts, params):
@@ -70,7 +72,7 @@ def test_overlap_schedule_matches_sync(tiny_dir, pages):
     sync = LLM(**kw)
     assert not sync.engine.cfg.overlap  # the CPU default
     overlap = LLM(**kw)
-    overlap.engine.cfg.overlap = True
+    overlap.engine.cfg = dataclasses.replace(overlap.engine.cfg, overlap=True)
     want = outputs(sync, prompts, _mixed_params())
     assert outputs(overlap, prompts, _mixed_params()) == want
     assert overlap.engine.overlapped_steps > 10
@@ -86,7 +88,7 @@ def test_overlap_schedule_matches_sync(tiny_dir, pages):
 def test_overlap_with_graphs_and_abort(tiny_dir):
     prompts = prompts_of([10, 20, 30], seed=2)
     llm = LLM(model=tiny_dir, dtype="float32", page_size=8, cuda_graph_max_bs=4, graph_factory=EagerGraph)
-    llm.engine.cfg.overlap = True
+    llm.engine.cfg = dataclasses.replace(llm.engine.cfg, overlap=True)
     ref = LLM(model=tiny_dir, dtype="float32", page_size=8, disable_cuda_graph=True)
     sp = SamplingParams(max_tokens=12, **GREEDY)
     assert outputs(llm, prompts, sp) == outputs(ref, prompts, sp)

@@ -36,6 +36,9 @@ def _dequant_blocks(weight: torch.Tensor, scale_inv: torch.Tensor, block: tuple[
 class ReferenceOps(Ops):
     name = "reference"
 
+    def process_group_backend(self) -> str:
+        return {"cuda": "nccl", "npu": "hccl"}.get(self.device.type, "gloo")
+
     # ---- weights ------------------------------------------------------------------------------------
     def dequantize(self, w: LinearWeight, dtype: torch.dtype) -> torch.Tensor:
         if w.scale_inv is None:
@@ -271,6 +274,8 @@ class ReferenceOps(Ops):
         out = torch.zeros_like(x)
         w13, w2 = experts.gate_up.weight, experts.down.weight
         for e in torch.unique(topk_ids).tolist():  # ascending expert order, as transformers
+            if e >= w2.shape[0]:
+                continue  # another rank's expert
             tok, slot = torch.where(topk_ids == e)
             h = self.silu_and_mul(F.linear(x[tok], w13[e].to(x.dtype)))
             h = F.linear(h, w2[e].to(x.dtype)) * topk_weights[tok, slot, None]

@@ -222,28 +222,34 @@ def _down_kernel(h_ptr, hs_ptr, w_ptr, ws_ptr, topk_w_ptr, out_ptr, sorted_ptr, 
 
 
 @triton.jit
-def _sum_topk_kernel(src_ptr, dst_ptr, N, TOP_K: tl.constexpr, BLOCK: tl.constexpr, RNE: tl.constexpr):
+def _sum_topk_kernel(src_ptr, ids_ptr, dst_ptr, N, E, TOP_K: tl.constexpr, BLOCK: tl.constexpr,
+                     RNE: tl.constexpr):
+    """dst[t] = Σ_j src[t·TOP_K + j] over the pairs whose expert is on this rank (id < E; the others were never
+    computed)."""
     t = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < N
     acc = tl.zeros([BLOCK], tl.float32)
     for j in tl.static_range(TOP_K):
-        acc += tl.load(src_ptr + (t * TOP_K + j) * N + cols, mask=mask, other=0.0).to(tl.float32)
+        e = tl.load(ids_ptr + t * TOP_K + j)
+        here = (cols * 0 + e) < E  # broadcast first: Triton 3.9's interpreter turns block & scalar into int32
+        acc += tl.load(src_ptr + (t * TOP_K + j) * N + cols, mask=mask & here, other=0.0).to(tl.float32)
     tl.store(dst_ptr + t * N + cols, _cast(acc, dst_ptr.dtype.element_ty, RNE), mask=mask)
 
 
 def _align(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Sort the (token, slot) pairs (pair = token·top_k + slot) by expert, each expert's run padded to a multiple of
-    block_m. Returns sorted_ids int32 [n_blocks·block_m] (padding = number of pairs) and expert_ids int32 [n_blocks]
+    block_m. Pairs of expert id num_experts (another rank's expert) form a last run that no block computes.
+    Returns sorted_ids int32 [n_blocks·block_m] (padding = number of pairs) and expert_ids int32 [n_blocks]
     (−1 for blocks past the last expert's run; n_blocks is an upper bound, so no host sync)."""
     flat = topk_ids.reshape(-1).long()
     n, dev = flat.numel(), flat.device
-    counts = torch.zeros(num_experts, dtype=torch.int64, device=dev).scatter_add_(0, flat, torch.ones_like(flat))
+    counts = torch.zeros(num_experts + 1, dtype=torch.int64, device=dev).scatter_add_(0, flat, torch.ones_like(flat))
     padded = (counts + block_m - 1) // block_m * block_m
     ends = padded.cumsum(0)
     sorted_e, order = torch.sort(flat, stable=True)
     rank = torch.arange(n, device=dev) - (counts.cumsum(0) - counts)[sorted_e]
-    n_blocks = triton.cdiv(n, block_m) + min(num_experts, n)
+    n_blocks = triton.cdiv(n, block_m) + min(num_experts + 1, n)
     sorted_ids = torch.full((n_blocks * block_m,), n, dtype=torch.int32, device=dev)
     sorted_ids[(ends - padded)[sorted_e] + rank] = order.to(torch.int32)
     starts = torch.arange(n_blocks, device=dev) * block_m
@@ -310,5 +316,6 @@ def moe_experts(x: torch.Tensor, experts: ExpertWeights, topk_weights: torch.Ten
         BLOCK_M=block_m, BLOCK_N=bn2, BLOCK_K=block_k, FP8=fp8, IEEE=ieee, RNE=rne, num_warps=warps, **stages)
 
     block = min(1024, triton.next_power_of_2(K))
-    _sum_topk_kernel[(T, triton.cdiv(K, block))](out, y, K, TOP_K=top_k, BLOCK=block, RNE=rne)
+    _sum_topk_kernel[(T, triton.cdiv(K, block))](out, topk_ids.contiguous(), y, K, E, TOP_K=top_k, BLOCK=block,
+                                                  RNE=rne)
     return y

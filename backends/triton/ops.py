@@ -134,6 +134,9 @@ class TritonOps(Ops):
     def new_event(self):
         return torch.cuda.Event() if self.device.type == "cuda" else None
 
+    def process_group_backend(self) -> str:
+        return "nccl" if self.device.type == "cuda" else "gloo"  # RCCL answers to "nccl" on ROCm builds of torch
+
     def synchronize(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)

@@ -256,7 +256,7 @@ def test_experts_fp8(T, I, K, dtype):
 
 def test_experts_fp8_other_blocks():
     """FP8 weights with 32×32 blocks: dequantized at prepare (float path), as the reference does."""
-    from dsv32.core.loader import fp8_block_quantize
+    from dsv32.core.model.checkpoint import fp8_block_quantize
 
     E, K, I, T = 4, 64, 48, 3
     f = _float_experts(E, I, K, seed=4)

@@ -29,7 +29,7 @@ from dsv32.core import registry
 from dsv32.core.config import ModelConfig, deepseek_v32_config
 from dsv32.core.forward_batch import ForwardBatch
 from dsv32.core.kv_cache import KVCache, KVCacheSpec
-from dsv32.core.loader import dummy_weights
+from dsv32.core.model.checkpoint import dummy_weights
 from dsv32.core.model import DeepseekV32
 from dsv32.core.ops import KernelContext
 

@@ -282,7 +282,10 @@ def test_bench_serve(server, tmp_path):
 
 
 def test_unsupported_flags_exit_clearly(model_dir):
-    for flags, needle in ((["--tp", "2"], "parallelism is not implemented"),
+    for flags, needle in ((["--dp", "2"], "without --enable-dp-attention"),
+                          (["--tp", "3"], "4 attention heads cannot be split over 3"),
+                          (["--tp", "2", "--ep", "3"], "--ep 3 must divide --tp 2"),
+                          (["--tp", "2", "--nnodes", "2"], "needs --dist-init-addr"),
                           (["--speculative-algorithm", "EAGLE"], "speculative decoding"),
                           (["--dsa-decode-backend", "flashmla_kv"], "cannot run here"),
                           (["--moe-runner-backend", "magic"], "unknown; choose one of"),

@@ -9,7 +9,7 @@ recently admitted request is preempted: its pages are released and it returns to
 prompt + generated tokens, to be recomputed. Per-request generators keep seeded sampling identical with or
 without preemption, batching or prefix hits.
 
-Overlap (EngineConfig.overlap, SGLang's overlap scheduler): a step schedules and launches batch N+1 before it
+Overlap (SchedulerConfig.overlap, SGLang's overlap scheduler): a step schedules and launches batch N+1 before it
 reads batch N's sampled tokens, so the host's scheduling, batch building and output processing run while the
 device computes. A request sampled in N and scheduled again in N+1 gets its input token from N's token tensor on
 the device. Consequences kept invisible: a request that N finishes may run one extra token in N+1, which is
@@ -27,11 +27,12 @@ from dataclasses import dataclass, field
 
 import torch
 
+from dsv32.core.config import SchedulerConfig
 from dsv32.core.detokenizer import IncrementalDetokenizer
+from dsv32.core.engine.runner import ModelRunner
 from dsv32.core.forward_batch import to_device
 from dsv32.core.kv_cache import KVCache
 from dsv32.core.model import DeepseekV32
-from dsv32.core.model_runner import ModelRunner
 from dsv32.core.prefix_cache import PrefixCache
 from dsv32.core.sampling import (LogprobTensors, SamplingParams, TokenLogprob, apply_penalties, logprob_tensors,
                                  mask_stops_before_min_tokens, token_logprobs)
@@ -88,15 +89,6 @@ class StepOutput:
 
 
 @dataclass
-class EngineConfig:
-    max_model_len: int
-    max_running_requests: int = 256
-    chunked_prefill_size: int = 8192  # tokens per step; ≤ 0: no limit (whole prompts)
-    enable_prefix_cache: bool = True
-    overlap: bool = False  # schedule step N+1 while the device runs step N
-
-
-@dataclass
 class _Launched:
     """A batch on the device: its work, the requests it samples, and host copies of its results (valid once
     `event` has completed; None event: the device is synchronous)."""
@@ -114,10 +106,15 @@ class _NeedsSync(Exception):
 
 
 class Engine:
-    def __init__(self, model: DeepseekV32, cache: KVCache, config: EngineConfig, tokenizer=None,
+    def __init__(self, model: DeepseekV32, cache: KVCache, config: SchedulerConfig, tokenizer=None,
                  runner: ModelRunner | None = None):
+        """config.max_model_len must be resolved (an int); config.overlap is taken as is (the caller turns it off
+        where the device runs synchronously)."""
         self.model, self.cache, self.ops, self.cfg = model, cache, model.ops, config
         self.runner = runner or ModelRunner(model, cache, config.max_model_len)
+        # Ranks of an attention group run identical engines; its first rank samples and the others take its tokens.
+        self.group = model.groups.attn_tp
+        self.samples = self.group.rank == 0
         self._launched: _Launched | None = None
         self.tokenizer = tokenizer
         self.eos_ids = set(model.cfg.eos_token_ids)
@@ -227,14 +224,16 @@ class Engine:
             req.num_cached += n
             req.inflight += 1
         logits = self.runner.logits(fb, rows)
-        if reqs:
+        if reqs and self.samples:
             logits = apply_penalties(logits, [r.prompt_ids for r in reqs], [r.output_ids for r in reqs],
                                      [r.params for r in reqs])
             logits = mask_stops_before_min_tokens(logits, num_outputs, [r.params for r in reqs], self.eos_ids)
             tokens = self._sample(reqs, logits)
             lps = logprob_tensors(logits, tokens, [r.params for r in reqs])
         else:
-            tokens, lps = torch.empty(0, dtype=torch.int64, device=logits.device), None
+            tokens, lps = torch.empty(len(reqs), dtype=torch.int64, device=logits.device), None
+        if reqs:
+            self.group.broadcast(tokens)  # no-op in a group of one
         for req in reqs:
             req.pending += 1
         event = self.ops.new_event()

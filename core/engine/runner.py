@@ -74,21 +74,55 @@ class ModelRunner:
         self.table_width = math.ceil(max_model_len / cache.page_size)
         self.dense_threshold = min(model.dense_kv_threshold, max_model_len)
         self.replays = 0  # steps served by a graph (tests, logs)
+        self.groups = model.groups
+        self.builds = 0  # batches built (with attention DP: step synchronizations, one per step on every rank)
 
     # ---- batches ------------------------------------------------------------------------------------
-    def build(self, requests: list[tuple[list[int], int, list[int]]]) -> ForwardBatch:
+    def build(self, requests: list[tuple[list[int], int, list[int]]]) -> ForwardBatch | None:
         """(new token ids, start position, pages) per request → ForwardBatch, padded to a graph size when a graph
-        will run it."""
-        if self.graphs and all(len(ids) == 1 for ids, _, _ in requests) and len(requests) <= self.graph_sizes[-1]:
-            bs = next(s for s in self.graph_sizes if s >= len(requests))
-            return ForwardBatch.build(requests, self.cache, self.model.device, pad_to=bs, table_width=self.table_width)
-        return ForwardBatch.build(requests, self.cache, self.model.device)
+        will run it.
+
+        With attention data-parallelism every rank calls this once per step, with or without requests: the groups
+        agree on the step's per-group token count (the dense MLP / MoE gather pads to it) and on the graph size. A
+        rank with no requests then gets a batch of padding rows so that it joins the step's collectives, or None when
+        no group has work."""
+        self.builds += 1
+        decode = all(len(ids) == 1 for ids, _, _ in requests)
+        n_tokens = sum(len(ids) for ids, _, _ in requests)
+        if not self.groups.dp_attention:
+            if self.graphs and decode and len(requests) <= self.graph_sizes[-1]:
+                return self._padded(requests, next(s for s in self.graph_sizes if s >= len(requests)))
+            return ForwardBatch.build(requests, self.cache, self.model.device)
+        rows = self.groups.all_gather_ints([n_tokens, len(requests) if decode else -1])
+        if all(n == 0 for n, _ in rows):
+            return None
+        a = self.groups.attn_tp.size
+        largest = max(bs for _, bs in rows)
+        if self.graphs and all(bs >= 0 for _, bs in rows) and largest <= self.graph_sizes[-1]:
+            bs = next(s for s in self.graph_sizes if s >= largest)
+            fb = self._padded(requests, bs)
+            fb.mlp_tokens_per_group = -(-bs // a) * a
+            return fb
+        fb = ForwardBatch.build(requests, self.cache, self.model.device, pad_to=1)  # no requests: one padding row
+        fb.mlp_tokens_per_group = -(-max(max(n for n, _ in rows), 1) // a) * a
+        return fb
+
+    def _padded(self, requests, bs: int) -> ForwardBatch:
+        return ForwardBatch.build(requests, self.cache, self.model.device, pad_to=bs, table_width=self.table_width)
+
+    def idle_step(self) -> None:
+        """A step of a rank with no requests: with attention data-parallelism it still joins the other groups' step
+        (a batch of padding rows) so their collectives never wait for it."""
+        fb = self.build([])
+        if fb is not None:
+            self.logits(fb, [])
 
     def _graph_for(self, fb: ForwardBatch) -> _Graph | None:
         if not self.graphs or not fb.attn.is_decode or fb.attn.block_table.shape[1] != self.table_width:
             return None
-        sparse = fb.max_kv_len > self.dense_threshold
-        return self.graphs.get((fb.num_tokens, sparse))
+        g = self.graphs.get((fb.num_tokens, fb.max_kv_len > self.dense_threshold))
+        # with attention DP the graph's gather size must be the step's (the other groups' collectives use it)
+        return g if g is not None and g.batch.mlp_tokens_per_group == fb.mlp_tokens_per_group else None
 
     def logits(self, fb: ForwardBatch, rows: list[int]) -> torch.Tensor:
         """Runs the step; returns fp32 logits [len(rows), V] for the given request rows (their last tokens)."""
@@ -141,7 +175,9 @@ class ModelRunner:
                          "sparse" if sparse else "dense", time.monotonic() - t0)
 
     def _capture_one(self, factory, pool, bs: int, sparse: bool) -> _Graph:
-        fb = ForwardBatch.build([], self.cache, self.model.device, pad_to=bs, table_width=self.table_width)
+        fb = self._padded([], bs)
+        a = self.groups.attn_tp.size
+        fb.mlp_tokens_per_group = -(-bs // a) * a if self.groups.dp_attention else 0
         # The static batch claims the captured path's upper bound of keys; the real lengths are in kv_lens.
         fb.attn.kv_lens_cpu = [self.max_model_len if sparse else self.dense_threshold] * bs
         fb.num_requests = bs

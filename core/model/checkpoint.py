@@ -1,0 +1,365 @@
+"""The checkpoint adapter: reads a rank's part of a safetensors checkpoint (official DeepSeek names, sharded or
+single-file) as the parallel plan says, and nothing else.
+
+Each tensor is read with a safetensors slice of just this rank's rows / columns / experts, so a rank's host and
+device memory for weights is its shard plus the replicated tensors (the bytes read are reported). FP8 e4m3 weights
+come with `<name>_scale_inv` [ceil(N/bn), ceil(K/bk)]; the scale blocks covering the rank's part are sliced with it
+(a part must start on a block boundary or lie inside one block), and the pair goes to the backend's
+`prepare_linear` (the reference dequantizes). Every tensor is checked against `weight_specs` (headers only for the
+parts other ranks read): a missing, unexpected or mis-shaped tensor is a `CheckpointError` naming it and both shapes.
+The MTP layer (index ≥ num_hidden_layers) is skipped unless `include_mtp`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import sys
+import time
+import zlib
+
+import torch
+
+from dsv32.core.config import ModelConfig
+from dsv32.core.model.plan import ParallelPlan, Shard
+from dsv32.core.model.specs import WeightSpec, weight_specs
+from dsv32.core.ops import ExpertWeights, LinearWeight, Ops
+from dsv32.core.parallel import RankLayout
+
+log = logging.getLogger("dsv32.loader")
+
+_LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.")
+_PROJS = ("gate_proj", "up_proj", "down_proj")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that does not match its config; the message names the tensor."""
+
+
+def checkpoint_files(model_dir: str) -> dict[str, str]:
+    """tensor name → file path, from model.safetensors.index.json or by scanning *.safetensors."""
+    from safetensors import safe_open
+
+    index = os.path.join(model_dir, "model.safetensors.index.json")
+    if os.path.isfile(index):
+        with open(index, encoding="utf-8") as f:
+            weight_map = json.load(f).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise CheckpointError(f"{index}: missing 'weight_map'")
+        out = {}
+        for name, fname in weight_map.items():
+            path = os.path.join(model_dir, fname)
+            if not os.path.isfile(path):
+                raise CheckpointError(f"{index} maps tensor '{name}' to {fname}, which does not exist")
+            out[name] = path
+        return out
+    files = sorted(f for f in os.listdir(model_dir) if f.endswith(".safetensors"))
+    if not files:
+        raise CheckpointError(f"no *.safetensors files in {model_dir}")
+    out = {}
+    for fname in files:
+        path = os.path.join(model_dir, fname)
+        with safe_open(path, framework="pt") as f:
+            for name in f.keys():
+                out[name] = path
+    return out
+
+
+# ---- slices ---------------------------------------------------------------------------------------------------------
+def _index(ndim: int, dim: int, start: int, end: int) -> tuple:
+    idx = [slice(None)] * ndim
+    idx[dim] = slice(start, end)
+    return tuple(idx)
+
+
+def _pad_to(t: torch.Tensor, dim: int, size: int, value: float = 0.0) -> torch.Tensor:
+    """t with dimension `dim` padded to `size` (the padded last part of a vocabulary split)."""
+    if t.shape[dim] == size:
+        return t
+    shape = list(t.shape)
+    shape[dim] = size - t.shape[dim]
+    return torch.cat([t, torch.full(shape, value, dtype=t.dtype, device=t.device)], dim)
+
+
+def scale_bounds(name: str, shard: Shard, n: int, block: int) -> tuple[int, int]:
+    """The FP8 scale blocks [s0, s1) covering a shard of a weight dimension of n elements in `block`-wide blocks.
+    The shard must start on a block boundary or lie inside one block, so its local block j is the scale's s0 + j."""
+    start, end = shard.bounds(n)
+    if start % block and start // block != (end - 1) // block:
+        raise CheckpointError(
+            f"tensor '{name}': this rank's part [{start}, {end}) of dimension {shard.dim} ({n} wide, split in "
+            f"{shard.parts}) does not align with the FP8 scale blocks of {block}: choose a --tp / --ep that splits it "
+            f"at multiples of {block}")
+    return start // block, -(-end // block)
+
+
+def slice_linear(name: str, w: LinearWeight, shard: Shard | None) -> LinearWeight:
+    """This rank's part of an in-memory linear weight (with its FP8 scale blocks)."""
+    if shard is None:
+        return w
+    n = w.weight.shape[shard.dim]
+    start, end = shard.bounds(n)
+    weight = _pad_to(w.weight[_index(2, shard.dim, start, end)], shard.dim, shard.size(n))
+    if not w.is_fp8:
+        return LinearWeight(weight.contiguous())
+    s0, s1 = scale_bounds(name, shard, n, w.block[shard.dim])
+    scale = _pad_to(w.scale_inv[_index(2, shard.dim, s0, s1)], shard.dim, -(-weight.shape[shard.dim] // w.block[shard.dim]),
+                    1.0)
+    return LinearWeight(weight.contiguous(), scale.contiguous(), w.block)
+
+
+# ---- reading --------------------------------------------------------------------------------------------------------
+class _Reader:
+    """Opens each shard file once, reads tensors or parts of them by name, and reports progress on big checkpoints."""
+
+    def __init__(self, files: dict[str, str], progress: bool):
+        self.files = files
+        self._handles = {}
+        self.used: set[str] = set()
+        self.total_bytes = sum(os.path.getsize(p) for p in set(files.values()))
+        self.read_bytes = 0
+        self.progress = progress and self.total_bytes > (1 << 30)
+        self._last_report = 0.0
+        self._start = time.monotonic()
+        self.done_fraction = 0.0
+
+    def has(self, name: str) -> bool:
+        return name in self.files
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self._handle(name).get_slice(name).get_shape())
+
+    def dtype_name(self, name: str) -> str:
+        """safetensors' dtype string from the header ('BF16', 'F8_E4M3', ...)."""
+        return self._handle(name).get_slice(name).get_dtype()
+
+    def get(self, name: str, dim: int | None = None, start: int = 0, end: int = 0) -> torch.Tensor:
+        """The tensor, or its [start, end) part along `dim`."""
+        handle = self._handle(name)
+        if dim is None:
+            t = handle.get_tensor(name)
+        else:
+            part = handle.get_slice(name)
+            t = part[_index(len(part.get_shape()), dim, start, end)]
+        self.used.add(name)
+        self.read_bytes += t.numel() * t.element_size()
+        self._report()
+        return t
+
+    def _handle(self, name: str):
+        from safetensors import safe_open
+
+        path = self.files[name]
+        if path not in self._handles:
+            self._handles[path] = safe_open(path, framework="pt")
+        return self._handles[path]
+
+    def _report(self, final: bool = False) -> None:
+        if not self.progress:
+            return
+        now = time.monotonic()
+        if final or now - self._last_report > 2.0:
+            self._last_report = now
+            gb = self.read_bytes / 2**30
+            rate = gb / max(now - self._start, 1e-6)
+            print(f"\r[dsv32] loading weights {100 * self.done_fraction:5.1f}% of tensors ({gb:.1f} GiB read, "
+                  f"{rate:.2f} GiB/s)", end="", file=sys.stderr, flush=True)
+            if final:
+                print(file=sys.stderr)
+
+
+def load_weights(model_dir: str, cfg: ModelConfig, ops: Ops, dtype: torch.dtype, device,
+                 include_mtp: bool = False, progress: bool = True, plan: ParallelPlan | None = None,
+                 report: dict | None = None) -> dict:
+    """Returns name → tensor / LinearWeight / ExpertWeights of this rank's part (plan; default: everything) of every
+    spec, prepared by `ops`. `report` (optional) receives read_bytes (what this rank read) and checkpoint_bytes."""
+    plan = plan or ParallelPlan(cfg, RankLayout())
+    specs = weight_specs(cfg, include_mtp)
+    reader = _Reader(checkpoint_files(model_dir), progress)
+    device = torch.device(device)
+    out: dict = {}
+    for k, (name, spec) in enumerate(specs.items()):
+        reader.done_fraction = k / len(specs)
+        target = torch.float32 if spec.fp32 else dtype
+        if spec.kind == "experts":
+            out[name] = ops.prepare_experts(_read_experts(reader, name, spec, cfg, device, plan), target)
+            continue
+        if not reader.has(name):
+            if spec.optional:
+                continue
+            raise CheckpointError(f"missing tensor '{name}' (expected shape {list(spec.shape)})")
+        if spec.kind == "duplicate":
+            reader.used.add(name)
+        elif spec.kind == "linear":
+            w = _read_linear(reader, name, spec.shape, cfg, device, plan.shard(name))
+            out[name] = ops.prepare_linear(w, target)
+        else:
+            out[name] = _read_plain(reader, name, spec.shape, plan.shard(name)).to(device=device, dtype=target)
+    if "lm_head.weight" not in out:  # tied embeddings (split like the embedding)
+        out["lm_head.weight"] = ops.prepare_linear(LinearWeight(out["model.embed_tokens.weight"]), dtype)
+    _check_unexpected(reader, cfg, include_mtp)
+    reader.done_fraction = 1.0
+    reader._report(final=True)
+    log.info("loaded %d tensors from %s: read %.2f GiB of the checkpoint's %.2f GiB", len(reader.used), model_dir,
+             reader.read_bytes / 2**30, reader.total_bytes / 2**30)
+    if report is not None:
+        report.update(read_bytes=reader.read_bytes, checkpoint_bytes=reader.total_bytes)
+    return out
+
+
+def _check_shape(reader: _Reader, name: str, shape) -> None:
+    got = reader.shape(name)
+    if got != tuple(shape):
+        raise CheckpointError(f"tensor '{name}' has shape {list(got)}, expected {list(shape)}")
+
+
+def _read_plain(reader: _Reader, name: str, shape: tuple[int, ...], shard: Shard | None = None) -> torch.Tensor:
+    _check_shape(reader, name, shape)
+    if shard is None:
+        return reader.get(name)
+    n = shape[shard.dim]
+    start, end = shard.bounds(n)
+    return _pad_to(reader.get(name, shard.dim, start, end), shard.dim, shard.size(n))
+
+
+def _read_linear(reader: _Reader, name: str, shape, cfg: ModelConfig, device, shard: Shard | None = None) -> LinearWeight:
+    _check_shape(reader, name, shape)
+    scale_name = name + "_scale_inv"
+    if reader.has(scale_name) and reader.dtype_name(name) == "F8_E4M3":
+        block = (cfg.quant.block_n, cfg.quant.block_k) if cfg.quant else (128, 128)
+        expected = tuple(-(-n // b) for n, b in zip(shape, block))
+        _check_shape(reader, scale_name, expected)
+        weight = _read_plain(reader, name, shape, shard)
+        if shard is None:
+            scale = reader.get(scale_name)
+        else:
+            s0, s1 = scale_bounds(name, shard, shape[shard.dim], block[shard.dim])
+            scale = reader.get(scale_name, shard.dim, s0, s1)
+            scale = _pad_to(scale, shard.dim, -(-weight.shape[shard.dim] // block[shard.dim]), 1.0)
+        return LinearWeight(weight.to(device), scale.float().to(device), block)
+    weight = _read_plain(reader, name, shape, shard)
+    if weight.dtype == torch.float8_e4m3fn:
+        raise CheckpointError(f"FP8 tensor '{name}' has no '{scale_name}'")
+    if weight.dtype not in (torch.bfloat16, torch.float16, torch.float32):
+        raise CheckpointError(f"tensor '{name}' has unsupported dtype {weight.dtype} (expected bf16/fp16/fp32 or fp8 e4m3)")
+    if reader.has(scale_name):
+        raise CheckpointError(f"tensor '{scale_name}' given for non-FP8 weight '{name}' ({weight.dtype})")
+    return LinearWeight(weight.to(device))
+
+
+def _stack(parts: list[LinearWeight]) -> LinearWeight:
+    if any(p.is_fp8 != parts[0].is_fp8 for p in parts):
+        raise CheckpointError("routed experts of one layer mix FP8 and non-FP8 weights")
+    weight = torch.stack([p.weight for p in parts])
+    scale = torch.stack([p.scale_inv for p in parts]) if parts[0].is_fp8 else None
+    return LinearWeight(weight, scale, parts[0].block)
+
+
+def _read_experts(reader: _Reader, name: str, spec: WeightSpec, cfg: ModelConfig, device,
+                  plan: ParallelPlan) -> ExpertWeights:
+    E, I, Hd = spec.shape
+    first, count = plan.expert_range()
+    proj = {"gate_proj": (I, Hd), "up_proj": (I, Hd), "down_proj": (Hd, I)}
+    stacks = {}
+    for pname, shape in proj.items():
+        parts = []
+        for j in range(E):
+            tname = f"{name}.{j}.{pname}.weight"
+            if not reader.has(tname):
+                raise CheckpointError(f"missing tensor '{tname}' (expected shape {list(shape)})")
+            if first <= j < first + count:
+                parts.append(_read_linear(reader, tname, shape, cfg, device, plan.expert_shard(pname)))
+            else:  # another rank's expert: checked, not read
+                _check_shape(reader, tname, shape)
+                reader.used.update((tname, tname + "_scale_inv"))
+        stacks[pname] = _stack(parts)
+    return ExpertWeights(stacks["gate_proj"], stacks["up_proj"], stacks["down_proj"])
+
+
+def _check_unexpected(reader: _Reader, cfg: ModelConfig, include_mtp: bool) -> None:
+    for name in sorted(reader.files):
+        if name in reader.used:
+            continue
+        m = _LAYER_RE.match(name)
+        if m and int(m.group(1)) >= cfg.num_hidden_layers:
+            if not include_mtp and int(m.group(1)) < cfg.num_hidden_layers + max(cfg.num_nextn_predict_layers, 1):
+                continue  # MTP layer, skipped unless asked for
+        raise CheckpointError(f"unexpected tensor '{name}' (shape {list(reader.shape(name))}) not used by this config")
+
+
+# ---- random weights (SGLang's --load-format dummy) ----------------------------------------------------------
+# Linear layers kept in bf16 in the official FP8 checkpoint (everything else that is a linear layer is FP8-block).
+_BF16_IN_FP8_CHECKPOINTS = ("lm_head.weight", "mlp.gate.weight", "indexer.weights_proj.weight")
+
+
+def fp8_block_quantize(w: torch.Tensor, block: tuple[int, int] = (128, 128),
+                       ue8m0: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """DeepSeek FP8-block format of w [.., N, K]: e4m3 weight and fp32 scale_inv per block (partial edge blocks;
+    power-of-two scales when ue8m0, as V3.2's scale_fmt "ue8m0"), so that w ≈ weight · scale_inv."""
+    bn, bk = block
+    *lead, n, k = w.shape
+    nb, kb = -(-n // bn), -(-k // bk)
+    padded = torch.zeros(*lead, nb * bn, kb * bk, dtype=torch.float32, device=w.device)
+    padded[..., :n, :k] = w.float()
+    blocks = padded.view(*lead, nb, bn, kb, bk)
+    scale = blocks.abs().amax(dim=(-3, -1)).clamp(min=1e-8) / 448.0
+    if ue8m0:
+        scale = torch.pow(2.0, torch.ceil(torch.log2(scale)))
+    q = (blocks / scale[..., :, None, :, None]).clamp(-448, 448).to(torch.float8_e4m3fn)
+    return q.view(*lead, nb * bn, kb * bk)[..., :n, :k].contiguous(), scale
+
+
+def dummy_weights(cfg: ModelConfig, ops: Ops, dtype: torch.dtype, device, seed: int = 0,
+                  include_mtp: bool = False, plan: ParallelPlan | None = None) -> dict:
+    """Random weights for every spec, prepared by `ops` like load_weights' result: linear layers ~ N(0, 1/K) (so
+    activations stay O(1)), FP8-block where the official checkpoint is FP8 when cfg.quant is set, norm weights in
+    [0.5, 1.5), router bias and indexer k_norm bias small. Each tensor (each routed expert) has its own seed, so a
+    rank makes only its own experts and its part of every other tensor equals the same part of a single process's
+    weights. For benchmarks and tests at full dimensions without a checkpoint."""
+    device = torch.device(device)
+    plan = plan or ParallelPlan(cfg, RankLayout())
+    fp8 = cfg.quant is not None
+    block = (cfg.quant.block_n, cfg.quant.block_k) if fp8 else (128, 128)
+
+    def gen(name: str) -> torch.Generator:
+        return torch.Generator(device=device).manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
+
+    def linear(name: str, shape, keep_bf16: bool) -> LinearWeight:
+        w = torch.randn(shape, generator=gen(name), device=device, dtype=torch.float32) * shape[-1] ** -0.5
+        if fp8 and not keep_bf16:
+            return LinearWeight(*fp8_block_quantize(w, block), block)
+        return LinearWeight(w.to(torch.bfloat16))
+
+    out: dict = {}
+    for name, spec in weight_specs(cfg, include_mtp).items():
+        target = torch.float32 if spec.fp32 else dtype
+        if spec.kind == "experts":
+            E, I, Hd = spec.shape
+            first, count = plan.expert_range()
+            shapes = {"gate_proj": (I, Hd), "up_proj": (I, Hd), "down_proj": (Hd, I)}
+            stacks = [_stack([slice_linear(f"{name}.{j}.{p}.weight", linear(f"{name}.{j}.{p}.weight", shape, False),
+                                           plan.expert_shard(p)) for j in range(first, first + count)])
+                      for p, shape in shapes.items()]
+            out[name] = ops.prepare_experts(ExpertWeights(*stacks), target)
+        elif spec.kind == "linear":
+            keep = spec.fp32 or name.endswith(_BF16_IN_FP8_CHECKPOINTS)
+            out[name] = ops.prepare_linear(slice_linear(name, linear(name, spec.shape, keep), plan.shard(name)),
+                                           target)
+        elif spec.kind == "tensor":
+            g = gen(name)
+            if name.endswith("e_score_correction_bias") or name.endswith("k_norm.bias"):
+                t = torch.randn(spec.shape, generator=g, device=device) * 0.1
+            elif name.endswith("embed_tokens.weight"):
+                t = torch.randn(spec.shape, generator=g, device=device)
+            else:  # norm weights
+                t = torch.rand(spec.shape, generator=g, device=device) + 0.5
+            shard = plan.shard(name)
+            if shard is not None:
+                start, end = shard.bounds(t.shape[shard.dim])
+                t = _pad_to(t[_index(t.dim(), shard.dim, start, end)], shard.dim, shard.size(t.shape[shard.dim]))
+            out[name] = t.to(target)
+    if "lm_head.weight" not in out:
+        out["lm_head.weight"] = ops.prepare_linear(LinearWeight(out["model.embed_tokens.weight"]), dtype)
+    return out
