@@ -44,3 +44,16 @@ def check_rank_agreement() -> bool:
     """DSV32_CHECK_RANK_AGREEMENT=1: ranks of an attention group compare their indexer top-k every layer and stop on
     any difference (a debugging aid: they must select the same keys; costs one broadcast per layer)."""
     return os.environ.get("DSV32_CHECK_RANK_AGREEMENT", "") not in ("", "0")
+
+
+def debug_eager_graphs() -> bool:
+    """DSV32_DEBUG_EAGER_GRAPHS=1: where the backend has no device graphs (the CPU), decode steps still go through
+    the graph path with EagerGraph, which re-runs the captured step on its static buffers — so tests exercise graph
+    plumbing (padding, common sizes across attention groups) in rank processes without a GPU."""
+    return os.environ.get("DSV32_DEBUG_EAGER_GRAPHS", "") not in ("", "0")
+
+
+def debug_force_overlap() -> bool:
+    """DSV32_DEBUG_FORCE_OVERLAP=1: run the overlap scheduler even where the device is synchronous (the CPU), so tests
+    exercise it (step N+1 launched before N's tokens are read) in rank processes."""
+    return os.environ.get("DSV32_DEBUG_FORCE_OVERLAP", "") not in ("", "0")

@@ -73,8 +73,9 @@ def load_hf(path: str, dtype=torch.float32):
 @torch.no_grad()
 def hf_greedy(model, prompt: list[int], max_new_tokens: int) -> list[int]:
     ids = torch.tensor([prompt])
-    out = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False, min_new_tokens=max_new_tokens,
-                         eos_token_id=None, pad_token_id=0)
+    # an explicit mask: generate() would otherwise take prompt tokens equal to pad_token_id for padding
+    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, do_sample=False,
+                         min_new_tokens=max_new_tokens, eos_token_id=None, pad_token_id=0)
     return out[0, len(prompt):].tolist()
 
 

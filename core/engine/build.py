@@ -14,10 +14,11 @@ from dataclasses import dataclass, field
 
 import torch
 
+from dsv32.core import envs
 from dsv32.core.communicator import ProcessGroups, single_process
 from dsv32.core.config import EngineConfig, ModelConfig
 from dsv32.core.engine.engine import Engine
-from dsv32.core.engine.runner import ModelRunner
+from dsv32.core.engine.runner import EagerGraph, ModelRunner
 from dsv32.core.kv_cache import KVCache, KVCacheSpec
 from dsv32.core.model import DeepseekV32
 from dsv32.core.model.checkpoint import dummy_weights, load_weights
@@ -180,11 +181,14 @@ def build_engine_core(config: EngineConfig, groups: ProcessGroups | None = None,
     tokenizer = load_tokenizer(config.tokenizer or config.model)
 
     before_graphs = ops.memory_allocated()
+    if graph_factory is None and ops.graph_support() and envs.debug_eager_graphs():
+        graph_factory = EagerGraph
     graph_bs = _graph_max_bs(ops, s.cuda_graph_max_bs, s.disable_cuda_graph, graph_factory, s.max_running_requests)
     runner = ModelRunner(model, kv_cache, r.max_model_len, graph_bs, graph_factory)
     runner.capture()
     graphs_bytes = max(0, ops.memory_allocated() - before_graphs) if before_graphs is not None else None
-    overlap = s.overlap and ops.new_event() is not None  # CPU: nothing to overlap
+    # CPU: nothing to overlap (unless a test forces it to exercise the scheduling)
+    overlap = s.overlap and (ops.new_event() is not None or envs.debug_force_overlap())
     engine = Engine(model, kv_cache, dataclasses.replace(s, max_model_len=r.max_model_len, overlap=overlap),
                     tokenizer, runner)
     latent_bytes = num_pages * c.page_size * spec.latent_bytes_per_token() * spec.num_layers

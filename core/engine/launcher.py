@@ -64,6 +64,7 @@ class RankProcesses:
         if child is not None:
             child.close()
         self.info: dict = {}
+        self.stats: dict = {}  # the engine's latest stats (every attention group's combined)
         self.failure: str | None = None
         try:
             self._wait_ready(startup_timeout_s)
@@ -125,17 +126,20 @@ class RankProcesses:
         self._drain_errors()
         dead = [(r, proc) for r, proc in zip(self.ranks, self.procs) if not proc.is_alive()]
         now = time.monotonic()
-        stale = [(r, now - self.heartbeat[i]) for i, r in enumerate(self.ranks)
-                 if now - self.heartbeat[i] > self.parallel.dist_timeout_s]
+        stale = [r for i, r in enumerate(self.ranks) if now - self.heartbeat[i] > self.parallel.dist_timeout_s]
         if not dead and not stale:
             return None
         parts = []
         for r, proc in dead:
             cause = self.reported.get(r) or f"rank {r} (pid {proc.pid}) {_exit_cause(proc.exitcode)}"
             parts.append(cause)
+        # A rank that is alive but has not beaten for a while is the likely cause when others died waiting on it
+        # (their collectives time out at about the same moment its heartbeat goes stale): name it too.
         dead_ranks = {r for r, _ in dead}
-        for r, age in stale:
-            if r not in dead_ranks:
+        threshold = self.parallel.dist_timeout_s if not dead else min(self.parallel.dist_timeout_s / 2, 30.0)
+        for i, r in enumerate(self.ranks):
+            age = now - self.heartbeat[i]
+            if r not in dead_ranks and age > threshold:
                 parts.append(f"rank {r} stopped answering (no progress for {age:.0f} s, --dist-timeout "
                              f"{self.parallel.dist_timeout_s:.0f} s)")
         self.failure = "; ".join(parts)
@@ -163,6 +167,21 @@ class RankProcesses:
                 proc.kill()
 
     # ---- a synchronous client (the offline LLM) ---------------------------------------------------------------------
+    def _recv(self):
+        """rank 0's next message, or RankFailure naming what went wrong with the ranks."""
+        while True:
+            failure = self.check()
+            if failure:
+                raise RankFailure(failure)
+            if self.conn.poll(0.5):
+                try:
+                    return self.conn.recv()
+                except (EOFError, OSError):  # rank 0 is gone: wait for the processes to tell why
+                    deadline = time.monotonic() + 10
+                    while not self.check() and time.monotonic() < deadline:
+                        time.sleep(0.2)
+                    raise RankFailure(self.check() or "rank 0 closed its connection") from None
+
     def generate(self, prompts: list[list[int]], params: list, with_text: bool) -> list:
         """Runs every prompt (n completions each) to the end; returns RequestOutputs in prompt order."""
         from dsv32.core.llm import CompletionOutput, RequestOutput, expand_n
@@ -178,15 +197,12 @@ class RankProcesses:
             rids.append(group)
         unfinished = {r for g in rids for r in g}
         while unfinished:
-            while not self.conn.poll(0.5):
-                failure = self.check()
-                if failure:
-                    raise RankFailure(failure)
-            msg = self.conn.recv()
+            msg = self._recv()
             if msg[0] == "rejected":
                 for rid in unfinished:
                     self.send(("abort", rid))
                 raise ValueError(msg[2])
+            self.stats = msg[2]
             for out in msg[1]:
                 texts[out.request_id].append(out.text_delta)
                 tokens[out.request_id].extend(out.new_token_ids)

@@ -53,8 +53,8 @@ def rank_main(rank: int, config, conn, heartbeat, errors, init_method: str, log_
         RankLoop(core, conn, heartbeat, slot).run()
     except (EOFError, OSError, KeyboardInterrupt):
         return  # the front end went away: nothing left to serve
-    except Exception as e:  # noqa: BLE001 - a failed step ends this rank, and the launcher ends the run
-        message = f"rank {rank}: engine step failed: {type(e).__name__}: {e}"
+    except Exception as e:  # noqa: BLE001 - a failed step or exchange ends this rank, and the launcher ends the run
+        message = f"rank {rank}: engine loop failed: {type(e).__name__}: {e}"
         log.error("%s\n%s", message, traceback.format_exc())
         errors.put((rank, message))
         raise SystemExit(1)
@@ -170,7 +170,8 @@ class RankLoop:
         e, pc = self.engine, self.engine.prefix_cache
         return {"group": self.layout.attn_dp_rank, "running": len(e.running), "waiting": len(e.waiting),
                 "kv_usage": e.kv_usage, "prefix_hit_tokens": pc.hit_tokens if pc else 0,
-                "prefix_query_tokens": pc.query_tokens if pc else 0, "num_preemptions": e.num_preemptions}
+                "prefix_query_tokens": pc.query_tokens if pc else 0, "num_preemptions": e.num_preemptions,
+                "graph_replays": self.core.runner.replays, "overlapped_steps": e.overlapped_steps}
 
     def _to_front(self, msg: tuple) -> None:
         if self.layout.rank != 0:
@@ -194,7 +195,7 @@ class RankLoop:
     def _all_stats(self) -> dict:
         """Every attention group's latest stats combined: counts summed, KV usage averaged."""
         known = [s for s in self.stats if s]
-        out = {k: sum(s[k] for s in known) for k in ("running", "waiting", "prefix_hit_tokens",
-                                                     "prefix_query_tokens", "num_preemptions")}
+        out = {k: sum(s[k] for s in known) for k in ("running", "waiting", "prefix_hit_tokens", "prefix_query_tokens",
+                                                     "num_preemptions", "graph_replays", "overlapped_steps")}
         out["kv_usage"] = sum(s["kv_usage"] for s in known) / max(len(known), 1)
         return out
