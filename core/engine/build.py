@@ -144,8 +144,8 @@ def build_engine_core(config: EngineConfig, groups: ProcessGroups | None = None,
     if ops is None:
         backend, ops = select_ops(config, cfg, r, layout.local_rank)
     device = ops.device
-    log.info("rank %d/%d: backend %s on %s, dtype %s, kv cache %s, indexer %s", layout.rank, layout.world_size,
-             backend.name, device, r.dtype, r.latent_dtype, r.indexer_precision)
+    log.info("rank %d/%d (pid %d): backend %s on %s, dtype %s, kv cache %s, indexer %s", layout.rank,
+             layout.world_size, os.getpid(), backend.name, device, r.dtype, r.latent_dtype, r.indexer_precision)
 
     plan = ParallelPlan(cfg, layout)
     report: dict = {}

@@ -1,0 +1,87 @@
+"""Helpers for tests that run `dsv32 serve` as a real process: the Server wrapper (start, wait for /health, stop,
+read /metrics), the tiny served checkpoint (transformers-made, vocab 512, with the demo tokenizer), prompts and a
+greedy completion through the official openai client."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+
+import httpx
+import openai
+from _tiny import make_checkpoint
+
+GREEDY = {"temperature": 0, "extra_body": {"ignore_eos": True}}
+http = httpx.Client(timeout=120)  # CPU CI is slow and shared: generous timeouts, never a flaky failure
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    def __init__(self, model: str, *flags: str):
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        cmd = [sys.executable, "-m", "dsv32.server.launch_server", "--model", model, "--port", str(self.port),
+               "--dtype", "float32", "--served-model-name", "tiny", *flags]
+        self.log = open(os.path.join(model, f"server-{self.port}.log"), "w")
+        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT)
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < 120:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited: {open(self.log.name).read()[-2000:]}")
+            try:
+                if httpx.get(self.url + "/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.3)
+        else:
+            raise RuntimeError("server did not start")
+        self.client = openai.OpenAI(base_url=self.url + "/v1", api_key="unused", max_retries=0, timeout=120)
+
+    def stop(self):
+        self.proc.terminate()
+        try:
+            self.proc.wait(15)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+        self.log.close()
+
+    def metrics(self) -> dict:
+        out = {}
+        for line in http.get(self.url + "/metrics").text.splitlines():
+            if line and not line.startswith("#") and "_bucket" not in line:
+                name, value = line.rsplit(" ", 1)
+                out[name.split("{")[0]] = out.get(name.split("{")[0], 0.0) + float(value)  # sum over labels
+        return out
+
+
+def make_served_model(tmp_path_factory):
+    from dsv32.core.demo import make_demo_checkpoint
+
+    root = tmp_path_factory.mktemp("served")
+    demo = make_demo_checkpoint(str(root / "demo"))
+    path = root / "tiny"
+    hf = make_checkpoint(str(path), seed=31, vocab_size=512, index_topk=24)
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(os.path.join(demo, f), path / f)
+    return str(path), hf
+
+
+def prompts(n, seed=0, lo=5, hi=60):
+    import random
+
+    rng = random.Random(seed)
+    return [[rng.randrange(16, 500) for _ in range(rng.randint(lo, hi))] for _ in range(n)]
+
+
+def complete(client, prompt, n_tokens=16, **kw):
+    r = client.completions.create(model="tiny", prompt=prompt, max_tokens=n_tokens, **{**GREEDY, **kw})
+    return r

@@ -1,0 +1,95 @@
+"""`dsv32 serve --tp 2` (and with attention DP) as real processes: under concurrent requests, aborted streams and
+preemption the outputs equal `--tp 1`'s; every page comes back; killing a rank ends the server with a message that
+names the rank, and a request in flight gets an error instead of hanging."""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import os
+import re
+import signal
+import time
+
+import pytest
+from _live import Server, complete, http, make_served_model, prompts
+
+SMALL = ("--page-size", "8", "--num-kv-pages", "64", "--context-length", "256", "--enable-metrics",
+         "--disable-radix-cache")
+
+
+def _load(server, ps):
+    """12 greedy requests plus 6 streams abandoned after a few chunks, all at once; returns the greedy texts."""
+    def abandon(p):
+        with http.stream("POST", server.url + "/v1/completions", json={
+                "prompt": p, "max_tokens": 200, "stream": True, "temperature": 0, "ignore_eos": True}) as r:
+            for i, _ in enumerate(r.iter_lines()):
+                if i >= 3:
+                    break
+
+    with cf.ThreadPoolExecutor(18) as ex:
+        greedy = [ex.submit(lambda p=p: complete(server.client, p, 24).choices[0].text) for p in ps]
+        for p in prompts(6, seed=16):
+            ex.submit(abandon, p)
+        return [f.result() for f in greedy]
+
+
+def _drained(server) -> dict:
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        http.get(server.url + "/health_generate")  # a step refreshes the engine stats
+        m = server.metrics()
+        if m["dsv32_num_requests_running"] == 0 and m["dsv32_kv_cache_usage_ratio"] == 0:
+            break
+        time.sleep(0.3)
+    return m
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return make_served_model(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def want(model_dir):
+    ps = prompts(12, seed=15, lo=30, hi=40)
+    one = Server(model_dir[0], "--page-size", "8")
+    try:
+        return ps, [complete(one.client, p, 24).choices[0].text for p in ps]
+    finally:
+        one.stop()
+
+
+@pytest.mark.parametrize("flags", [("--tp", "2"), ("--tp", "2", "--dp", "2", "--enable-dp-attention")],
+                         ids=["tp2", "dp2"])
+def test_parallel_server_equals_one_rank_under_load(model_dir, want, flags):
+    ps, texts = want
+    s = Server(model_dir[0], *SMALL, *flags)
+    try:
+        assert _load(s, ps) == texts
+        m = _drained(s)
+        assert m["dsv32_num_requests_running"] == 0 and m["dsv32_kv_cache_usage_ratio"] == 0
+        if flags[-1] != "--enable-dp-attention":  # two groups of 64 pages each hold the load without preempting
+            assert m["dsv32_num_preemptions_total"] > 0
+        assert http.get(s.url + "/get_model_info").json()["world_size"] == 2
+    finally:
+        s.stop()
+
+
+def test_killed_rank_stops_the_server_naming_it(model_dir):
+    s = Server(model_dir[0], "--tp", "2", "--page-size", "8")
+    try:
+        log = open(s.log.name).read()
+        pid = int(re.search(r"rank 1/2 \(pid (\d+)\)", log).group(1))
+        with http.stream("POST", s.url + "/v1/completions", json={
+                "prompt": prompts(1, seed=17)[0], "max_tokens": 400, "stream": True, "temperature": 0,
+                "ignore_eos": True}) as r:
+            lines = r.iter_lines()
+            next(lines)
+            os.kill(pid, signal.SIGKILL)
+            rest = list(lines)  # ends (with an error event) instead of hanging
+        assert any("engine failed" in ln and "rank 1" in ln for ln in rest), rest[-3:]
+        assert s.proc.wait(30) != 0
+        log = open(s.log.name).read()
+        assert f"rank 1 (pid {pid}) killed by signal SIGKILL" in log and "the server stopped" in log
+    finally:
+        s.stop()
