@@ -98,6 +98,56 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _memory_plan(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from dsv32.core.config import ModelConfig, deepseek_v32_config
+    from dsv32.core.engine.build import kv_spec, resolve
+    from dsv32.core.engine.memory import GIB, plan_memory
+    from dsv32.server.serve import FlagError, engine_config
+
+    if args.model is None:
+        cfg, name = ModelConfig.from_dict(deepseek_v32_config(), "the official DeepSeek-V3.2 config"), "official"
+        print("config: the official DeepSeek-V3.2 config.json (FP8-block, 61 layers); --model DIR for another")
+    else:
+        cfg, name = ModelConfig.from_pretrained(args.model), args.model
+    try:
+        config = engine_config(args, name)
+        r = resolve(config, cfg)
+    except (FlagError, ValueError) as e:
+        print(f"error: {getattr(e, 'message', e)}", file=sys.stderr)
+        return 2
+    if args.device_memory_gib is None:
+        print("error: --device-memory-gib is required (e.g. 141 for an H200, 80 for an H100, 192 for an MI300X)",
+              file=sys.stderr)
+        return 2
+    if config.cache.mem_fraction_static is None:
+        config = dataclasses.replace(config, cache=dataclasses.replace(config.cache, mem_fraction_static=0.9))
+        print("--mem-fraction-static not given: planning with 0.9")
+    spec = kv_spec(cfg, r, config.cache.page_size)
+    p = config.parallel
+    print(f"layout: {p.world_size} ranks (attention: {p.attn_dp_size} group(s) of {p.attn_tp_size}; experts: "
+          f"{p.ep_size} group(s) of {p.world_size // p.ep_size}); kv cache {r.latent_dtype}, indexer "
+          f"{r.indexer_precision}; context {r.max_model_len}")
+    plans: dict[tuple, list] = {}  # ranks with the same amounts, shown once
+    for rank in range(p.world_size):
+        plan = plan_memory(config, cfg, int(args.device_memory_gib * GIB), rank, spec.latent_bytes_per_token(),
+                           spec.index_bytes_per_token())
+        plans.setdefault((plan.weights, plan.kv_tokens, plan.workspace), []).append(plan)
+    problems = []
+    for same in plans.values():
+        ranks = [pl.rank for pl in same]
+        print("\n".join(same[0].lines()) + (f"\n  (ranks {ranks[0]}-{ranks[-1]}: the same)" if len(ranks) > 1 else ""))
+        problems += [f"ranks {ranks[0]}-{ranks[-1]}: {m}" if len(ranks) > 1 else f"rank {ranks[0]}: {m}"
+                     for m in same[0].problems()]
+    plans = [same[0] for same in plans.values()]
+    if problems:
+        print("does not fit:\n  " + "\n  ".join(problems))
+        return 1
+    print(f"fits: {min(pl.kv_tokens for pl in plans):,} tokens of KV per attention group")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dsv32", description="DeepSeek-V3.2 serving engine.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -121,6 +171,13 @@ def build_parser() -> argparse.ArgumentParser:
                                         "it serves a built-in tiny demo model")
     add_serve_args(srv)
     srv.set_defaults(func=serve)
+
+    plan = sub.add_parser("memory-plan", help="print each rank's memory plan (weights, KV pool, graphs, workspace, "
+                                              "max tokens) for a config and parallel layout, without loading weights")
+    add_serve_args(plan)
+    plan.add_argument("--device-memory-gib", type=float, default=None,
+                      help="memory of one device (GiB), e.g. 141 (H200) or 80 (H100)")
+    plan.set_defaults(func=_memory_plan)
 
     from dsv32.server.bench import add_bench_args, bench_serve
 

@@ -297,3 +297,78 @@ def test_adapter_reads_only_its_part(tmp_path):
     with pytest.raises(CheckpointError, match=r"q_b_proj.weight': this rank's part \[80, 160\) .*blocks of 32"):
         load_weights(str(dst), cfg8, ops, torch.float32, "cpu",
                      plan=ParallelPlan(cfg8, ParallelConfig(tp_size=2).layout(1)))
+
+
+def test_memory_plan_matches_what_a_rank_holds(model):
+    """The plan's weights for a rank (computed from the config) equal what that rank's engine holds; the KV pool of
+    the plan is the engine's; and for the official model it says what fits where."""
+    import dataclasses
+
+    from dsv32.core.engine.build import kv_spec, resolve
+    from dsv32.core.engine.memory import GIB, plan_memory
+
+    path, _, _ = model
+    llm = LLM(model=path, dtype="float32", device="cpu", num_kv_pages=80, page_size=8)
+    cfg = llm.config
+    cfg_tp = dataclasses.replace(llm.engine_config, parallel=ParallelConfig(tp_size=2, ep_size=2))
+    r = resolve(cfg_tp, cfg)
+    spec = kv_spec(cfg, r, 8)
+    mem = llm.core.memory
+    plan = plan_memory(llm.engine_config, cfg, 64 * GIB, 0, spec.latent_bytes_per_token(),
+                       spec.index_bytes_per_token(), act_bytes=4)
+    assert plan.weights == mem["weights"]
+    assert plan.kv_tokens == mem["max_tokens"] == 640
+    assert plan.kv_bytes == mem["kv_latent"] + mem["kv_index"]
+    tp = LLM(model=path, dtype="float32", device="cpu", tp_size=2, ep_size=2)
+    try:
+        for rank, mem in enumerate(tp._ranks.info["memory_per_rank"]):
+            assert plan_memory(cfg_tp, cfg, 64 * GIB, rank, act_bytes=4).weights == mem["weights"]
+    finally:
+        tp.shutdown()
+    official = ModelConfig.from_dict(deepseek_v32_config())
+    from dsv32.core.config import CacheConfig, EngineConfig, SchedulerConfig
+
+    def plan(device_gib, **par):
+        c = EngineConfig(model="official", cache=CacheConfig(mem_fraction_static=0.9),
+                         scheduler=SchedulerConfig(max_model_len=163840, max_running_requests=256),
+                         parallel=ParallelConfig(**par))
+        return plan_memory(c, official, int(device_gib * GIB))
+
+    h200, h100 = plan(141, tp_size=8), plan(80, tp_size=8)
+    assert 78 * GIB < h200.weights < 83 * GIB and h200.problems() == [] and h200.kv_tokens > 900_000
+    assert h100.kv_tokens <= 0 and "leave no room for a KV cache" in h100.problems()[0]
+    assert plan(141, tp_size=8, dp_size=8, enable_dp_attention=True, ep_size=8).problems() == []
+
+
+def test_memory_plan_command(capsys):
+    from dsv32.server.cli import main
+
+    assert main(["memory-plan", "--tp", "8", "--device-memory-gib", "141", "--kv-cache-dtype", "fp8_e4m3",
+                 "--context-length", "163840"]) == 0
+    out = capsys.readouterr().out
+    assert "official DeepSeek-V3.2" in out and "weights" in out and "(ranks 0-7: the same)" in out and "fits:" in out
+    assert main(["memory-plan", "--tp", "8", "--device-memory-gib", "80"]) == 1
+    assert "ranks 0-7: the weights" in capsys.readouterr().out
+    assert main(["memory-plan", "--tp", "3", "--device-memory-gib", "80"]) == 2
+    assert "128 attention heads cannot be split over 3" in capsys.readouterr().err
+
+
+def test_dp_feed_forward_in_chunks_equals_whole(model, monkeypatch):
+    """Under attention DP the MLP runs on every group's gathered tokens in chunks of MLP_CHUNK_TOKENS; chunking
+    changes nothing (here in one process, where the gathers are identities)."""
+    from dsv32.core.communicator import Communicator, ProcessGroups
+    from dsv32.core.model import layers
+    from dsv32.core.parallel import RankLayout
+
+    path, prompts, _ = model
+    llm = LLM(model=path, dtype="float32", device="cpu")
+    ffn = llm.model.layers[1].ffn  # an MoE layer
+    x = torch.randn(11, llm.config.hidden_size, generator=torch.Generator().manual_seed(0))
+    whole = ffn.block.partial(x)
+    monkeypatch.setattr(layers, "MLP_CHUNK_TOKENS", 3)
+    llm.model.groups = ProcessGroups(RankLayout(attn_dp_size=2), Communicator(), Communicator())
+
+    class Batch:
+        mlp_tokens_per_group = 13  # padded past the 11 tokens
+
+    torch.testing.assert_close(ffn(x, Batch()), whole, rtol=1e-5, atol=1e-5)  # fp32: GEMM shapes differ

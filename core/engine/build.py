@@ -18,6 +18,7 @@ from dsv32.core import envs
 from dsv32.core.communicator import ProcessGroups, single_process
 from dsv32.core.config import EngineConfig, ModelConfig
 from dsv32.core.engine.engine import Engine
+from dsv32.core.engine.memory import plan_memory
 from dsv32.core.engine.runner import EagerGraph, ModelRunner
 from dsv32.core.kv_cache import KVCache, KVCacheSpec
 from dsv32.core.model import DeepseekV32
@@ -155,9 +156,10 @@ def build_engine_core(config: EngineConfig, groups: ProcessGroups | None = None,
     else:
         weights = load_weights(config.model, cfg, ops, r.dtype, device, include_mtp=config.load_mtp, plan=plan,
                                report=report)
-    weights_bytes = _weights_bytes(weights)
     model = DeepseekV32(cfg, weights, ops, r.dtype, device, indexer_fp8=r.indexer_precision == "fp8",
                         max_positions=r.max_model_len, groups=groups)
+    weights_bytes = _weights_bytes(model.w) + sum(_weights_bytes({"uk": layer.attn.w_uk, "uv": layer.attn.w_uv})
+                                                  for layer in model.layers)
 
     c, s = config.cache, config.scheduler
     spec = kv_spec(cfg, r, c.page_size)
@@ -191,20 +193,28 @@ def build_engine_core(config: EngineConfig, groups: ProcessGroups | None = None,
     overlap = s.overlap and (ops.new_event() is not None or envs.debug_force_overlap())
     engine = Engine(model, kv_cache, dataclasses.replace(s, max_model_len=r.max_model_len, overlap=overlap),
                     tokenizer, runner)
+    estimate = plan_memory(config, cfg, backend.cls.total_memory_bytes(device), layout.rank,
+                           spec.latent_bytes_per_token(), spec.index_bytes_per_token())
+    left = (1 - c.mem_fraction_static) * estimate.device_bytes if c.mem_fraction_static is not None else None
+    if left is not None and estimate.graphs + estimate.workspace > left:
+        log.warning("rank %d: graphs + workspace need about %.2f GiB, more than the %.2f GiB that "
+                    "--mem-fraction-static %s leaves: lower it (or --chunked-prefill-size / --cuda-graph-max-bs)",
+                    layout.rank, (estimate.graphs + estimate.workspace) / GIB, left / GIB, c.mem_fraction_static)
     latent_bytes = num_pages * c.page_size * spec.latent_bytes_per_token() * spec.num_layers
     index_bytes = num_pages * c.page_size * spec.index_bytes_per_token() * spec.num_layers
     memory = {"weights": weights_bytes, "kv_latent": latent_bytes, "kv_index": index_bytes,
-              "graphs": graphs_bytes, "max_tokens": num_pages * c.page_size,
+              "graphs": graphs_bytes, "workspace_estimate": estimate.workspace, "max_tokens": num_pages * c.page_size,
               "host_peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
     if "read_bytes" in report:
         memory["checkpoint_read"], memory["checkpoint_total"] = report["read_bytes"], report["checkpoint_bytes"]
     log.info("rank %d memory: weights %.2f GiB (read %s), KV pool %.2f GiB (latent %.2f + indexer keys %.2f) = %d "
-             "tokens, graphs %s, host peak RSS %.2f GiB; ready in %.1f s", layout.rank, weights_bytes / GIB,
+             "tokens, graphs %s, workspace ≈ %.2f GiB (estimate); host peak RSS %.2f GiB; ready in %.1f s",
+             layout.rank, weights_bytes / GIB,
              f"{memory['checkpoint_read'] / GIB:.2f} of {memory['checkpoint_total'] / GIB:.2f} GiB"
              if "checkpoint_read" in memory else "random weights", (latent_bytes + index_bytes) / GIB,
              latent_bytes / GIB, index_bytes / GIB, memory["max_tokens"],
-             "n/a" if graphs_bytes is None else f"{graphs_bytes / GIB:.2f} GiB", memory["host_peak_rss"] / GIB,
-             time.monotonic() - t0)
+             "n/a" if graphs_bytes is None else f"{graphs_bytes / GIB:.2f} GiB", estimate.workspace / GIB,
+             memory["host_peak_rss"] / GIB, time.monotonic() - t0)
     return EngineCore(config, cfg, r, backend, ops, groups, model, kv_cache, runner, engine, tokenizer, memory)
 
 

@@ -23,6 +23,9 @@ from dsv32.core.ops import ExpertWeights
 if TYPE_CHECKING:
     from dsv32.core.model.model import DeepseekV32
 
+# With attention data-parallelism the dense MLP / MoE runs on every group's tokens: at most this many at a time.
+MLP_CHUNK_TOKENS = 8192
+
 
 class Attention:
     def __init__(self, m: "DeepseekV32", i: int):
@@ -140,8 +143,10 @@ class FeedForward:
         a, j = g.attn_tp.size, g.attn_tp.rank
         chunk = padded // a
         mine = F.pad(x, (0, 0, 0, padded - T))[j * chunk:(j + 1) * chunk]
-        y = g.world.reduce_scatter(self.block.partial(g.world.all_gather(mine)))
-        return g.attn_tp.all_gather(y)[:T]
+        xg = g.world.all_gather(mine)
+        # every group's tokens at once can be many (a prefill chunk per group): bound the MLP's activations
+        y = torch.cat([self.block.partial(part) for part in xg.split(MLP_CHUNK_TOKENS)])
+        return g.attn_tp.all_gather(g.world.reduce_scatter(y))[:T]
 
 
 class DecoderLayer:
