@@ -56,6 +56,7 @@ def _env(args: argparse.Namespace) -> int:
     why = ops.graph_support()
     print(f"\ndecode CUDA graphs: {'yes (--cuda-graph-max-bs, --disable-cuda-graph)' if not why else 'no: ' + why}")
     print(f"overlap scheduler: {'on by default (--disable-overlap-schedule)' if ops.new_event() is not None else 'off: this device runs synchronously'}")
+    print(f"collectives between ranks (--tp / --dp / --ep): torch.distributed, {ops.process_group_backend()}")
     return 0
 
 
