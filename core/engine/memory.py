@@ -142,16 +142,19 @@ def plan_memory(config: EngineConfig, cfg: ModelConfig, device_bytes: int, rank:
     step = s.chunked_prefill_size if s.chunked_prefill_size > 0 else (s.max_model_len or cfg.max_position_embeddings)
     per_token = activation_bytes_per_token(cfg, plan, act_bytes)
     logits_rows = min(step, s.max_running_requests)  # a prefill step samples at most one token per request
-    workspace = (step * per_token + mlp_gather_bytes(cfg, plan, step, act_bytes) + INDEXER_LOGITS_BYTES
-                 + logits_rows * cfg.vocab_size * 4)
-    graph_bs = 0 if s.disable_cuda_graph else (s.cuda_graph_max_bs or min(s.max_running_requests, 256))
     max_len = s.max_model_len or min(cfg.max_position_embeddings, 32768)
     pages = -(-max_len // config.cache.page_size)
+
+    def indexer_logits(rows: int) -> int:  # fp32 [rows, keys], at most INDEXER_LOGITS_BYTES at once
+        return min(INDEXER_LOGITS_BYTES, rows * max_len * 4) if max_len > cfg.index_topk else 0
+
+    workspace = (step * per_token + mlp_gather_bytes(cfg, plan, step, act_bytes) + indexer_logits(step)
+                 + logits_rows * cfg.vocab_size * 4)
+    graph_bs = 0 if s.disable_cuda_graph else (s.cuda_graph_max_bs or min(s.max_running_requests, 256))
     # one pool for every graph (the largest batch's activations and indexer logits), one shared logits buffer, and
     # per captured size and attention path its static block table
     sizes = graph_batch_sizes(graph_bs)
-    graphs = (graph_bs * (per_token + cfg.vocab_size * 4) + (INDEXER_LOGITS_BYTES if sizes else 0)
-              + 2 * sum(sizes) * pages * 4)
+    graphs = graph_bs * (per_token + cfg.vocab_size * 4) + indexer_logits(graph_bs) + 2 * sum(sizes) * pages * 4
     c = config.cache
     if c.num_kv_pages is not None:
         tokens = c.num_kv_pages * c.page_size

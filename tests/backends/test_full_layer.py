@@ -149,11 +149,15 @@ def test_full_dimension_layer_logits(backend, fp8_weights, kv_dtype):
         flipped = (got_dec[i]["experts"] != want_dec[i]["experts"]).any(-1)
         keys = (got_dec[i]["keys"] != want_dec[i]["keys"]).any(-1) if "keys" in want_dec[i] else flipped & False
         steady = ~flipped
-        agree = (x.argmax(-1) == y.argmax(-1)).float().mean().item()
+        # greedy agreement over the tokens whose reference is not a near-tie (top-1 ahead of top-2 by 1 % of the
+        # row's largest |logit|): with random weights a few-token step can hold a tie that rounding flips
+        top2 = y.topk(2, dim=-1).values
+        decisive = steady & (top2[:, 0] - top2[:, 1] > 0.01 * y.abs().amax(-1))
+        agree = (x.argmax(-1) == y.argmax(-1))[decisive].float().mean().item() if decisive.any() else 1.0
         print(f"step {i}: tokens {x.shape[0]}, other experts {flipped.float().mean():.4f}, other keys "
               f"{keys.float().mean():.4f} (max err there {rel[keys & steady].max() if (keys & steady).any() else 0:.4f}), "
               f"rel err median {rel.median():.4f}, max over steady tokens {rel[steady].max():.4f}, max {rel.max():.4f}, "
-              f"argmax agree {agree:.4f}")
+              f"argmax agree {agree:.4f} over {int(decisive.sum())} decisive tokens")
         assert flipped.float().mean() <= 0.1, f"step {i}: {flipped.float().mean():.3f} of tokens chose differently"
         assert rel[steady].max() < tol, f"step {i}: logits differ by {rel[steady].max():.4f} (relative L2) > {tol}"
         assert rel.median() < (4e-2 if fp8_weights else 1e-2)
