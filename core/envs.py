@@ -41,8 +41,9 @@ def dense_attn_kv_len_threshold(index_topk: int) -> int:
 
 
 def check_rank_agreement() -> bool:
-    """DSV32_CHECK_RANK_AGREEMENT=1: ranks of an attention group compare their indexer top-k every layer and stop on
-    any difference (a debugging aid: they must select the same keys; costs one broadcast per layer)."""
+    """DSV32_CHECK_RANK_AGREEMENT=1: ranks of an attention group compare each step's batch (token ids, positions,
+    cache slots) and every layer's indexer top-k, and stop on any difference (a debugging aid: their schedulers and
+    indexers must agree; costs a broadcast per step and per layer)."""
     return os.environ.get("DSV32_CHECK_RANK_AGREEMENT", "") not in ("", "0")
 
 

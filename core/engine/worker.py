@@ -134,10 +134,16 @@ class RankLoop:
 
     def _read_front(self) -> list:
         if not (self.engine.has_work() or self.busy_elsewhere):
-            self.conn.poll(IDLE_WAIT_S)  # bounded: the heartbeat goes on while idle
+            try:
+                self.conn.poll(IDLE_WAIT_S)  # bounded: the heartbeat goes on while idle
+            except (EOFError, OSError):
+                return [(0, ("stop",))]
         msgs = []
         while self.conn.poll(0):
-            msg = self.conn.recv()
+            try:
+                msg = self.conn.recv()
+            except (EOFError, OSError):  # the front end went away: every rank stops with rank 0
+                return msgs + [(0, ("stop",))]
             if msg[0] == "add":
                 g = min(range(len(self.load)), key=lambda i: self.load[i])
                 self.assigned[msg[1]] = g

@@ -84,6 +84,8 @@ class DeepseekV32:
         """Runs all layers on fb's tokens, writing their KV into cache; returns final-normed hidden [T, Hd]."""
         if fb.max_kv_len > self.max_positions:  # host-side lengths: no device sync (graph capture, overlap)
             raise ValueError(f"position {fb.max_kv_len - 1} exceeds the model's {self.max_positions} positions")
+        if self.check_rank_agreement:
+            self.check_agreement(torch.cat([fb.input_ids, fb.positions, fb.slots]), "the scheduled batch")
         h, residual = self.embed(fb.input_ids), None
         for layer in self.layers:
             h, residual = layer(h, residual, fb, cache)
@@ -108,7 +110,8 @@ class DeepseekV32:
         return out
 
     def check_agreement(self, t: torch.Tensor, what: str) -> None:
-        """Debug (DSV32_CHECK_RANK_AGREEMENT=1): every rank of the attention group holds the same t, bit for bit."""
+        """Debug (DSV32_CHECK_RANK_AGREEMENT=1): every rank of the attention group holds the same t, bit for bit (the
+        batch its identical schedulers built, the keys its replicated indexers selected)."""
         ref = self.groups.attn_tp.broadcast(t.clone(), src=0)
         if not torch.equal(ref, t):
             raise RuntimeError(f"rank {self.groups.layout.rank}: {what} differs from its attention group's first rank")

@@ -93,3 +93,28 @@ def test_killed_rank_stops_the_server_naming_it(model_dir):
         assert f"rank 1 (pid {pid}) killed by signal SIGKILL" in log and "the server stopped" in log
     finally:
         s.stop()
+
+
+def test_ranks_stop_when_the_server_process_dies(model_dir):
+    """SIGKILL on the HTTP process (no cleanup at all): rank 0 sees its pipe close and every rank stops with it,
+    instead of waiting --dist-timeout in a collective."""
+    s = Server(model_dir[0], "--tp", "2")
+    try:
+        log = open(s.log.name).read()
+        pids = [int(p) for p in re.findall(r"rank \d/2 \(pid (\d+)\)", log)]
+        assert len(pids) == 2
+        s.proc.kill()
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and any(_alive(p) for p in pids):
+            time.sleep(0.2)
+        assert not any(_alive(p) for p in pids)
+    finally:
+        s.stop()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split()[2] != "Z"  # a zombie has exited
+    except FileNotFoundError:
+        return False
