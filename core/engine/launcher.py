@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import multiprocessing as mp
-import queue
 import signal
 import socket
 import time
@@ -51,15 +50,18 @@ class RankProcesses:
         init_method = f"tcp://{p.dist_init_addr}" if p.dist_init_addr else f"tcp://127.0.0.1:{free_port()}"
         self.ranks = list(p.node_ranks())
         self.heartbeat = ctx.Array("d", len(self.ranks), lock=False)
-        self.errors = ctx.Queue()
+        self.errors = []  # per rank: the read end of a pipe that carries its last words
         self.reported: dict[int, str] = {}
         self.conn, child = ctx.Pipe() if p.node_rank == 0 else (None, None)
         self.procs = []
         for rank in self.ranks:
+            read, write = ctx.Pipe(duplex=False)
             proc = ctx.Process(target=rank_main, name=f"dsv32-rank{rank}", daemon=True,
-                               args=(rank, config, child if rank == 0 else None, self.heartbeat, self.errors,
+                               args=(rank, config, child if rank == 0 else None, self.heartbeat, write,
                                      init_method, log_level))
             proc.start()
+            write.close()
+            self.errors.append(read)
             self.procs.append(proc)
         if child is not None:
             child.close()
@@ -101,12 +103,12 @@ class RankProcesses:
         return all(v > 0 for v in self.heartbeat)
 
     def _drain_errors(self) -> None:
-        while True:
+        for rank, pipe in zip(self.ranks, self.errors):
             try:
-                rank, message = self.errors.get_nowait()
-            except (queue.Empty, OSError, ValueError):
-                return
-            self.reported.setdefault(rank, message)
+                if rank not in self.reported and pipe.poll(0):
+                    self.reported[rank] = pipe.recv()
+            except (EOFError, OSError):
+                pass  # ended without a word
 
     def _describe_startup_failure(self, message: str | None) -> str:
         time.sleep(0.2)  # let the failing rank's report arrive

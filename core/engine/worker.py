@@ -32,7 +32,7 @@ IDLE_WAIT_S = 0.25  # rank 0 waits this long for the front end when no rank has 
 
 
 def rank_main(rank: int, config, conn, heartbeat, errors, init_method: str, log_level: int) -> None:
-    """Entry point of a rank process (spawned by launcher.RankProcesses)."""
+    """Entry point of a rank process (spawned by launcher.RankProcesses); `errors` is a pipe for its last words."""
     logging.basicConfig(level=log_level, format=f"[dsv32 rank {rank}] %(message)s")
     p = config.parallel
     slot = rank - p.node_ranks().start
@@ -41,7 +41,7 @@ def rank_main(rank: int, config, conn, heartbeat, errors, init_method: str, log_
     except Exception as e:  # noqa: BLE001 - every startup error is reported, naming the rank
         message = f"rank {rank}: {type(e).__name__}: {e}"
         log.error("%s\n%s", message, traceback.format_exc())
-        errors.put((rank, message))
+        errors.send(message)
         if conn is not None:
             conn.send(("failed", message))
         raise SystemExit(1)
@@ -56,7 +56,7 @@ def rank_main(rank: int, config, conn, heartbeat, errors, init_method: str, log_
     except Exception as e:  # noqa: BLE001 - a failed step or exchange ends this rank, and the launcher ends the run
         message = f"rank {rank}: engine loop failed: {type(e).__name__}: {e}"
         log.error("%s\n%s", message, traceback.format_exc())
-        errors.put((rank, message))
+        errors.send(message)
         raise SystemExit(1)
 
 
