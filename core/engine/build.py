@@ -193,8 +193,9 @@ def build_engine_core(config: EngineConfig, groups: ProcessGroups | None = None,
     overlap = s.overlap and (ops.new_event() is not None or envs.debug_force_overlap())
     engine = Engine(model, kv_cache, dataclasses.replace(s, max_model_len=r.max_model_len, overlap=overlap),
                     tokenizer, runner)
-    estimate = plan_memory(config, cfg, backend.cls.total_memory_bytes(device), layout.rank,
-                           spec.latent_bytes_per_token(), spec.index_bytes_per_token())
+    total = getattr(backend.cls, "total_memory_bytes", None)  # optional for a third-party backend
+    estimate = plan_memory(config, cfg, total(device) if total else 0, layout.rank, spec.latent_bytes_per_token(),
+                           spec.index_bytes_per_token())
     left = (1 - c.mem_fraction_static) * estimate.device_bytes if c.mem_fraction_static is not None else None
     if left is not None and estimate.graphs + estimate.workspace > left:
         log.warning("rank %d: graphs + workspace need about %.2f GiB, more than the %.2f GiB that "
