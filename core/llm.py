@@ -54,6 +54,19 @@ class RequestOutput:
         return self.outputs[0].finish_reason
 
 
+def _core_part(path: str) -> property:
+    """A read-only attribute of the in-process engine (a single rank); with rank processes there is none here."""
+    def get(self):
+        if self.core is None:
+            raise AttributeError(f"this LLM runs in rank processes (tp_size > 1): its {path} is not in this process")
+        obj = self.core
+        for name in path.split("."):
+            obj = getattr(obj, name)
+        return obj
+
+    return property(get)
+
+
 class LLM:
     """Loads a DeepSeek-V3.2 checkpoint directory and generates.
 
@@ -122,42 +135,14 @@ class LLM:
         self.max_model_len = self._ranks.info["max_model_len"]
 
     # The single-process engine's parts (tests and benchmarks look inside).
-    @property
-    def engine(self):
-        return self._local().engine
-
-    @property
-    def model(self):
-        return self._local().model
-
-    @property
-    def kv_cache(self):
-        return self._local().kv_cache
-
-    @property
-    def runner(self):
-        return self._local().runner
-
-    @property
-    def ops(self):
-        return self._local().ops
-
-    @property
-    def backend(self):
-        return self._local().backend
-
-    @property
-    def dtype(self):
-        return self._local().resolved.dtype
-
-    @property
-    def indexer_precision(self):
-        return self._local().resolved.indexer_precision
-
-    def _local(self):
-        if self.core is None:
-            raise AttributeError("this LLM runs in rank processes (tp_size > 1): its engine is not in this process")
-        return self.core
+    engine = _core_part("engine")
+    model = _core_part("model")
+    kv_cache = _core_part("kv_cache")
+    runner = _core_part("runner")
+    ops = _core_part("ops")
+    backend = _core_part("backend")
+    dtype = _core_part("resolved.dtype")
+    indexer_precision = _core_part("resolved.indexer_precision")
 
     def shutdown(self) -> None:
         """Stops the rank processes (several ranks); nothing to do in a single process."""

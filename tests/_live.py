@@ -54,6 +54,25 @@ class Server:
             self.proc.kill()
         self.log.close()
 
+    def drained(self, timeout_s: float = 30) -> dict:
+        """The metrics once no request runs and no KV page is in use (or whatever they are after timeout_s)."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            http.get(self.url + "/health_generate")  # a step refreshes the engine stats
+            m = self.metrics()
+            if (m["dsv32_num_requests_running"] == 0 and m["dsv32_kv_cache_usage_ratio"] == 0) \
+                    or time.monotonic() > deadline:
+                return m
+            time.sleep(0.3)
+
+    def abandon_stream(self, prompt: list[int], after_chunks: int = 3) -> None:
+        """A streaming completion whose client goes away after a few chunks."""
+        with http.stream("POST", self.url + "/v1/completions", json={
+                "prompt": prompt, "max_tokens": 400, "stream": True, "temperature": 0, "ignore_eos": True}) as r:
+            for i, _ in enumerate(r.iter_lines()):
+                if i >= after_chunks:
+                    break
+
     def metrics(self) -> dict:
         out = {}
         for line in http.get(self.url + "/metrics").text.splitlines():

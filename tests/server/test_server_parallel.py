@@ -19,29 +19,11 @@ SMALL = ("--page-size", "8", "--num-kv-pages", "64", "--context-length", "256", 
 
 def _load(server, ps):
     """12 greedy requests plus 6 streams abandoned after a few chunks, all at once; returns the greedy texts."""
-    def abandon(p):
-        with http.stream("POST", server.url + "/v1/completions", json={
-                "prompt": p, "max_tokens": 200, "stream": True, "temperature": 0, "ignore_eos": True}) as r:
-            for i, _ in enumerate(r.iter_lines()):
-                if i >= 3:
-                    break
-
     with cf.ThreadPoolExecutor(18) as ex:
         greedy = [ex.submit(lambda p=p: complete(server.client, p, 24).choices[0].text) for p in ps]
         for p in prompts(6, seed=16):
-            ex.submit(abandon, p)
+            ex.submit(server.abandon_stream, p)
         return [f.result() for f in greedy]
-
-
-def _drained(server) -> dict:
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        http.get(server.url + "/health_generate")  # a step refreshes the engine stats
-        m = server.metrics()
-        if m["dsv32_num_requests_running"] == 0 and m["dsv32_kv_cache_usage_ratio"] == 0:
-            break
-        time.sleep(0.3)
-    return m
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +48,7 @@ def test_parallel_server_equals_one_rank_under_load(model_dir, want, flags):
     s = Server(model_dir[0], *SMALL, *flags)
     try:
         assert _load(s, ps) == texts
-        m = _drained(s)
+        m = s.drained()
         assert m["dsv32_num_requests_running"] == 0 and m["dsv32_kv_cache_usage_ratio"] == 0
         if flags[-1] != "--enable-dp-attention":  # two groups of 64 pages each hold the load without preempting
             assert m["dsv32_num_preemptions_total"] > 0
