@@ -100,3 +100,31 @@ def _alive(pid: int) -> bool:
             return f.read().split()[2] != "Z"  # a zombie has exited
     except FileNotFoundError:
         return False
+
+
+def test_two_nodes_on_one_host(model_dir, want):
+    """--nnodes 2: node 1 (another `dsv32 serve`, no HTTP) runs rank 1 and meets node 0 at --dist-init-addr; the
+    outputs equal one rank's; stopping node 0 stops node 1 cleanly (exit 0)."""
+    import subprocess
+    import sys
+
+    from _live import _free_port
+
+    ps, texts = want
+    addr = f"127.0.0.1:{_free_port()}"
+    flags = ("--tp", "2", "--nnodes", "2", "--dist-init-addr", addr, "--page-size", "8")
+    log1 = open(os.path.join(model_dir[0], "node1.log"), "w")
+    node1 = subprocess.Popen([sys.executable, "-m", "dsv32.server.launch_server", "--model", model_dir[0],
+                              "--dtype", "float32", "--node-rank", "1", *flags], stdout=log1, stderr=subprocess.STDOUT)
+    try:
+        node0 = Server(model_dir[0], *flags)
+        try:
+            assert [complete(node0.client, p, 24).choices[0].text for p in ps[:4]] == texts[:4]
+        finally:
+            node0.stop()
+        assert node1.wait(30) == 0, open(log1.name).read()[-2000:]
+        assert "node 1: ranks 1-1 running" in open(log1.name).read()
+    finally:
+        if node1.poll() is None:
+            node1.kill()
+        log1.close()
