@@ -155,7 +155,7 @@ def build_engine_core(config: EngineConfig, groups: ProcessGroups | None = None,
         weights = dummy_weights(cfg, ops, r.dtype, device, include_mtp=config.load_mtp, plan=plan)
     else:
         weights = load_weights(config.model, cfg, ops, r.dtype, device, include_mtp=config.load_mtp, plan=plan,
-                               report=report)
+                               report=report, progress=layout.local_rank == 0)  # one progress line per node
     model = DeepseekV32(cfg, weights, ops, r.dtype, device, indexer_fp8=r.indexer_precision == "fp8",
                         max_positions=r.max_model_len, groups=groups)
     weights_bytes = _weights_bytes(model.w) + sum(_weights_bytes({"uk": layer.attn.w_uk, "uv": layer.attn.w_uv})
@@ -205,7 +205,7 @@ def build_engine_core(config: EngineConfig, groups: ProcessGroups | None = None,
     index_bytes = num_pages * c.page_size * spec.index_bytes_per_token() * spec.num_layers
     memory = {"weights": weights_bytes, "kv_latent": latent_bytes, "kv_index": index_bytes,
               "graphs": graphs_bytes, "workspace_estimate": estimate.workspace, "max_tokens": num_pages * c.page_size,
-              "host_peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+              "host_peak_rss": host_peak_rss()}
     if "read_bytes" in report:
         memory["checkpoint_read"], memory["checkpoint_total"] = report["read_bytes"], report["checkpoint_bytes"]
     log.info("rank %d memory: weights %.2f GiB (read %s), KV pool %.2f GiB (latent %.2f + indexer keys %.2f) = %d "
@@ -234,6 +234,19 @@ def _graph_max_bs(ops: Ops, requested: int | None, disabled: bool, factory, max_
         log.info("decode runs without device graphs: %s", why)
         return 0
     return min(max_running, 256)
+
+
+def host_peak_rss() -> int:
+    """This process's peak resident set in bytes: VmHWM, which restarts at exec (getrusage's ru_maxrss carries the
+    parent's peak into a spawned process on Linux), else ru_maxrss."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def _weights_bytes(weights: dict) -> int:
