@@ -72,10 +72,11 @@ class ParallelConfig:
                        "replicas behind a router, which dsv32 does not implement; add --enable-dp-attention (attention "
                        "data-parallel inside one TP group, as SGLang's DeepSeek docs use it) or run one server per "
                        "replica behind a load balancer")
+        hint = f" (as in SGLang, --tp is the number of ranks: e.g. --tp {max(self.dp_size, self.ep_size)})"
         if self.enable_dp_attention and self.tp_size % self.dp_size:
-            out.append(f"--dp {self.dp_size} must divide --tp {self.tp_size} with --enable-dp-attention")
+            out.append(f"--dp {self.dp_size} must divide --tp {self.tp_size} with --enable-dp-attention" + hint)
         if self.tp_size % self.ep_size:
-            out.append(f"--ep {self.ep_size} must divide --tp {self.tp_size} (the world size)")
+            out.append(f"--ep {self.ep_size} must divide --tp {self.tp_size}" + hint)
         if self.tp_size % self.nnodes:
             out.append(f"--nnodes {self.nnodes} must divide --tp {self.tp_size} (ranks per node)")
         if not 0 <= self.node_rank < self.nnodes:
