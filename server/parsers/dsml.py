@@ -8,7 +8,9 @@
 
 Accepted beyond the strict grammar: the DSML-less form (`<function_calls>`, `<invoke>`, `<parameter>`, ... as
 left when special tokens were skipped), chosen per tag; any whitespace between tags; whitespace around `=`;
-attributes in any order; a missing `string` attribute (parsed as JSON, falling back to a string); an invoke
+attributes in any order; a missing `string` attribute (parsed as JSON, falling back to a string); a
+self-closing invoke `<｜DSML｜invoke name="NAME"/>` (or `<invoke name="NAME" />`, whitespace allowed before
+`/>`), a call without parameters (`{}`), which may be followed by further invokes in the same block; an invoke
 body that is a JSON object (constrained decoding) taken as the arguments; a parameter or invoke whose close tag
 is missing when the next DSML tag starts; several blocks.
 
@@ -17,15 +19,17 @@ whitespace that ends the output after it are dropped; text after a block is cont
 Values are converted as described in arguments.py. Streaming: the call's first delta (id, name) goes out when
 its `<｜DSML｜invoke name="...">` tag is complete; then `{"key": ` when a parameter opens; a string value is
 streamed JSON-escaped as it arrives (holding back anything that may start an end tag); other values when
-their end tag arrives; `}` (or `{}`) when the invoke closes.
+their end tag arrives; `}` (or `{}`) when the invoke closes. A self-closing invoke sends its first delta and
+then `{}` as soon as its tag (through `/>`) is complete.
 
 Failure handling (no text lost): if the text after `<｜DSML｜function_calls>` is not an invoke open tag, the
 marker was not a block (content, and scanning continues after it); a call whose name is not in `tools` goes
-to content raw; other unparseable text inside a block goes to content; an invalid JSON invoke body goes to
-content (the call gets `{}`).
+to content raw (for a self-closing invoke, just its tag); other unparseable text inside a block goes to
+content; an invalid JSON invoke body goes to content (the call gets `{}`).
 """
 from __future__ import annotations
 
+import re
 from typing import Optional
 
 from .arguments import escape_fragment, key_fragment, object_json, streams_as_string, value_json
@@ -44,7 +48,9 @@ VALUE_ENDS = PARAM_CLOSE + ("<｜DSML｜", "</｜DSML｜invoke>", "</｜DSML｜f
 BODY_ENDS = INVOKE_CLOSE + BLOCK_CLOSE
 SKIP_ENDS = INVOKE_CLOSE + ("</｜DSML｜function_calls>", "<｜DSML｜invoke")
 
-INVOKE_RE = tag_regex("invoke")
+# The invoke open tag, or a self-closing one (`... name="NAME"/>`, a call without parameters): tag_regex's
+# pattern with an optional `/` before the `>`.
+INVOKE_RE = re.compile(r'<(?:｜DSML｜)?invoke((?:\s+[A-Za-z_][\w-]*\s*=\s*"[^"]*")*)\s*/?>')
 PARAM_RE = tag_regex("parameter")
 
 MARKER_SETS = (BLOCK_OPEN, VALUE_ENDS, BODY_ENDS, SKIP_ENDS)  # for the tests' marker-containment check
@@ -59,8 +65,9 @@ def _flag(attrs: dict[str, str]) -> Optional[str]:
 
 
 class DsmlMachine(ToolMachine):
-    """States: text → pre (marker seen, nothing committed) → block ⇄ invoke ⇄ value / body; skip (unknown
-    function, raw to content); garbage (content up to the next `<`); after (block closed)."""
+    """States: text → pre (marker seen, nothing committed) → block ⇄ invoke ⇄ value / body (a self-closing
+    invoke opens and closes its call without leaving block); skip (unknown function, raw to content); garbage
+    (content up to the next `<`); after (block closed)."""
     block_open = BLOCK_OPEN
 
     reasoning_end_markers = ("<｜DSML｜function_calls>",)
@@ -113,11 +120,18 @@ class DsmlMachine(ToolMachine):
         return False
 
     def _start_invoke(self, name: str, tag: str) -> None:
+        # `/>` can only end a matched tag as the self-closing form (attribute values end with `"`)
+        self_closing = tag.endswith("/>")
         if not self._open_known_call(name, tag):
+            if self_closing:  # the unknown call was just this tag (now content): nothing to skip
+                self._state = "block"
             return
         self._params = 0
         self._args_closed = False
         self._state = "invoke"
+        if self_closing:  # a call without parameters, complete with its tag
+            self._end_invoke()
+            self._state = "block"
 
     def _s_skip(self) -> bool:
         return self._skip_to(SKIP_ENDS, INVOKE_CLOSE)

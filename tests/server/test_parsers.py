@@ -44,6 +44,11 @@ def par(key, value, string=True, d=D):
     return f'<{d}parameter name="{key}" string="{flag}">{value}</{d}parameter>'
 
 
+def inv_sc(name, d=D, space=""):
+    """Self-closing invoke tag: a call without parameters."""
+    return f'<{d}invoke name="{name}"{space}/>'
+
+
 def block(*invokes, d=D):
     return f"\n\n<{d}function_calls>\n" + "\n".join(invokes) + f"\n</{d}function_calls>"
 
@@ -209,6 +214,30 @@ CASES = {
     "dsml_missing_string_attr": (v32(), block(f'<{D}invoke name="get_weather">\n<{D}parameter name="days">4</{D}parameter>\n'
                                               f'<{D}parameter name="location">Rome</{D}parameter>\n</{D}invoke>'),
                                  ("", None, [("get_weather", args(days=4, location="Rome"))])),
+    "dsml_self_closing": (v32(), block(inv_sc("get_time")), ("", None, [("get_time", "{}")])),
+    "dsml_self_closing_space": (v32(), "Time?" + block(inv_sc("get_time", space=" ")) + "\n\nOk.",
+                                ("Time?\n\nOk.", None, [("get_time", "{}")])),
+    "dsml_self_closing_degraded": (v32(), block(inv_sc("get_time", d=""), d=""), ("", None, [("get_time", "{}")])),
+    "dsml_self_closing_then_normal": (v32(), block(inv_sc("get_time"), inv("get_weather", par("location", "Paris"))),
+                                      ("", None, [("get_time", "{}"), ("get_weather", args(location="Paris"))])),
+    "dsml_normal_then_self_closing": (v32(), block(inv("get_weather", par("location", "Paris")),
+                                                   inv_sc("get_time", d=""), inv_sc("get_time", space="  ")),
+                                      ("", None, [("get_weather", args(location="Paris")), ("get_time", "{}"),
+                                                  ("get_time", "{}")])),
+    "dsml_self_closing_after_missing_close": (v32(), (f'\n\n<{D}function_calls>\n<{D}invoke name="get_weather">\n'
+                                                      f'<{D}parameter name="days" string="false">2\n'
+                                                      f'{inv_sc("get_time")}\n</{D}function_calls>'),
+                                              ("", None, [("get_weather", args(days=2)), ("get_time", "{}")])),
+    "dsml_self_closing_parallel_off": (v32(parallel_tool_calls=False), block(inv_sc("get_time"), inv("get_time")),
+                                       ("", None, [("get_time", "{}")])),
+    "dsml_self_closing_unknown": (v32(), "Ok." + block(inv_sc("launch_rockets"), inv("get_time")),
+                                  ("Ok." + inv_sc("launch_rockets"), None, [("get_time", "{}")])),
+    "dsml_self_closing_unknown_degraded": (v32(), "Ok." + block(inv_sc("nope", d=""), inv_sc("get_time", d=""), d=""),
+                                           ("Ok." + inv_sc("nope", d=""), None, [("get_time", "{}")])),
+    "dsml_self_closing_unknown_accepted_without_tools": (v32(tools=None), block(inv_sc("launch_rockets")),
+                                                         ("", None, [("launch_rockets", "{}")])),
+    "dsml_self_closing_truncated": (v32(), upto(block(inv("get_time"), inv_sc("get_time")), 'get_time"/'),
+                                    ("", None, [("get_time", "{}")])),
     "dsml_json_body": (v32(), block(f'<{D}invoke name="get_weather">\n{{"location": "Oslo", "days":1}}\n</{D}invoke>'),
                        ("", None, [("get_weather", args(location="Oslo", days=1))])),
     "dsml_json_body_invalid": (v32(), "Text." + block(f'<{D}invoke name="get_weather">\n{{"location": Oslo}}\n</{D}invoke>'),
@@ -354,6 +383,20 @@ def test_dsml_argument_fragments_before_invoke_close():
     assert p.result().tool_calls[0].arguments_json == '{"location": "Paris", "days": 2, "unit": "c"}'
 
 
+def test_dsml_self_closing_invoke_streams_name_then_empty_object():
+    text = block(inv_sc("get_time"), inv("get_weather", par("location", "Paris")))
+    tag_end = text.index("/>") + 2
+    p = v32()()
+    assert summarize(p.feed(text[:tag_end - 1])) == ("", None, [])  # `.../` is not a complete tag yet
+    more = p.feed(text[tag_end - 1:tag_end])
+    assert [(d.tool_call.index, d.tool_call.name, d.tool_call.arguments) for d in more] == [
+        (0, "get_time", ""), (0, None, "{}")]
+    for label, chunks in chunkings(text, exhaustive_splits=True):
+        deltas = run(v32()(), chunks)
+        fragments = [d.tool_call.arguments for d in deltas if d.tool_call is not None and d.tool_call.index == 0]
+        assert fragments == ["", "{}"], label  # the name-carrying delta, then exactly "{}"
+
+
 def test_nonstring_value_waits_for_its_end_tag():
     text = block(inv("search", par("filters", '{"a": [1, 2]}', False)))
     p = v32()()
@@ -438,6 +481,7 @@ def test_failed_blocks_come_back_as_content(text):
 # -- fuzz: random mixtures of markers and text --------------------------------------------------------------------
 DSML_FRAGS = [f"<{D}function_calls>", "<function_calls>", f"</{D}function_calls>", f'<{D}invoke name="get_weather">',
               '<invoke name="search">', f'<{D}invoke name="nope">', f"</{D}invoke>", "</invoke>",
+              f'<{D}invoke name="get_time"/>', '<invoke name="nope" />',
               f'<{D}parameter name="location" string="true">', f'<{D}parameter name="days" string="false">',
               '<parameter name="tags" string="false">', f'<{D}parameter name="x">', f"</{D}parameter>", "</parameter>",
               "<", ">", "</", '"', "{", "}", "[1, 2]", '{"k": "v"}', "2", "Paris", "hello world", "\n", "\n\n", " ",
