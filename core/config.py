@@ -346,6 +346,7 @@ class SchedulerConfig:
     overlap: bool = True
     cuda_graph_max_bs: int | None = None
     disable_cuda_graph: bool = False
+    isolate_failures: bool = True  # a failed step aborts only the request it can attribute (one process per group)
 
 
 @dataclass(frozen=True)

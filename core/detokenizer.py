@@ -13,11 +13,22 @@ string, that tail is held back, so a stop string never leaks into streamed outpu
 from __future__ import annotations
 
 
+def special_token_ids(tokenizer) -> dict[str, int]:
+    """The tokenizer's special tokens (those skip_special_tokens drops): text → id."""
+    return {t.content: i for i, t in tokenizer.get_added_tokens_decoder().items() if t.special}
+
+
 class IncrementalDetokenizer:
     def __init__(self, tokenizer, prompt_ids: list[int], skip_special_tokens: bool = True,
-                 stop: list[str] | None = None, no_stop_trim: bool = False, min_tokens: int = 0):
+                 stop: list[str] | None = None, no_stop_trim: bool = False, min_tokens: int = 0,
+                 keep_special_tokens: tuple[str, ...] = ()):
+        """keep_special_tokens: special tokens (text) that skipping keeps (the markers a tool parser reads)."""
         self.tokenizer = tokenizer
         self.skip_special_tokens = skip_special_tokens
+        # skipping all but some: drop the other special ids ourselves and decode the rest as they are
+        self._drop = None
+        if skip_special_tokens and keep_special_tokens:
+            self._drop = {i for text, i in special_token_ids(tokenizer).items() if text not in keep_special_tokens}
         self.stop = list(stop or [])
         self.no_stop_trim = no_stop_trim
         self.min_tokens = min_tokens  # stop strings count only once this many tokens exist
@@ -32,6 +43,8 @@ class IncrementalDetokenizer:
         self._stop_at: int | None = None
 
     def _decode(self, ids: list[int]) -> str:
+        if self._drop is not None:
+            return self.tokenizer.decode([i for i in ids if i not in self._drop], skip_special_tokens=False)
         return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens)
 
     def add(self, token_id: int) -> None:

@@ -4,11 +4,16 @@ backend's `sample` op."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
 
 from dsv32.core.forward_batch import to_device
+
+
+GREEDY_BELOW = 1e-5  # temperatures below this sample greedily (as vLLM): 1/T would overflow fp32 logits
+MAX_TOP_K = 2**31 - 1  # larger top_k values mean no cut (no vocabulary is that large)
 
 
 @dataclass
@@ -19,7 +24,9 @@ class SamplingParams:
     stop_token_ids, or when the text contains a stop string (trimmed from the output unless no_stop_trim),
     but never before min_tokens. Penalties follow vLLM/SGLang: repetition_penalty over prompt and output
     tokens (>1 discourages), frequency/presence penalties over output tokens. logprobs: None = none, k ≥ 0 =
-    the chosen token's logprob plus the k most likely alternatives."""
+    the chosen token's logprob plus the k most likely alternatives. logit_bias: token id → value in [-100, 100]
+    added to that token's logit before sampling (as OpenAI's). A temperature below GREEDY_BELOW is greedy (dividing
+    by it would overflow); a top_k beyond any vocabulary means no cut; seed is any integer in [-2**63, 2**64)."""
 
     max_tokens: int = 16
     temperature: float = 1.0
@@ -38,20 +45,28 @@ class SamplingParams:
     logprobs: int | None = None
     skip_special_tokens: bool = True
     no_stop_trim: bool = False
+    logit_bias: dict[int, float] = field(default_factory=dict)
+    # special tokens (their text) that skip_special_tokens keeps: the tool-call markers a parser needs
+    keep_special_tokens: tuple[str, ...] = ()
 
     def __post_init__(self):
         if isinstance(self.stop, str):
             self.stop = [self.stop]
         self.stop = list(self.stop or [])
         self.stop_token_ids = list(self.stop_token_ids or [])
+        self.logit_bias = dict(self.logit_bias or {})
         self.validate()
+        if 0 < self.temperature < GREEDY_BELOW:
+            self.temperature = 0.0
+        if self.top_k > MAX_TOP_K:
+            self.top_k = -1
 
     def validate(self) -> None:
         def bad(name, why):
             raise ValueError(f"SamplingParams.{name}: {why}")
 
         def is_num(v):
-            return isinstance(v, (int, float)) and not isinstance(v, bool)
+            return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
         if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
             bad("max_tokens", f"must be an integer ≥ 1, got {self.max_tokens!r}")
@@ -63,8 +78,9 @@ class SamplingParams:
             bad("top_k", f"must be -1 (disabled), 0 (disabled) or a positive integer, got {self.top_k!r}")
         if not is_num(self.min_p) or not 0 <= self.min_p <= 1:
             bad("min_p", f"must be in [0, 1], got {self.min_p!r}")
-        if self.seed is not None and not isinstance(self.seed, int):
-            bad("seed", f"must be an integer, got {self.seed!r}")
+        if self.seed is not None and (not isinstance(self.seed, int) or isinstance(self.seed, bool)
+                                      or not -(2**63) <= self.seed < 2**64):
+            bad("seed", f"must be an integer in [-2**63, 2**64), got {self.seed!r}")
         if not isinstance(self.n, int) or not 1 <= self.n <= 128:
             bad("n", f"must be an integer in [1, 128], got {self.n!r}")
         if not all(isinstance(s, str) and s for s in self.stop):
@@ -83,6 +99,10 @@ class SamplingParams:
             bad("repetition_penalty", f"must be in (0, 2], got {self.repetition_penalty!r}")
         if self.logprobs is not None and (not isinstance(self.logprobs, int) or not 0 <= self.logprobs <= 20):
             bad("logprobs", f"must be an integer in [0, 20], got {self.logprobs!r}")
+        if not isinstance(self.logit_bias, dict) or not all(
+                isinstance(t, int) and not isinstance(t, bool) and t >= 0 and is_num(v) and -100 <= v <= 100
+                for t, v in self.logit_bias.items()):
+            bad("logit_bias", f"must map token ids (≥ 0) to numbers in [-100, 100], got {self.logit_bias!r}")
 
     @property
     def greedy(self) -> bool:
@@ -91,6 +111,11 @@ class SamplingParams:
     @property
     def has_penalties(self) -> bool:
         return self.presence_penalty != 0 or self.frequency_penalty != 0 or self.repetition_penalty != 1
+
+    def token_ids(self) -> list[int]:
+        """Every token id the request names (stop ids, logit_bias keys): the engine checks them against its
+        vocabulary."""
+        return list(self.stop_token_ids) + list(self.logit_bias)
 
 
 @dataclass
@@ -102,10 +127,13 @@ class TokenLogprob:
 
 def apply_penalties(logits: torch.Tensor, prompts: list[list[int]], outputs: list[list[int]],
                     params: list[SamplingParams]) -> torch.Tensor:
-    """Penalized copy of logits [B, V] fp32 (rows without penalties untouched)."""
+    """Penalized (and logit-biased) copy of logits [B, V] fp32 (rows without either untouched)."""
     out = logits.clone()
     V = logits.shape[1]
     for i, p in enumerate(params):
+        if p.logit_bias:  # pinned, non-blocking copies: no wait for the device
+            ids = to_device(torch.tensor(list(p.logit_bias), dtype=torch.long), out.device)
+            out[i, ids] += to_device(torch.tensor(list(p.logit_bias.values()), dtype=out.dtype), out.device)
         if not p.has_penalties:
             continue
         row = out[i]

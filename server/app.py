@@ -1,30 +1,47 @@
 """The HTTP server: OpenAI-compatible and SGLang-native endpoints over an EngineClient.
 
-The HTTP process validates, chat-encodes and tokenizes; it never runs the model. Every error is JSON in
-OpenAI's shape; a malformed or oversized body is a 400/413, never a crash. Streams abort their request when
-the client goes away (the generator's cancellation reaches EngineClient.generate, which sends an abort).
+The HTTP process validates, chat-encodes and tokenizes; it never runs the model. Rules it keeps:
+- one error shape everywhere ({"error": {message, type, param, code}}, protocol.error_body), 404 / 405 included,
+  and no internals in a message; a client's mistake is a 4xx naming the field, never a 500;
+- nothing slow on the event loop: bodies are read in chunks with a size limit and a per-chunk timeout, big texts
+  are tokenized in a worker process (tokenization.py), chat prompts rendered in a thread;
+- a request whose client goes away is aborted (streams and non-streaming alike); a stream that fails after it
+  started ends with an error event and [DONE], one that fails before gets the error status instead of a 200;
+- /health is 200 only while the engine is alive, beating and not draining; /health_generate gives up after 20 s;
+- with --api-key every route but /health and /metrics needs `Authorization: Bearer KEY` (scheme case-insensitive,
+  key compared in constant time).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import hmac
 import json
 import logging
+import re
 import time
 import uuid
 from dataclasses import dataclass, field
 
 from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from dsv32.core.llm import expand_n
 from dsv32.server.engine_process import EngineClient, EngineDead, EngineRejected
 from dsv32.server.metrics import Metrics
-from dsv32.server.protocol import RequestError, error_body, sampling_from_native, sampling_from_openai
+from dsv32.server.protocol import (RequestError, error_body, request_id, sampling_from_native, sampling_from_openai,
+                                   stream_options, token_id_list)
 
 log = logging.getLogger("dsv32.server")
 
 MAX_BODY_BYTES = 32 * 1024 * 1024
+BODY_CHUNK_TIMEOUT_S = 30.0  # a client that stops sending its body for this long gets a 408
+HEALTH_STALE_S = 20.0  # /health fails when the engine has made no progress for this long
+HEALTH_GENERATE_TIMEOUT_S = 20.0  # as SGLang's health check
+OPEN_PATHS = ("/health", "/metrics")  # served without the API key, as SGLang
 
 
 @dataclass
@@ -38,56 +55,129 @@ class ServerConfig:
     tool_call_parser: str | None = None
     chat_template: str | None = None  # "dsv32", "v31" or a .jinja path; None = auto
     gen_defaults: dict = field(default_factory=dict)
+    allow_special_tokens_in_messages: bool = False  # text spelling a special token in a message becomes that token
+
+
+class ClientGone(Exception):
+    """The client disconnected before its (non-streaming) response was ready."""
 
 
 class ServerState:
     def __init__(self, engine: EngineClient, tokenizer, cfg: ServerConfig):
+        from dsv32.server.tokenization import Tokenization
+
         self.engine, self.tokenizer, self.cfg = engine, tokenizer, cfg
         self.metrics = Metrics(cfg.served_model_name)
         self.created = int(time.time())
         self.max_model_len = engine.info["max_model_len"]
+        self.vocab_size = engine.info["vocab_size"]
+        self.tokens = (Tokenization(tokenizer, self.max_model_len, cfg.allow_special_tokens_in_messages)
+                       if tokenizer is not None else None)
+        self.think_end_id = tokenizer.token_to_id("</think>") if tokenizer is not None else None
+        self.in_flight = 0  # engine requests not finished
+        self.draining = False  # shutting down: no new requests
 
-    def encode(self, text: str) -> list[int]:
-        if self.tokenizer is None:
-            raise RequestError("this model has no tokenizer.json: send token ids", "prompt")
-        return self.tokenizer.encode(text, add_special_tokens=False).ids
+    async def encode(self, text: str, field_name: str, pieces: list[str] | None = None,
+                     marker: str | None = None) -> list[int]:
+        """Token ids of a prompt text (special-token text in `pieces` kept as plain text), bounded by the context
+        before any tokenization and off the event loop when big."""
+        if self.tokens is None:
+            raise RequestError("this model has no tokenizer.json: send token ids", field_name)
+        try:
+            self.tokens.check_length(text, field_name)
+        except ValueError as e:
+            raise RequestError(str(e), field_name) from None
+        return await self.tokens.encode(text, pieces, marker)
 
     def check_model(self, body: dict) -> None:
         name = body.get("model")
         if name is not None and name not in (self.cfg.served_model_name, self.cfg.model_path):
-            raise RequestError(f"The model `{name}` does not exist; this server serves `{self.cfg.served_model_name}`.",
-                               "model", status=404, type_="NotFoundError")
+            raise RequestError(f"The model `{str(name)[:200]}` does not exist; this server serves "
+                               f"`{self.cfg.served_model_name}`.", "model", status=404)
+
+    def token_text(self, token_id: int) -> str:
+        return self.tokenizer.decode([token_id], skip_special_tokens=False) if self.tokenizer else str(token_id)
 
 
-def _json_error(e: RequestError) -> JSONResponse:
-    return JSONResponse(error_body(str(e), e.param, e.status, e.type), status_code=e.status)
+def error_response(status: int, message: str, param: str | None = None) -> JSONResponse:
+    return JSONResponse(error_body(message, param, status), status_code=status)
+
+
+# Lone UTF-16 surrogates ("\ud800") are valid JSON escapes but not text: no tokenizer or client can use them.
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
 
 
 async def read_json(request: Request) -> dict:
-    raw = b""
-    async for chunk in request.stream():
+    """The request body as a JSON object, or RequestError (400 / 408 / 413) saying what is wrong with it."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > MAX_BODY_BYTES:
+        raise RequestError(f"request body exceeds {MAX_BODY_BYTES} bytes", None, status=413)
+    raw = bytearray()
+    chunks = request.stream().__aiter__()
+    while True:
+        try:
+            chunk = await asyncio.wait_for(chunks.__anext__(), BODY_CHUNK_TIMEOUT_S)
+        except StopAsyncIteration:
+            break
+        except asyncio.TimeoutError:
+            raise RequestError(f"the request body did not arrive within {BODY_CHUNK_TIMEOUT_S:.0f} s", None,
+                               status=408) from None
         raw += chunk
         if len(raw) > MAX_BODY_BYTES:
             raise RequestError(f"request body exceeds {MAX_BODY_BYTES} bytes", None, status=413)
     try:
-        body = json.loads(raw)
+        body = json.loads(raw) if len(raw) < (1 << 20) else await asyncio.to_thread(json.loads, bytes(raw))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise RequestError(f"request body is not valid JSON: {e}", None) from None
+    except RecursionError:
+        raise RequestError("request body is nested too deeply", None) from None
+    except ValueError as e:  # e.g. an integer literal with more digits than Python converts
         raise RequestError(f"request body is not valid JSON: {e}", None) from None
     if not isinstance(body, dict):
         raise RequestError("request body must be a JSON object", None)
+    if _SURROGATE_ESCAPE.search(raw):
+        path = _lone_surrogate(body, "")
+        if path is not None:
+            raise RequestError(f"{path or 'body'}: contains a lone UTF-16 surrogate (not valid text)", path or None)
     return body
+
+
+def _lone_surrogate(v, path: str) -> str | None:
+    """The path of the first string (or key) holding a lone surrogate, else None."""
+    if isinstance(v, str):
+        try:
+            v.encode("utf-8")
+        except UnicodeEncodeError:
+            return path
+        return None
+    items = v.items() if isinstance(v, dict) else enumerate(v) if isinstance(v, list) else ()
+    for k, x in items:
+        sub = f"{path}.{k}" if isinstance(k, str) and path else (k if isinstance(k, str) else f"{path}[{k}]")
+        if isinstance(k, str) and _lone_surrogate(k, sub) is not None:
+            return sub
+        found = _lone_surrogate(x, sub)
+        if found is not None:
+            return found
+    return None
 
 
 def sse(obj) -> str:
     return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
 
+def error_event(e: Exception) -> str:
+    status = 503 if isinstance(e, EngineDead) else 400
+    return sse(error_body(str(e), None, status))
+
+
 async def run_request(state: ServerState, rid: str, prompt_ids: list[int], params):
-    """Yields StepOutputs of one engine request, recording metrics (a client that goes away counts as abort)."""
+    """Yields StepOutputs of one engine request, recording metrics (a client that goes away counts as abort); a
+    request the engine failed raises EngineRejected with the reason."""
     t0 = time.monotonic()
     last = None
     completion = 0
     finished = False
+    state.in_flight += 1
     try:
         async for out in state.engine.generate(rid, prompt_ids, params):
             now = time.monotonic()
@@ -104,8 +194,11 @@ async def run_request(state: ServerState, rid: str, prompt_ids: list[int], param
                 if state.cfg.log_requests:
                     log.info("request %s: %d prompt + %d completion tokens, %s, %.3f s", rid, out.prompt_tokens,
                              out.completion_tokens, out.finish_reason, now - t0)
+                if out.error:
+                    raise EngineRejected(out.error)
             yield out
     finally:
+        state.in_flight -= 1
         if not finished:
             state.metrics.on_finish(len(prompt_ids), completion, "abort", time.monotonic() - t0)
             if state.cfg.log_requests:
@@ -142,12 +235,52 @@ async def merge_choices(streams: list):
             t.cancel()
 
 
-def logprobs_openai_completion(lps, tokenizer) -> dict | None:
+async def started(agen):
+    """Waits for the first item of an async generator, so that its errors (a rejected request, a dead engine) raise
+    here, before a streaming response's 200 is sent; returns a generator of that item and the rest."""
+    end = object()
+    try:
+        first = await agen.__anext__()
+    except StopAsyncIteration:
+        first = end
+
+    async def rest():
+        if first is not end:
+            yield first
+        async for item in agen:
+            yield item
+
+    return rest()
+
+
+async def unless_disconnected(request: Request, coro):
+    """The result of coro, or ClientGone (coro cancelled, so its engine requests are aborted) when the client goes
+    away first."""
+    task = asyncio.ensure_future(coro)
+    try:
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=0.5)
+            if done:
+                return task.result()
+            if await request.is_disconnected():
+                raise ClientGone()
+    finally:
+        if not task.done():
+            task.cancel()
+            with contextlib.suppress(BaseException):
+                await task
+
+
+def logprobs_openai_completion(lps, state: ServerState) -> dict | None:
     if not lps:
         return None
-    dec = (lambda t: tokenizer.decode([t], skip_special_tokens=False)) if tokenizer else str
-    return {"tokens": [dec(lp.token_id) for lp in lps], "token_logprobs": [lp.logprob for lp in lps],
-            "top_logprobs": [{dec(t): v for t, v in lp.top} for lp in lps], "text_offset": []}
+    return {"tokens": [state.token_text(lp.token_id) for lp in lps], "token_logprobs": [lp.logprob for lp in lps],
+            "top_logprobs": [{state.token_text(t): v for t, v in lp.top} for lp in lps], "text_offset": []}
+
+
+def _authorized(header: str, key: str) -> bool:
+    scheme, _, token = header.partition(" ")
+    return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), key.encode())
 
 
 def create_app(state: ServerState) -> FastAPI:
@@ -156,46 +289,67 @@ def create_app(state: ServerState) -> FastAPI:
 
     @app.middleware("http")
     async def guard(request: Request, call_next):
-        if state.cfg.api_key and request.url.path.startswith("/v1") or (
-                state.cfg.api_key and request.url.path in ("/generate", "/tokenize", "/detokenize")):
-            if request.headers.get("authorization", "") != f"Bearer {state.cfg.api_key}":
-                return JSONResponse(error_body("invalid or missing API key (Authorization: Bearer <key>)", None, 401,
-                                               "AuthenticationError"), status_code=401)
+        path = request.url.path
+        if state.cfg.api_key and path not in OPEN_PATHS and \
+                not _authorized(request.headers.get("authorization", ""), state.cfg.api_key):
+            return error_response(401, "invalid or missing API key (Authorization: Bearer <key>)")
+        if state.draining and path not in OPEN_PATHS:
+            return error_response(503, "the server is shutting down")
         try:
             return await call_next(request)
         except RequestError as e:
-            return _json_error(e)
+            return error_response(e.status, str(e), e.param)
 
     @app.exception_handler(RequestError)
     async def on_request_error(request: Request, e: RequestError):
-        return _json_error(e)
+        return error_response(e.status, str(e), e.param)
 
     @app.exception_handler(EngineRejected)
     async def on_rejected(request: Request, e: EngineRejected):
-        return _json_error(RequestError(str(e), None))
+        return error_response(400, str(e))
 
     @app.exception_handler(EngineDead)
     async def on_dead(request: Request, e: EngineDead):
-        return JSONResponse(error_body(str(e), None, 503, "ServiceUnavailableError"), status_code=503)
+        return error_response(503, str(e))
+
+    @app.exception_handler(ClientGone)
+    async def on_gone(request: Request, e: ClientGone):
+        return Response(status_code=499)  # nobody reads it
+
+    @app.exception_handler(StarletteHTTPException)
+    async def on_http(request: Request, e: StarletteHTTPException):
+        message = {404: f"no route {request.url.path}", 405: f"{request.method} is not allowed on {request.url.path}"}
+        return error_response(e.status_code, message.get(e.status_code, str(e.detail)))
+
+    @app.exception_handler(RequestValidationError)
+    async def on_validation(request: Request, e: RequestValidationError):
+        return error_response(400, "invalid request")
 
     @app.exception_handler(Exception)
     async def on_any(request: Request, e: Exception):
-        log.exception("unhandled error on %s", request.url.path)
-        return JSONResponse(error_body(f"internal error: {type(e).__name__}: {e}", None, 500, "InternalServerError"),
-                            status_code=500)
+        ref = uuid.uuid4().hex[:12]
+        log.exception("unhandled error on %s (ref %s)", request.url.path, ref)
+        return error_response(500, f"internal server error (ref {ref} in the server log)")
 
     @app.get("/health")
     async def health():
-        return Response(status_code=200 if state.engine.alive else 503)
+        ok = state.engine.alive and not state.draining and state.engine.heartbeat_age() < HEALTH_STALE_S
+        return Response(status_code=200 if ok else 503)
 
     @app.get("/health_generate")
     async def health_generate():
         from dsv32.core.sampling import SamplingParams
 
-        async for out in state.engine.generate(state.engine.new_request_id("health"), [0],
-                                               SamplingParams(max_tokens=1, temperature=0)):
-            if out.finished:
-                break
+        async def probe():
+            async for out in state.engine.generate(state.engine.new_request_id("health"), [0],
+                                                   SamplingParams(max_tokens=1, temperature=0)):
+                if out.finished:
+                    return
+
+        try:
+            await asyncio.wait_for(probe(), HEALTH_GENERATE_TIMEOUT_S)
+        except asyncio.TimeoutError:
+            return error_response(503, f"the engine did not generate a token within {HEALTH_GENERATE_TIMEOUT_S:.0f} s")
         return Response(status_code=200)
 
     @app.get("/v1/models")
@@ -212,8 +366,7 @@ def create_app(state: ServerState) -> FastAPI:
     @app.get("/metrics")
     async def metrics():
         if not state.cfg.enable_metrics:
-            return JSONResponse(error_body("metrics are off: start the server with --enable-metrics", None, 404,
-                                           "NotFoundError"), status_code=404)
+            return error_response(404, "metrics are off: start the server with --enable-metrics")
         return PlainTextResponse(state.metrics.render(state.engine.stats), media_type="text/plain; version=0.0.4")
 
     @app.post("/tokenize")
@@ -222,18 +375,19 @@ def create_app(state: ServerState) -> FastAPI:
         text = body.get("prompt", body.get("text"))
         if not isinstance(text, str):
             raise RequestError("'prompt' must be a string", "prompt")
-        ids = state.encode(text)
+        ids = await state.encode(text, "prompt")
         return {"tokens": ids, "count": len(ids), "max_model_len": state.max_model_len}
 
     @app.post("/detokenize")
     async def detokenize(request: Request):
         body = await read_json(request)
-        ids = body.get("tokens")
-        if not isinstance(ids, list) or not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in ids):
-            raise RequestError("'tokens' must be a list of non-negative integers", "tokens")
+        ids = token_id_list(body.get("tokens"), "tokens", state.vocab_size)
         if state.tokenizer is None:
             raise RequestError("this model has no tokenizer.json", "tokens")
-        return {"text": state.tokenizer.decode(ids, skip_special_tokens=False)}
+        decode = state.tokenizer.decode
+        text = decode(ids, skip_special_tokens=False) if len(ids) < 65536 else \
+            await asyncio.to_thread(decode, ids, skip_special_tokens=False)
+        return {"text": text}
 
     @app.post("/v1/completions")
     async def completions(request: Request):
@@ -242,34 +396,34 @@ def create_app(state: ServerState) -> FastAPI:
         prompt = body.get("prompt")
         if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
             prompt = prompt[0]
-        if isinstance(prompt, str):
-            ids = state.encode(prompt)
+        if isinstance(prompt, str) and prompt:
+            ids = await state.encode(prompt, "prompt")
         elif isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
-            ids = prompt
+            ids = token_id_list(prompt, "prompt", state.vocab_size)
         else:
             raise RequestError("'prompt' must be a non-empty string or a list of token ids (one prompt per request)", "prompt")
-        vocab = state.engine.info["vocab_size"]
-        if any(not 0 <= t < vocab for t in ids):
-            raise RequestError(f"'prompt' token ids must be in [0, {vocab})", "prompt")
-        params = sampling_from_openai(body, len(ids), state.max_model_len, state.cfg.gen_defaults, chat=False)
+        params = sampling_from_openai(body, len(ids), state.max_model_len, state.cfg.gen_defaults, chat=False,
+                                      vocab_size=state.vocab_size)
         stream = body.get("stream", False)
-        include_usage = bool((body.get("stream_options") or {}).get("include_usage")) if stream else False
+        include_usage = stream_options(body) if stream else False
         echo = body.get("echo", False) is True and isinstance(prompt, str)
-        rid = body.get("rid") or f"cmpl-{uuid.uuid4().hex}"
+        rid = request_id(body) or f"cmpl-{uuid.uuid4().hex}"
         children = expand_n(params)
         gens = [run_request(state, f"{rid}-{i}", ids, p) for i, p in enumerate(children)]
         created = int(time.time())
         base = {"id": rid, "object": "text_completion", "created": created, "model": state.cfg.served_model_name}
 
         if stream:
+            outs = await started(merge_choices(gens))
+
             async def events():
                 usage = {"prompt_tokens": len(ids), "completion_tokens": 0}
                 try:
-                    async for i, out in merge_choices(gens):
+                    async for i, out in outs:
                         usage["completion_tokens"] += len(out.new_token_ids)
-                        text = out.text_delta
                         if out.text_delta or out.finished or out.new_token_ids:
-                            choice = {"index": i, "text": text, "logprobs": logprobs_openai_completion(out.logprobs, state.tokenizer),
+                            choice = {"index": i, "text": out.text_delta,
+                                      "logprobs": logprobs_openai_completion(out.logprobs, state),
                                       "finish_reason": out.finish_reason if out.finished else None}
                             if out.finished:
                                 choice["matched_stop"] = None
@@ -278,23 +432,24 @@ def create_app(state: ServerState) -> FastAPI:
                         usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
                         yield sse({**base, "choices": [], "usage": usage})
                 except (EngineRejected, EngineDead) as e:
-                    yield sse(error_body(str(e), None, 400 if isinstance(e, EngineRejected) else 503))
+                    yield error_event(e)
                 yield "data: [DONE]\n\n"
             return StreamingResponse(events(), media_type="text/event-stream")
 
-        texts = [[] for _ in children]
-        tokens = [[] for _ in children]
-        lps = [[] for _ in children]
-        finish = [None] * len(children)
-        cached = 0
-        async for i, out in merge_choices(gens):
-            texts[i].append(out.text_delta)
-            tokens[i] += out.new_token_ids
-            lps[i] += out.logprobs
-            if out.finished:
-                finish[i], cached = out.finish_reason, max(cached, out.cached_tokens)
+        async def collect():
+            texts, tokens, lps = [[] for _ in children], [[] for _ in children], [[] for _ in children]
+            finish, cached = [None] * len(children), 0
+            async for i, out in merge_choices(gens):
+                texts[i].append(out.text_delta)
+                tokens[i] += out.new_token_ids
+                lps[i] += out.logprobs
+                if out.finished:
+                    finish[i], cached = out.finish_reason, max(cached, out.cached_tokens)
+            return texts, tokens, lps, finish, cached
+
+        texts, tokens, lps, finish, cached = await unless_disconnected(request, collect())
         choices = [{"index": i, "text": (prompt if echo else "") + "".join(texts[i]),
-                    "logprobs": logprobs_openai_completion(lps[i], state.tokenizer), "finish_reason": finish[i]}
+                    "logprobs": logprobs_openai_completion(lps[i], state), "finish_reason": finish[i]}
                    for i in range(len(children))]
         completion_tokens = sum(len(t) for t in tokens)
         return {**base, "choices": choices, "usage": {
@@ -304,39 +459,76 @@ def create_app(state: ServerState) -> FastAPI:
     @app.post("/generate")
     async def generate(request: Request):
         body = await read_json(request)
-        if isinstance(body.get("text"), str):
-            ids = state.encode(body["text"])
-        elif isinstance(body.get("input_ids"), list) and body["input_ids"] and all(
-                isinstance(t, int) and not isinstance(t, bool) for t in body["input_ids"]):
-            ids = body["input_ids"]
+        for name in ("lora_path", "custom_logit_processor", "image_data", "video_data", "audio_data",
+                     "session_params", "token_ids_logprob"):
+            if body.get(name) is not None:
+                raise RequestError(f"'{name}' is not supported by this server", name)
+        if body.get("return_hidden_states"):
+            raise RequestError("'return_hidden_states' is not supported by this server", "return_hidden_states")
+        if body.get("logprob_start_len") not in (None, -1):
+            raise RequestError("prompt logprobs ('logprob_start_len' other than -1) are not supported yet",
+                               "logprob_start_len")
+        if isinstance(body.get("text"), str) and body["text"]:
+            ids = await state.encode(body["text"], "text")
+        elif isinstance(body.get("input_ids"), list) and body["input_ids"]:
+            ids = token_id_list(body["input_ids"], "input_ids", state.vocab_size)
         else:
             raise RequestError("give 'text' (a string) or 'input_ids' (a list of token ids)", "text")
-        params = sampling_from_native(body.get("sampling_params"), len(ids), state.max_model_len, state.cfg.gen_defaults)
+        params = sampling_from_native(body.get("sampling_params"), len(ids), state.max_model_len,
+                                      state.cfg.gen_defaults, state.vocab_size)
         if params.n != 1:
             raise RequestError("'sampling_params.n' > 1 is served by /v1/completions", "sampling_params.n")
-        rid = body.get("rid") or uuid.uuid4().hex
+        return_logprob = body.get("return_logprob", False)
+        if not isinstance(return_logprob, bool):
+            raise RequestError("'return_logprob' must be a boolean", "return_logprob")
+        top_n = body.get("top_logprobs_num", 0)
+        if isinstance(top_n, bool) or not isinstance(top_n, int) or not 0 <= top_n <= 20:
+            raise RequestError("'top_logprobs_num' must be an integer in [0, 20]", "top_logprobs_num")
+        with_text = body.get("return_text_in_logprobs", False) is True
+        if return_logprob:
+            params.logprobs = top_n
+        rid = request_id(body) or uuid.uuid4().hex
         t0 = time.monotonic()
 
-        def meta(out):
-            return {"id": rid, "finish_reason": {"type": out.finish_reason} if out.finished else None,
-                    "prompt_tokens": out.prompt_tokens, "completion_tokens": out.completion_tokens,
-                    "cached_tokens": out.cached_tokens, "e2e_latency": time.monotonic() - t0}
+        def entry(lp_value, token_id):
+            return [lp_value, token_id, state.token_text(token_id) if with_text else None]
+
+        def meta(out, lps):  # SGLang's meta_info (logprobs of every output token so far)
+            m = {"id": rid, "finish_reason": {"type": out.finish_reason} if out.finished else None,
+                 "prompt_tokens": out.prompt_tokens, "completion_tokens": out.completion_tokens,
+                 "cached_tokens": out.cached_tokens, "e2e_latency": time.monotonic() - t0}
+            if return_logprob:
+                m["output_token_logprobs"] = [entry(lp.logprob, lp.token_id) for lp in lps]
+                if top_n:
+                    m["output_top_logprobs"] = [[entry(v, t) for t, v in lp.top] for lp in lps]
+            return m
 
         if body.get("stream"):
+            outs = await started(run_request(state, rid, ids, params))
+
             async def events():
-                text, out_ids = "", []
-                async for out in run_request(state, rid, ids, params):
-                    text += out.text_delta
-                    out_ids += out.new_token_ids
-                    yield sse({"text": text, "output_ids": out_ids, "meta_info": meta(out)})
+                text, out_ids, lps = "", [], []
+                try:
+                    async for out in outs:
+                        text += out.text_delta
+                        out_ids += out.new_token_ids
+                        lps += out.logprobs
+                        yield sse({"text": text, "output_ids": out_ids, "meta_info": meta(out, lps)})
+                except (EngineRejected, EngineDead) as e:
+                    yield error_event(e)
                 yield "data: [DONE]\n\n"
             return StreamingResponse(events(), media_type="text/event-stream")
-        text, out_ids, last = "", [], None
-        async for out in run_request(state, rid, ids, params):
-            text += out.text_delta
-            out_ids += out.new_token_ids
-            last = out
-        return {"text": text, "output_ids": out_ids, "meta_info": meta(last)}
+
+        async def collect():
+            text, out_ids, lps, last = "", [], [], None
+            async for out in run_request(state, rid, ids, params):
+                text += out.text_delta
+                out_ids += out.new_token_ids
+                lps += out.logprobs
+                last = out
+            return {"text": text, "output_ids": out_ids, "meta_info": meta(last, lps)}
+
+        return await unless_disconnected(request, collect())
 
     from dsv32.server.chat import register_chat
 

@@ -15,12 +15,22 @@ import uuid
 from fastapi import FastAPI, Request
 from fastapi.responses import StreamingResponse
 
+import asyncio
+
 from dsv32.core.llm import expand_n
-from dsv32.server.app import ServerState, merge_choices, read_json, run_request, sse
+from dsv32.server.app import (ServerState, error_event, merge_choices, read_json, run_request, sse, started,
+                              unless_disconnected)
+from dsv32.server.encoding.common import DSML, THINK_END, THINK_START
 from dsv32.server.engine_process import EngineDead, EngineRejected
-from dsv32.server.protocol import RequestError, error_body, sampling_from_openai
+from dsv32.server.parsers import v31
+from dsv32.server.protocol import RequestError, request_id, sampling_from_openai, stream_options
 
 DSML_BLOCK_OPEN = "\n\n<｜DSML｜function_calls>\n"
+# The markers each parser reads: detokenization keeps them even where they are special tokens (and drops the
+# other special tokens, so an end-of-sentence never reaches the content).
+PARSER_MARKERS = {"deepseek-v3": (THINK_START, THINK_END), "deepseekv32": (DSML,),
+                  "deepseekv31": (v31.CALLS_BEGIN, v31.CALLS_END, v31.CALL_BEGIN, v31.CALL_END, v31.SEP)}
+RENDER_INLINE_BYTES = 1 << 16  # bigger requests render their prompt in a thread, off the event loop
 
 
 def _validate_tools(body: dict):
@@ -56,13 +66,12 @@ def _validate_tools(body: dict):
     return tools or None, choice, named, parallel
 
 
-def _chat_logprobs(lps, tokenizer):
+def _chat_logprobs(lps, state: ServerState):
     if not lps:
         return None
-    dec = (lambda t: tokenizer.decode([t], skip_special_tokens=False)) if tokenizer else str
 
     def entry(t, v):
-        s = dec(t)
+        s = state.token_text(t)
         return {"token": s, "logprob": v, "bytes": list(s.encode("utf-8"))}
 
     return {"content": [{**entry(lp.token_id, lp.logprob), "top_logprobs": [entry(t, v) for t, v in lp.top]}
@@ -104,20 +113,31 @@ def register_chat(app: FastAPI, state: ServerState) -> None:
                 raise RequestError(f"tool_choice '{choice}' needs --tool-call-parser deepseekv32 (this server: "
                                    f"{tool_parser_name or 'none'})", "tool_choice")
             forced = DSML_BLOCK_OPEN + (f'<｜DSML｜invoke name="{named}">\n' if named else "")
+        # text in the client's messages and tools that spells a special token stays text (tokenization.py)
+        safe, pieces, marker = (state.tokens.protect({"messages": messages, "tools": tools}) if state.tokens
+                                else ({"messages": messages, "tools": tools}, [], None))
+        safe_messages, safe_tools = safe["messages"], safe["tools"]
+
+        def render():
+            return encoder.render(safe_messages, tools=safe_tools if use_tools else None, thinking=thinking,
+                                  add_generation_prompt=True, chat_template_kwargs=kwargs)
+
         try:
-            prompt = encoder.render(messages, tools=tools if use_tools else None, thinking=thinking,
-                                    add_generation_prompt=True, chat_template_kwargs=kwargs)
+            big = int(request.headers.get("content-length") or 0) > RENDER_INLINE_BYTES
+            prompt = await asyncio.to_thread(render) if big else render()
         except ValueError as e:
             raise RequestError(str(e), getattr(e, "path", None) or "messages") from None
         if forced and thinking:
             prompt += "</think>"  # no reasoning before a forced call
-        ids = state.encode(prompt + forced)
-        params = sampling_from_openai(body, len(ids), state.max_model_len, state.cfg.gen_defaults, chat=True)
-        if use_tools and tool_parser_name:
-            params.skip_special_tokens = False  # DSML / V3.1 markers must survive detokenization
+        ids = await state.encode(prompt + forced, "messages", pieces, marker)
+        params = sampling_from_openai(body, len(ids), state.max_model_len, state.cfg.gen_defaults, chat=True,
+                                      vocab_size=state.vocab_size)
         separate = body.get("separate_reasoning", True) is not False
         stream_reasoning = body.get("stream_reasoning", True) is not False
         reasoning_on = bool(state.cfg.reasoning_parser) and separate and not forced
+        markers = (PARSER_MARKERS[state.cfg.reasoning_parser] if reasoning_on else ()) + \
+            (PARSER_MARKERS[tool_parser_name] if use_tools and tool_parser_name else ())
+        params.keep_special_tokens = markers  # the parsers' markers survive skip_special_tokens
 
         def new_parser():
             reasoning = ReasoningParser(state.cfg.reasoning_parser, thinking=thinking) if reasoning_on else None
@@ -125,44 +145,61 @@ def register_chat(app: FastAPI, state: ServerState) -> None:
                                    parallel_tool_calls=parallel) if use_tools and tool_parser_name else None)
             return OutputParser(reasoning=reasoning, tools=tool)
 
-        rid = body.get("rid") or f"chatcmpl-{uuid.uuid4().hex}"
+        rid = request_id(body) or f"chatcmpl-{uuid.uuid4().hex}"
+        include_usage = stream_options(body) if body.get("stream") else False
         children = expand_n(params)
         parsers = [new_parser() for _ in children]
         prefeed = [p.feed(forced) if forced else [] for p in parsers]
         gens = [run_request(state, f"{rid}-{i}", ids, p) for i, p in enumerate(children)]
         base = {"id": rid, "object": "chat.completion", "created": int(time.time()), "model": state.cfg.served_model_name}
         if body.get("stream"):
-            return StreamingResponse(_stream(state, body, base, gens, parsers, prefeed, stream_reasoning, len(ids)),
-                                     media_type="text/event-stream")
+            outs = await started(merge_choices(gens))
+            return StreamingResponse(_stream(state, include_usage, base, outs, parsers, prefeed, stream_reasoning,
+                                             len(ids)), media_type="text/event-stream")
 
-        texts = [[forced] if forced else [] for _ in children]
-        lps, tokens = [[] for _ in children], [0] * len(children)
-        finish, cached = [None] * len(children), 0
-        async for i, out in merge_choices(gens):
-            texts[i].append(out.text_delta)
-            lps[i] += out.logprobs
-            tokens[i] += len(out.new_token_ids)
-            if out.finished:
-                finish[i], cached = out.finish_reason, max(cached, out.cached_tokens)
+        async def collect():
+            texts = [[forced] if forced else [] for _ in children]
+            lps, tokens = [[] for _ in children], [[] for _ in children]
+            finish, cached = [None] * len(children), 0
+            async for i, out in merge_choices(gens):
+                texts[i].append(out.text_delta)
+                lps[i] += out.logprobs
+                tokens[i] += out.new_token_ids
+                if out.finished:
+                    finish[i], cached = out.finish_reason, max(cached, out.cached_tokens)
+            return texts, lps, tokens, finish, cached
+
+        texts, lps, tokens, finish, cached = await unless_disconnected(request, collect())
         choices, reasoning_tokens = [], 0
         for i, parser in enumerate(parsers):
             parsed = parser.parse("".join(texts[i]))
             if parsed.reasoning_content:
-                reasoning_tokens += len(state.encode(parsed.reasoning_content))
+                reasoning_tokens += _reasoning_tokens(tokens[i], state.think_end_id)
             message = {"role": "assistant", "content": parsed.content or "",
                        "reasoning_content": parsed.reasoning_content or None,
                        "tool_calls": [c.to_openai() for c in parsed.tool_calls] or None}
-            choices.append({"index": i, "message": message, "logprobs": _chat_logprobs(lps[i], state.tokenizer),
+            choices.append({"index": i, "message": message, "logprobs": _chat_logprobs(lps[i], state),
                             "finish_reason": finish_reason(finish[i], parsed)})
-        completion = sum(tokens)
-        return {**base, "choices": choices, "usage": {
-            "prompt_tokens": len(ids), "completion_tokens": completion, "total_tokens": len(ids) + completion,
-            "prompt_tokens_details": {"cached_tokens": cached}, "reasoning_tokens": reasoning_tokens}}
+        completion = sum(len(t) for t in tokens)
+        return {**base, "choices": choices, "usage": _usage(len(ids), completion, cached, reasoning_tokens)}
 
 
-async def _stream(state, body, base, gens, parsers, prefeed, stream_reasoning, prompt_tokens):
+def _usage(prompt: int, completion: int, cached: int, reasoning: int) -> dict:
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+            "prompt_tokens_details": {"cached_tokens": cached},
+            "completion_tokens_details": {"reasoning_tokens": reasoning}, "reasoning_tokens": reasoning}
+
+
+def _reasoning_tokens(output_ids: list[int], think_end_id: int | None) -> int:
+    """Generated tokens before the end of reasoning (all of them while it has not ended), counted on the tokens
+    themselves: never more than the completion's."""
+    if think_end_id is not None and think_end_id in output_ids:
+        return output_ids.index(think_end_id)
+    return len(output_ids)
+
+
+async def _stream(state, include_usage, base, outs, parsers, prefeed, stream_reasoning, prompt_tokens):
     base = {**base, "object": "chat.completion.chunk"}
-    include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
     n = len(parsers)
     held_reasoning = [[] for _ in range(n)]
     made_calls = [False] * n
@@ -200,15 +237,15 @@ async def _stream(state, body, base, gens, parsers, prefeed, stream_reasoning, p
             first = chunk(i, prefeed[i])
             if first:
                 yield first
-        reasoning_text = [[] for _ in range(n)]
-        async for i, out in merge_choices(gens):
+        output_ids = [[] for _ in range(n)]
+        async for i, out in outs:
             completion += len(out.new_token_ids)
+            output_ids[i] += out.new_token_ids
             deltas = parsers[i].feed(out.text_delta) if out.text_delta else []
             if out.finished:
                 deltas += parsers[i].finish()
                 cached = max(cached, out.cached_tokens)
-            reasoning_text[i] += [d.reasoning_content for d in deltas if d.reasoning_content]
-            lp = _chat_logprobs(out.logprobs, state.tokenizer)
+            lp = _chat_logprobs(out.logprobs, state)
             c = chunk(i, deltas, logprobs=lp)
             if c:
                 yield c
@@ -216,11 +253,9 @@ async def _stream(state, body, base, gens, parsers, prefeed, stream_reasoning, p
                 reason = "tool_calls" if made_calls[i] and out.finish_reason == "stop" else out.finish_reason
                 yield chunk(i, [], finish=reason)
         if include_usage:
-            rt = sum(len(state.encode("".join(r))) if r else 0 for r in reasoning_text)
-            yield sse({**base, "choices": [], "usage": {
-                "prompt_tokens": prompt_tokens, "completion_tokens": completion,
-                "total_tokens": prompt_tokens + completion, "prompt_tokens_details": {"cached_tokens": cached},
-                "reasoning_tokens": rt}})
+            rt = sum(_reasoning_tokens(ids, state.think_end_id) for ids, p in zip(output_ids, parsers)
+                     if p.result().reasoning_content)
+            yield sse({**base, "choices": [], "usage": _usage(prompt_tokens, completion, cached, rt)})
     except (EngineRejected, EngineDead) as e:
-        yield sse(error_body(str(e), None, 400 if isinstance(e, EngineRejected) else 503))
+        yield error_event(e)
     yield "data: [DONE]\n\n"

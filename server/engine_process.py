@@ -50,6 +50,15 @@ class EngineClient:
     def alive(self) -> bool:
         return self.failure is None and self._reader.is_alive()
 
+    def heartbeat_age(self) -> float:
+        """Seconds since the least recent of this node's ranks last went round its loop (it does while idle too)."""
+        return time.monotonic() - min(self.ranks.heartbeat)
+
+    def fail_all(self, message: str) -> None:
+        """Ends every request in flight with EngineDead(message) (the server is going away)."""
+        for rid in list(self._queues):
+            self._deliver(rid, EngineDead(message))
+
     def _send(self, msg) -> None:
         with self._send_lock:
             self.ranks.send(msg)

@@ -6,20 +6,35 @@ shape {"error": {"message", "type", "param", "code"}} naming the field.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from dsv32.core.sampling import SamplingParams
 
 
 class RequestError(ValueError):
-    def __init__(self, message: str, param: str | None = None, status: int = 400, type_: str = "invalid_request_error"):
+    def __init__(self, message: str, param: str | None = None, status: int = 400):
         super().__init__(message)
-        self.param, self.status, self.type = param, status, type_
+        self.param, self.status = param, status
 
 
-def error_body(message: str, param: str | None = None, status: int = 400,
-               type_: str = "invalid_request_error") -> dict:
-    return {"error": {"message": message, "type": type_, "param": param, "code": status}}
+# OpenAI's error types by HTTP status (the `type` of every error body this server sends)
+_ERROR_TYPES = {401: "authentication_error", 403: "permission_error", 404: "not_found_error", 408: "timeout_error",
+                429: "rate_limit_error", 503: "service_unavailable_error"}
+
+
+def error_type(status: int) -> str:
+    return _ERROR_TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
+
+
+def error_body(message: str, param: str | None = None, status: int = 400) -> dict:
+    """The one error shape: {"error": {message, type, param, code}} (code = the HTTP status)."""
+    return {"error": {"message": message, "type": error_type(status), "param": param, "code": status}}
+
+
+def _short(v: Any) -> str:
+    text = repr(v)
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 def _num(body: dict, name: str, default=None, *, lo=None, hi=None, integer=False):
@@ -27,11 +42,56 @@ def _num(body: dict, name: str, default=None, *, lo=None, hi=None, integer=False
     if v is None:
         return default
     ok_type = isinstance(v, int) if integer else isinstance(v, (int, float))
-    if isinstance(v, bool) or not ok_type:
-        raise RequestError(f"'{name}' must be {'an integer' if integer else 'a number'}, got {v!r}", name)
+    if isinstance(v, bool) or not ok_type or (isinstance(v, float) and not math.isfinite(v)):
+        raise RequestError(f"'{name}' must be {'an integer' if integer else 'a finite number'}, got {_short(v)}", name)
     if (lo is not None and v < lo) or (hi is not None and v > hi):
-        raise RequestError(f"'{name}' must be in [{lo}, {hi}], got {v!r}", name)
+        raise RequestError(f"'{name}' must be in [{lo}, {hi}], got {_short(v)}", name)
     return v
+
+
+def request_id(body: dict) -> str | None:
+    """The client's request id ('rid'), if it gave one: a non-empty string of at most 256 characters."""
+    rid = body.get("rid")
+    if rid is not None and (not isinstance(rid, str) or not 0 < len(rid) <= 256):
+        raise RequestError("'rid' must be a non-empty string of at most 256 characters", "rid")
+    return rid
+
+
+def stream_options(body: dict) -> bool:
+    """Whether a streamed response ends with a usage chunk (stream_options.include_usage)."""
+    opts = body.get("stream_options")
+    if opts is None:
+        return False
+    if not isinstance(opts, dict):
+        raise RequestError("'stream_options' must be an object like {\"include_usage\": true}", "stream_options")
+    return _bool(opts, "include_usage", False)
+
+
+def token_id_list(v: Any, name: str, vocab_size: int) -> list[int]:
+    if not isinstance(v, list) or not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab_size
+                                          for t in v):
+        raise RequestError(f"'{name}' must be a list of token ids in [0, {vocab_size})", name)
+    return v
+
+
+def _logit_bias(v: Any, vocab_size: int) -> dict[int, float]:
+    """OpenAI's logit_bias: {"token id": bias in [-100, 100]} (keys may be strings of digits)."""
+    if v is None:
+        return {}
+    if not isinstance(v, dict):
+        raise RequestError("'logit_bias' must be an object mapping token ids to numbers in [-100, 100]", "logit_bias")
+    out = {}
+    for k, b in v.items():
+        try:
+            t = int(k)
+        except (TypeError, ValueError):
+            t = -1
+        if not 0 <= t < vocab_size or isinstance(b, bool) or not isinstance(b, (int, float)) \
+                or not math.isfinite(b) or not -100 <= b <= 100:
+            raise RequestError(f"'logit_bias' entry {_short(k)}: {_short(b)} must map a token id in [0, {vocab_size}) "
+                               "to a number in [-100, 100]", "logit_bias")
+        out[t] = float(b)
+    return out
 
 
 def _bool(body: dict, name: str, default: bool) -> bool:
@@ -54,9 +114,15 @@ def parse_stop(v: Any) -> list[str]:
 
 
 def sampling_from_openai(body: dict, prompt_tokens: int, max_model_len: int, gen_defaults: dict,
-                         chat: bool) -> SamplingParams:
-    """SamplingParams for a /v1/chat/completions or /v1/completions body. Fields the request omits take the
-    model's generation_config values (as SGLang does), then the engine defaults."""
+                         chat: bool, vocab_size: int) -> SamplingParams:
+    """SamplingParams for a /v1/chat/completions or /v1/completions body, every field checked (finite, in range,
+    token ids inside the vocabulary). Fields the request omits take the model's generation_config values (as SGLang
+    does), then the engine defaults. Fields this server cannot honour are refused, never ignored."""
+    if body.get("suffix") is not None:
+        raise RequestError("'suffix' (insertion) is not supported by this model", "suffix")
+    if body.get("best_of") is not None and body.get("best_of") != body.get("n", 1):
+        raise RequestError("'best_of' other than n is not supported (generate n completions and rank them)",
+                           "best_of")
     room = max_model_len - prompt_tokens
     if room < 1:
         raise RequestError(f"This model's maximum context length is {max_model_len} tokens; the prompt has "
@@ -80,16 +146,18 @@ def sampling_from_openai(body: dict, prompt_tokens: int, max_model_len: int, gen
     else:
         logprobs = _num(body, "logprobs", None, lo=0, hi=20, integer=True)
     stop_ids = body.get("stop_token_ids")
-    if stop_ids is not None and (not isinstance(stop_ids, list) or not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in stop_ids)):
-        raise RequestError("'stop_token_ids' must be a list of non-negative integers", "stop_token_ids")
+    if stop_ids is not None:
+        token_id_list(stop_ids, "stop_token_ids", vocab_size)
+    top_k = _num(body, "top_k", gen_defaults.get("top_k", -1), lo=-1, integer=True)
+    seed = _num(body, "seed", None, lo=-(2**63), hi=2**64 - 1, integer=True)
     d = gen_defaults
     params = dict(
         max_tokens=max_tokens,
         temperature=_num(body, "temperature", d.get("temperature", 1.0), lo=0, hi=2),
         top_p=_num(body, "top_p", d.get("top_p", 1.0), lo=0, hi=1),
-        top_k=_num(body, "top_k", d.get("top_k", -1), lo=-1, integer=True),
+        top_k=-1 if top_k >= vocab_size else top_k,  # no cut
         min_p=_num(body, "min_p", d.get("min_p", 0.0), lo=0, hi=1),
-        seed=_num(body, "seed", None, integer=True),
+        seed=seed,
         n=_num(body, "n", 1, lo=1, hi=128, integer=True),
         stop=parse_stop(body.get("stop")),
         stop_token_ids=stop_ids or [],
@@ -101,6 +169,7 @@ def sampling_from_openai(body: dict, prompt_tokens: int, max_model_len: int, gen
         logprobs=logprobs,
         skip_special_tokens=_bool(body, "skip_special_tokens", True),
         no_stop_trim=_bool(body, "no_stop_trim", False),
+        logit_bias=_logit_bias(body.get("logit_bias"), vocab_size),
     )
     if params["top_p"] == 0:
         raise RequestError("'top_p' must be > 0", "top_p")
@@ -115,12 +184,21 @@ def sampling_from_openai(body: dict, prompt_tokens: int, max_model_len: int, gen
         raise RequestError(str(e), field) from None
 
 
-def sampling_from_native(sp: Any, prompt_tokens: int, max_model_len: int, gen_defaults: dict) -> SamplingParams:
+# SGLang sampling_params this server cannot honour yet: refused when set (constrained decoding is another issue)
+_NATIVE_UNSUPPORTED = ("json_schema", "regex", "ebnf", "structural_tag", "custom_params", "stop_regex")
+
+
+def sampling_from_native(sp: Any, prompt_tokens: int, max_model_len: int, gen_defaults: dict,
+                         vocab_size: int) -> SamplingParams:
     """SGLang's /generate `sampling_params` (max_new_tokens, min_new_tokens, ...) → SamplingParams."""
     if sp is None:
         sp = {}
     if not isinstance(sp, dict):
         raise RequestError("'sampling_params' must be an object", "sampling_params")
+    for name in _NATIVE_UNSUPPORTED:
+        if sp.get(name) is not None:
+            raise RequestError(f"'sampling_params.{name}' (constrained decoding) is not supported yet",
+                               f"sampling_params.{name}")
     body = dict(sp)
     if "max_new_tokens" in body:
         body["max_tokens"] = body.pop("max_new_tokens")
@@ -129,7 +207,8 @@ def sampling_from_native(sp: Any, prompt_tokens: int, max_model_len: int, gen_de
     if "min_new_tokens" in body:
         body["min_tokens"] = body.pop("min_new_tokens")
     try:
-        return sampling_from_openai(body, prompt_tokens, max_model_len, gen_defaults, chat=False)
+        return sampling_from_openai(body, prompt_tokens, max_model_len, gen_defaults, chat=False,
+                                    vocab_size=vocab_size)
     except RequestError as e:
         e.param = f"sampling_params.{e.param}" if e.param else "sampling_params"
         raise

@@ -25,6 +25,16 @@ class FlagError(SystemExit):
         self.message = message
 
 
+def _port(text: str) -> int:
+    try:
+        port = int(text)
+    except ValueError:
+        port = -1
+    if not 0 < port < 65536:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a TCP port (1-65535)")
+    return port
+
+
 def add_serve_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model")
     g.add_argument("--model", "--model-path", dest="model", default=None,
@@ -45,7 +55,13 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
 
     g = p.add_argument_group("server")
     g.add_argument("--host", default="127.0.0.1")
-    g.add_argument("--port", type=int, default=30000)
+    g.add_argument("--port", type=_port, default=30000)
+    g.add_argument("--graceful-shutdown-timeout", type=float, default=30.0,
+                   help="on SIGTERM: seconds the requests in flight may take to finish before each remaining one is "
+                        "ended with an error (new requests get 503 at once)")
+    g.add_argument("--allow-special-tokens-in-messages", action="store_true",
+                   help="let text in chat messages that spells a special token (<｜User｜>, ｜DSML｜, ...) become that "
+                        "token; by default it is tokenized as plain text, so clients cannot forge turns or tool calls")
     g.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on API routes")
     g.add_argument("--enable-metrics", action="store_true", help="serve Prometheus metrics at /metrics")
     g.add_argument("--log-requests", action="store_true", help="log each request's id, sizes and latency")
@@ -228,7 +244,8 @@ def build_server(args: argparse.Namespace, on_failure=None):
         served_model_name=args.served_model_name or (args.model or "dsv32-demo"), model_path=model,
         api_key=args.api_key, enable_metrics=args.enable_metrics, log_requests=args.log_requests,
         reasoning_parser=args.reasoning_parser, tool_call_parser=args.tool_call_parser,
-        chat_template=_auto_chat_template(args, model), gen_defaults=load_generation_defaults(model)))
+        chat_template=_auto_chat_template(args, model), gen_defaults=load_generation_defaults(model),
+        allow_special_tokens_in_messages=args.allow_special_tokens_in_messages))
     return create_app(state), engine
 
 
@@ -260,13 +277,13 @@ def _serve_other_node(args: argparse.Namespace) -> int:
 
 
 def serve(args: argparse.Namespace) -> int:
-    import uvicorn
-
     from dsv32.server.engine_process import EngineDead
+    from dsv32.server.http import DrainingServer, ListenError, bind
 
     try:
         if args.node_rank > 0:
             return _serve_other_node(args)
+        sock = bind(args.host, args.port)  # before anything slow: a busy port fails now, not after loading
         server = None
 
         def stop_serving(message: str) -> None:  # the engine failed: the server exits (non-zero, below)
@@ -274,25 +291,23 @@ def serve(args: argparse.Namespace) -> int:
                 server.should_exit = True
 
         app, engine = build_server(args, on_failure=stop_serving)
-    except FlagError as e:
-        print(f"error: {e.message}", file=sys.stderr)
-        return 2
-    except EngineDead as e:
-        print(f"error: {e}", file=sys.stderr)
+    except (FlagError, ListenError, EngineDead) as e:
+        print(f"error: {getattr(e, 'message', e)}", file=sys.stderr)
         return 2
     info = engine.info
     ranks = f", {info['world_size']} ranks" if info["world_size"] > 1 else ""
     print(f"[dsv32] serving {app.state.dsv32.cfg.served_model_name} on http://{args.host}:{args.port} "
           f"(backend {info['backend']} on {info['device']}{ranks}, context {info['max_model_len']}, "
           f"{info['num_kv_pages']} KV pages of {info['page_size']})", file=sys.stderr, flush=True)
-    server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="warning",
-                                           timeout_graceful_shutdown=5))
+    server = DrainingServer(app, sock, app.state.dsv32, engine, args.graceful_shutdown_timeout)
     if engine.failure:  # failed before the server object existed
         server.should_exit = True
     try:
-        server.run()
+        server.serve_forever()
     finally:
         engine.shutdown()
+        if app.state.dsv32.tokens is not None:
+            app.state.dsv32.tokens.close()
     if engine.failure:
         print(f"error: the engine failed, so the server stopped: {engine.failure}", file=sys.stderr, flush=True)
         return 1

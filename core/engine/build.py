@@ -191,8 +191,10 @@ def build_engine_core(config: EngineConfig, groups: ProcessGroups | None = None,
     graphs_bytes = max(0, ops.memory_allocated() - before_graphs) if before_graphs is not None else None
     # CPU: nothing to overlap (unless a test forces it to exercise the scheduling)
     overlap = s.overlap and (ops.new_event() is not None or envs.debug_force_overlap())
-    engine = Engine(model, kv_cache, dataclasses.replace(s, max_model_len=r.max_model_len, overlap=overlap),
-                    tokenizer, runner)
+    # ranks must fail together: only a single process isolates a failed step's requests and goes on
+    isolate = s.isolate_failures and layout.world_size == 1
+    engine = Engine(model, kv_cache, dataclasses.replace(s, max_model_len=r.max_model_len, overlap=overlap,
+                                                         isolate_failures=isolate), tokenizer, runner)
     total = getattr(backend.cls, "total_memory_bytes", None)  # optional for a third-party backend
     estimate = plan_memory(config, cfg, total(device) if total else 0, layout.rank, spec.latent_bytes_per_token(),
                            spec.index_bytes_per_token())

@@ -58,6 +58,8 @@ class Request:
     first_token_s: float | None = None
     pending: int = 0  # tokens sampled by launched batches, not yet read back (overlap: at most 2, briefly)
     inflight: int = 0  # launched batches that include this request and are not finished
+    suspect: bool = False  # was running when a step failed: runs alone until it samples a token (failure isolation)
+    error: str | None = None  # why it was aborted when a step that ran it alone failed
 
     @property
     def all_ids(self) -> list[int]:
@@ -86,6 +88,7 @@ class StepOutput:
     prompt_tokens: int
     completion_tokens: int
     cached_tokens: int
+    error: str | None = None  # the request failed in the engine (finish_reason "abort"): why
 
 
 @dataclass
@@ -137,6 +140,9 @@ class Engine:
         if len(prompt_ids) >= self.cfg.max_model_len:
             raise ValueError(f"prompt has {len(prompt_ids)} tokens; the context length is {self.cfg.max_model_len} "
                              "(prompt + at least one generated token must fit)")
+        bad = [t for t in params.token_ids() if t >= vocab]
+        if bad:
+            raise ValueError(f"token ids in stop_token_ids / logit_bias out of range [0, {vocab}): {bad[:5]}")
         if params.stop and self.tokenizer is None:
             raise ValueError("stop strings need a tokenizer; use stop_token_ids")
         req = Request(request_id or str(next(self._ids)), list(prompt_ids), params)
@@ -144,7 +150,8 @@ class Engine:
             req.generator = torch.Generator(device=self.model.device).manual_seed(params.seed)
         if self.tokenizer is not None:
             req.detok = IncrementalDetokenizer(self.tokenizer, req.prompt_ids, params.skip_special_tokens,
-                                               params.stop, params.no_stop_trim, params.min_tokens)
+                                               params.stop, params.no_stop_trim, params.min_tokens,
+                                               params.keep_special_tokens)
         self.waiting.append(req)
         return req
 
@@ -160,13 +167,6 @@ class Engine:
                     return True
         return False
 
-    def abort_all(self) -> None:
-        """After a failed step: drop the launched batch and abort every request, releasing all their pages."""
-        self._launched = None
-        for req in list(self.running) + list(self.waiting):
-            req.inflight = req.pending = 0
-            self.abort(req.request_id)
-
     def has_work(self) -> bool:
         return bool(self.waiting or self.running or self._pending or self._launched)
 
@@ -178,7 +178,39 @@ class Engine:
     # ---- one step -----------------------------------------------------------------------------------
     def step(self) -> list[StepOutput]:
         """Runs one forward pass (if anything is schedulable); returns the outputs that became known: this step's
-        without overlap, the previous step's with it."""
+        without overlap, the previous step's with it.
+
+        A failing step aborts only what it can attribute (config.isolate_failures; ranks of a group must fail
+        together, so several ranks end the run instead): every request it ran goes back to the queue, as after a
+        preemption (recomputed later: greedy and seeded outputs unchanged), marked suspect; suspects then run
+        one at a time, each alone in its steps, until it samples a token (cleared) or a step that ran it alone
+        fails (aborted, with the error in its output)."""
+        try:
+            return self._step()
+        except Exception as e:
+            if not self.cfg.isolate_failures:
+                raise
+            log.error("engine step failed (%s: %s); isolating the requests it ran", type(e).__name__, e,
+                      exc_info=True)
+            return self._recover(f"{type(e).__name__}: {e}")
+
+    def _recover(self, error: str) -> list[StepOutput]:
+        self._launched = None
+        running = list(self.running)
+        for req in running:
+            req.pending = req.inflight = 0
+        if len(running) == 1 and running[0].suspect:  # it failed alone: the cause
+            req = running[0]
+            self.running.remove(req)
+            self._release(req)
+            req.finish_reason, req.error = "abort", f"the request failed in the engine ({error})"
+            return [self._output(req, [], [])]
+        for req in reversed(running):  # back to the queue's front in their order, recomputed later
+            self._requeue(req)
+            req.suspect = True
+        return []
+
+    def _step(self) -> list[StepOutput]:
         outputs, self._pending = self._pending, []
         if self._launched is not None and any(r.params.has_penalties for r in self.running):
             outputs += self._sync()  # penalties read every generated token on the host
@@ -192,9 +224,13 @@ class Engine:
             self.overlapped_steps += 1
         if previous is not None:
             outputs += self._finish(previous)
-        if not self.cfg.overlap and self._launched is not None:
-            outputs += self._sync()
+        if (not self.cfg.overlap or self._isolating()) and self._launched is not None:
+            outputs += self._sync()  # a suspect's step must succeed or fail on its own
         return outputs
+
+    def _isolating(self) -> Request | None:
+        """The suspect that runs alone now (the first one, running or waiting), if any."""
+        return next((r for q in (self.running, self.waiting) for r in q if r.suspect), None)
 
     def _sync(self) -> list[StepOutput]:
         launched, self._launched = self._launched, None
@@ -263,6 +299,7 @@ class Engine:
             if not req.output_ids and self.prefix_cache is not None:
                 self.prefix_cache.insert(req.prompt_ids, req.pages)  # prompt computed: shareable from now on
             req.output_ids.append(tok)
+            req.suspect = False  # a step that ran it alone succeeded
             if lp is not None:
                 req.logprobs.append(lp)
             if req.detok is not None:
@@ -283,18 +320,21 @@ class Engine:
                 req.detok.flush()
             text = req.detok.take_delta(req.finished)
         return StepOutput(req.request_id, new, text, req.finished, req.finish_reason, lps, len(req.prompt_ids),
-                          len(req.output_ids), req.cached_prompt_tokens)
+                          len(req.output_ids), req.cached_prompt_tokens, req.error)
 
     # ---- scheduling ---------------------------------------------------------------------------------
     def _schedule(self, can_preempt: bool = True) -> list[tuple[Request, int]]:
         limit = self.cfg.chunked_prefill_size
         budget = limit if limit > 0 else 1 << 62
         work: list[tuple[Request, int]] = []
+        alone = self._isolating()
         for req in list(self.running):
             if budget <= 0:
                 break
             if req not in self.running:  # preempted while making room for an earlier request
                 continue
+            if alone is not None and req is not alone:
+                continue  # a suspect runs alone
             if req.pending and self._length_done(req, len(req.output_ids) + 1):
                 continue  # its pending token ends it (max_tokens / context): nothing more to compute
             n = min(req.num_tokens - req.num_cached, budget)
@@ -304,6 +344,8 @@ class Engine:
             budget -= n
         while self.waiting and budget > 0 and len(self.running) < self.cfg.max_running_requests:
             req = self.waiting[0]
+            if alone is not None and (req is not alone or work):
+                break  # only the suspect, and alone
             if not self._try_admit(req):
                 break
             self.waiting.popleft()
@@ -358,12 +400,16 @@ class Engine:
         req.num_cached = 0
 
     def _preempt(self, req: Request) -> None:
+        self._requeue(req)
+        self.num_preemptions += 1
+        log.info("preempted request %s (%d tokens) to free KV pages", req.request_id, len(req.all_ids))
+
+    def _requeue(self, req: Request) -> None:
+        """Back to the queue's front with its pages freed: recomputed (prompt + outputs) when admitted again."""
         self.running.remove(req)
         self._release(req)
         req.num_preemptions += 1
-        self.num_preemptions += 1
         self.waiting.appendleft(req)
-        log.info("preempted request %s (%d tokens) to free KV pages", req.request_id, len(req.all_ids))
 
     # ---- sampling and stopping ----------------------------------------------------------------------
     def _sample(self, batch: list[Request], logits: torch.Tensor) -> torch.Tensor:

@@ -100,14 +100,7 @@ class RankLoop:
                 return
             self._apply(msgs)
             builds = self.core.runner.builds
-            try:
-                outputs = self.engine.step()
-            except Exception:
-                if self.layout.world_size > 1:
-                    raise  # ranks must not diverge: end the run (the launcher reports it)
-                log.error("engine step failed:\n%s", traceback.format_exc())
-                self.engine.abort_all()
-                outputs = self.engine.step()
+            outputs = self.engine.step()  # a failure it cannot isolate ends the run (the launcher reports it)
             if self.groups.dp_attention and self.core.runner.builds == builds:
                 self.core.runner.idle_step()
             if outputs and self.leader:
