@@ -7,7 +7,8 @@ The HTTP process validates, chat-encodes and tokenizes; it never runs the model.
   are tokenized in a worker process (tokenization.py), chat prompts rendered in a thread;
 - a request whose client goes away is aborted (streams and non-streaming alike); a stream that fails after it
   started ends with an error event and [DONE], one that fails before gets the error status instead of a 200;
-- /health is 200 only while the engine is alive, beating and not draining; /health_generate gives up after 20 s;
+- /health is 200 only while the engine is alive, beating (--health-timeout, 20 s) and not draining;
+  /health_generate gives up after the same time (as SGLang's);
 - with --api-key every route but /health and /metrics needs `Authorization: Bearer KEY` (scheme case-insensitive,
   key compared in constant time).
 """
@@ -39,8 +40,6 @@ log = logging.getLogger("dsv32.server")
 
 MAX_BODY_BYTES = 32 * 1024 * 1024
 BODY_CHUNK_TIMEOUT_S = 30.0  # a client that stops sending its body for this long gets a 408
-HEALTH_STALE_S = 20.0  # /health fails when the engine has made no progress for this long
-HEALTH_GENERATE_TIMEOUT_S = 20.0  # as SGLang's health check
 OPEN_PATHS = ("/health", "/metrics")  # served without the API key, as SGLang
 
 
@@ -56,6 +55,7 @@ class ServerConfig:
     chat_template: str | None = None  # "dsv32", "v31" or a .jinja path; None = auto
     gen_defaults: dict = field(default_factory=dict)
     allow_special_tokens_in_messages: bool = False  # text spelling a special token in a message becomes that token
+    health_timeout_s: float = 20.0  # /health fails after this long without engine progress; /health_generate's limit
 
 
 class ClientGone(Exception):
@@ -333,7 +333,7 @@ def create_app(state: ServerState) -> FastAPI:
 
     @app.get("/health")
     async def health():
-        ok = state.engine.alive and not state.draining and state.engine.heartbeat_age() < HEALTH_STALE_S
+        ok = state.engine.alive and not state.draining and state.engine.heartbeat_age() < state.cfg.health_timeout_s
         return Response(status_code=200 if ok else 503)
 
     @app.get("/health_generate")
@@ -346,10 +346,11 @@ def create_app(state: ServerState) -> FastAPI:
                 if out.finished:
                     return
 
+        limit = state.cfg.health_timeout_s
         try:
-            await asyncio.wait_for(probe(), HEALTH_GENERATE_TIMEOUT_S)
+            await asyncio.wait_for(probe(), limit)
         except asyncio.TimeoutError:
-            return error_response(503, f"the engine did not generate a token within {HEALTH_GENERATE_TIMEOUT_S:.0f} s")
+            return error_response(503, f"the engine did not generate a token within {limit:g} s")
         return Response(status_code=200)
 
     @app.get("/v1/models")

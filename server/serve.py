@@ -59,6 +59,9 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--graceful-shutdown-timeout", type=float, default=30.0,
                    help="on SIGTERM: seconds the requests in flight may take to finish before each remaining one is "
                         "ended with an error (new requests get 503 at once)")
+    g.add_argument("--health-timeout", type=float, default=20.0,
+                   help="/health answers 503 when the engine has made no progress for this many seconds (frozen); "
+                        "/health_generate gives up after as long")
     g.add_argument("--allow-special-tokens-in-messages", action="store_true",
                    help="let text in chat messages that spells a special token (<｜User｜>, ｜DSML｜, ...) become that "
                         "token; by default it is tokenized as plain text, so clients cannot forge turns or tool calls")
@@ -245,7 +248,7 @@ def build_server(args: argparse.Namespace, on_failure=None):
         api_key=args.api_key, enable_metrics=args.enable_metrics, log_requests=args.log_requests,
         reasoning_parser=args.reasoning_parser, tool_call_parser=args.tool_call_parser,
         chat_template=_auto_chat_template(args, model), gen_defaults=load_generation_defaults(model),
-        allow_special_tokens_in_messages=args.allow_special_tokens_in_messages))
+        allow_special_tokens_in_messages=args.allow_special_tokens_in_messages, health_timeout_s=args.health_timeout))
     return create_app(state), engine
 
 

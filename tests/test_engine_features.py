@@ -3,6 +3,8 @@ logprobs, n, stop strings and incremental detokenization."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from test_engine import GREEDY, assert_all_pages_returned, prompts_of
@@ -180,3 +182,76 @@ def test_stop_strings_in_engine(demo_dir):
         max_tokens=20, temperature=0, stop=[stop]))[0]
     assert out.finish_reason == "stop" and out.text == free.text[:free.text.index(stop)]
     assert out.token_ids == free.token_ids[:len(out.token_ids)]
+
+
+# ---- a request that breaks a step hurts nobody else (issue: one request aborted every request in flight) --------
+@pytest.mark.parametrize("overlap", [False, True], ids=["sync", "overlap"])
+def test_failed_step_aborts_only_the_request_it_can_attribute(tiny_dir, overlap):
+    """A sampler that fails whenever one particular request is in the batch: that request ends with an error, every
+    other request (running with it, or waiting) completes with exactly its quiet-run tokens, no page is lost (also
+    with the overlap scheduler, where the batch in flight is dropped too)."""
+    prompts = prompts_of([23, 9, 40, 17, 31], seed=41)
+    sp = [SamplingParams(max_tokens=12, **GREEDY), SamplingParams(max_tokens=9, temperature=0.8, seed=3),
+          SamplingParams(max_tokens=12, temperature=0.5, ignore_eos=True), SamplingParams(max_tokens=7, **GREEDY),
+          SamplingParams(max_tokens=10, temperature=0.9, seed=11, ignore_eos=True)]
+    quiet = LLM(model=tiny_dir, dtype="float32", page_size=8)
+    want = run(quiet, prompts, sp)
+    llm = LLM(model=tiny_dir, dtype="float32", page_size=8)
+    real_sample = type(llm.ops).sample
+
+    def sample(logits, temperatures, *rest):  # the poison: temperature 0.5 (request 2) in the batch
+        if (temperatures == 0.5).any():
+            raise RuntimeError("probability tensor contains either inf, nan or element < 0")
+        return real_sample(llm.ops, logits, temperatures, *rest)
+
+    llm.ops.sample = sample
+    eng = llm.engine
+    eng.cfg = dataclasses.replace(eng.cfg, overlap=overlap)
+    reqs = [eng.add_request(p, s) for p, s in zip(prompts, sp)]
+    outs = []
+    while eng.has_work():
+        outs += eng.step()
+    assert [r.output_ids for i, r in enumerate(reqs) if i != 2] == [w for i, w in enumerate(want) if i != 2]
+    poisoned = reqs[2]
+    assert poisoned.finish_reason == "abort" and "probability tensor" in poisoned.error
+    last = [o for o in outs if o.request_id == poisoned.request_id][-1]
+    assert last.finished and last.error == poisoned.error
+    assert_all_pages_returned(llm)
+    assert not any(r.suspect for r in reqs)
+
+
+def test_sampling_params_bounds():
+    assert SamplingParams(temperature=1e-40).temperature == 0.0  # 1/T would overflow: greedy
+    assert SamplingParams(top_k=2**63).top_k == -1  # beyond any vocabulary: no cut
+    SamplingParams(seed=2**64 - 1)
+    SamplingParams(seed=-(2**63))
+    for bad in (dict(temperature=float("nan")), dict(top_p=float("inf")), dict(seed=2**70), dict(seed=-(2**63) - 1),
+                dict(logit_bias={5: 101}), dict(logit_bias={-1: 1.0}), dict(logit_bias={5: float("nan")})):
+        with pytest.raises(ValueError, match="SamplingParams"):
+            SamplingParams(**bad)
+
+
+def test_engine_refuses_token_ids_outside_the_vocabulary(tiny_dir):
+    llm = LLM(model=tiny_dir, dtype="float32")
+    for sp in (SamplingParams(stop_token_ids=[320], min_tokens=1), SamplingParams(logit_bias={400: 1.0})):
+        with pytest.raises(ValueError, match=r"out of range \[0, 320\)"):
+            llm.engine.add_request([1, 2, 3], sp)
+
+
+def test_logit_bias_steers_greedy_decoding(tiny_dir):
+    llm = LLM(model=tiny_dir, dtype="float32")
+    out = run(llm, prompts_of([12], seed=5), SamplingParams(max_tokens=6, logit_bias={77: 100}, **GREEDY))
+    assert out == [[77] * 6]
+
+
+def test_detokenizer_keeps_only_the_named_special_tokens():
+    """skip_special_tokens with keep_special_tokens: the parser's markers survive, every other special token (an
+    end-of-sentence above all) is dropped."""
+    tok = build_tokenizer(512)
+    ids = tok.encode("hi <｜tool▁calls▁begin｜>f<｜tool▁sep｜>{}<｜end▁of▁sentence｜>", add_special_tokens=False).ids
+    d = IncrementalDetokenizer(tok, [], skip_special_tokens=True,
+                               keep_special_tokens=("<｜tool▁calls▁begin｜>", "<｜tool▁sep｜>"))
+    for t in ids:
+        d.add(t)
+    d.flush()
+    assert d.take_delta(True) == "hi <｜tool▁calls▁begin｜>f<｜tool▁sep｜>{}"

@@ -126,6 +126,7 @@ class Engine:
         self.running: list[Request] = []
         self._ids = itertools.count()
         self._pending: list[StepOutput] = []  # outputs produced outside a forward step (aborts)
+        self._stepping: list[Request] = []  # the requests the step under way has touched (failure isolation)
         self.num_preemptions = 0
         self.overlapped_steps = 0  # launches made while the previous batch was still unread
 
@@ -195,22 +196,29 @@ class Engine:
             return self._recover(f"{type(e).__name__}: {e}")
 
     def _recover(self, error: str) -> list[StepOutput]:
-        self._launched = None
-        running = list(self.running)
-        for req in running:
+        """The failed step's requests (its batch and the one in flight before it) back to the queue as suspects, or
+        the suspect that ran alone aborted."""
+        stepping, self._launched, self._stepping = list(dict.fromkeys(self._stepping)), None, []
+        for req in stepping:  # the dropped batches write nothing more
             req.pending = req.inflight = 0
-        if len(running) == 1 and running[0].suspect:  # it failed alone: the cause
-            req = running[0]
+            if req.finished:
+                self._release(req)  # its pages waited for a batch in flight
+        involved = [r for r in stepping if r in self.running]
+        if len(involved) == 1 and involved[0].suspect:  # it failed alone: the cause
+            req = involved[0]
             self.running.remove(req)
             self._release(req)
+            req.suspect = False
             req.finish_reason, req.error = "abort", f"the request failed in the engine ({error})"
             return [self._output(req, [], [])]
-        for req in reversed(running):  # back to the queue's front in their order, recomputed later
+        for req in sorted(involved, key=self.running.index, reverse=True):  # front of the queue, order kept
             self._requeue(req)
             req.suspect = True
         return []
 
     def _step(self) -> list[StepOutput]:
+        # what a failure of this step involves: the batch in flight and the one this step schedules
+        self._stepping = [r for r, _ in self._launched.work] if self._launched is not None else []
         outputs, self._pending = self._pending, []
         if self._launched is not None and any(r.params.has_penalties for r in self.running):
             outputs += self._sync()  # penalties read every generated token on the host
@@ -219,6 +227,7 @@ class Engine:
         except _NeedsSync:
             outputs += self._sync()
             work = self._schedule(can_preempt=True)
+        self._stepping += [r for r, _ in work]
         previous, self._launched = self._launched, self._launch(work) if work else None
         if previous is not None and self._launched is not None:
             self.overlapped_steps += 1
