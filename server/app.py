@@ -33,8 +33,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from dsv32.core.llm import expand_n
 from dsv32.server.engine_process import EngineClient, EngineDead, EngineRejected
 from dsv32.server.metrics import Metrics
-from dsv32.server.protocol import (RequestError, error_body, request_id, sampling_from_native, sampling_from_openai,
-                                   stream_options, token_id_list)
+from dsv32.server.protocol import (RequestError, error_body, flag, request_id, sampling_from_native,
+                                   sampling_from_openai, stream_options, token_id_list)
 
 log = logging.getLogger("dsv32.server")
 
@@ -283,22 +283,33 @@ def _authorized(header: str, key: str) -> bool:
     return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), key.encode())
 
 
+class _Guard:
+    """ASGI middleware (a plain one: it never buffers or wraps a streaming response): the API key on every route
+    but OPEN_PATHS, and 503 for new requests while the server drains."""
+
+    def __init__(self, app, state: ServerState):
+        self.app, self.state = app, state
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and scope["path"] not in OPEN_PATHS:
+            key = self.state.cfg.api_key
+            header = next((v for k, v in scope["headers"] if k == b"authorization"), b"").decode("latin-1")
+            response = None
+            if key and not _authorized(header, key):
+                response = error_response(401, "invalid or missing API key (Authorization: Bearer <key>)")
+            elif self.state.draining:
+                response = error_response(503, "the server is shutting down")
+            if response is not None:
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
 def create_app(state: ServerState) -> FastAPI:
     app = FastAPI(title="dsv32", version="0.1.0")
     app.state.dsv32 = state
 
-    @app.middleware("http")
-    async def guard(request: Request, call_next):
-        path = request.url.path
-        if state.cfg.api_key and path not in OPEN_PATHS and \
-                not _authorized(request.headers.get("authorization", ""), state.cfg.api_key):
-            return error_response(401, "invalid or missing API key (Authorization: Bearer <key>)")
-        if state.draining and path not in OPEN_PATHS:
-            return error_response(503, "the server is shutting down")
-        try:
-            return await call_next(request)
-        except RequestError as e:
-            return error_response(e.status, str(e), e.param)
+    app.add_middleware(_Guard, state=state)
 
     @app.exception_handler(RequestError)
     async def on_request_error(request: Request, e: RequestError):
@@ -405,9 +416,13 @@ def create_app(state: ServerState) -> FastAPI:
             raise RequestError("'prompt' must be a non-empty string or a list of token ids (one prompt per request)", "prompt")
         params = sampling_from_openai(body, len(ids), state.max_model_len, state.cfg.gen_defaults, chat=False,
                                       vocab_size=state.vocab_size)
-        stream = body.get("stream", False)
-        include_usage = stream_options(body) if stream else False
-        echo = body.get("echo", False) is True and isinstance(prompt, str)
+        include_usage = stream_options(body)
+        stream = flag(body, "stream", False)
+        echo = flag(body, "echo", False)
+        if echo and params.logprobs is not None:
+            raise RequestError("'echo' with 'logprobs' needs prompt logprobs, which are not supported yet", "echo")
+        echoed = (prompt if isinstance(prompt, str) else state.tokenizer.decode(ids, skip_special_tokens=False)
+                  if state.tokenizer is not None else "") if echo else ""
         rid = request_id(body) or f"cmpl-{uuid.uuid4().hex}"
         children = expand_n(params)
         gens = [run_request(state, f"{rid}-{i}", ids, p) for i, p in enumerate(children)]
@@ -449,7 +464,7 @@ def create_app(state: ServerState) -> FastAPI:
             return texts, tokens, lps, finish, cached
 
         texts, tokens, lps, finish, cached = await unless_disconnected(request, collect())
-        choices = [{"index": i, "text": (prompt if echo else "") + "".join(texts[i]),
+        choices = [{"index": i, "text": echoed + "".join(texts[i]),
                     "logprobs": logprobs_openai_completion(lps[i], state), "finish_reason": finish[i]}
                    for i in range(len(children))]
         completion_tokens = sum(len(t) for t in tokens)
@@ -504,7 +519,7 @@ def create_app(state: ServerState) -> FastAPI:
                     m["output_top_logprobs"] = [[entry(v, t) for t, v in lp.top] for lp in lps]
             return m
 
-        if body.get("stream"):
+        if flag(body, "stream", False):
             outs = await started(run_request(state, rid, ids, params))
 
             async def events():

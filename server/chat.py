@@ -23,7 +23,7 @@ from dsv32.server.app import (ServerState, error_event, merge_choices, read_json
 from dsv32.server.encoding.common import DSML, THINK_END, THINK_START
 from dsv32.server.engine_process import EngineDead, EngineRejected
 from dsv32.server.parsers import v31
-from dsv32.server.protocol import RequestError, request_id, sampling_from_openai, stream_options
+from dsv32.server.protocol import RequestError, flag, request_id, sampling_from_openai, stream_options
 
 DSML_BLOCK_OPEN = "\n\n<｜DSML｜function_calls>\n"
 # The markers each parser reads: detokenization keeps them even where they are special tokens (and drops the
@@ -132,8 +132,8 @@ def register_chat(app: FastAPI, state: ServerState) -> None:
         ids = await state.encode(prompt + forced, "messages", pieces, marker)
         params = sampling_from_openai(body, len(ids), state.max_model_len, state.cfg.gen_defaults, chat=True,
                                       vocab_size=state.vocab_size)
-        separate = body.get("separate_reasoning", True) is not False
-        stream_reasoning = body.get("stream_reasoning", True) is not False
+        separate = flag(body, "separate_reasoning", True)
+        stream_reasoning = flag(body, "stream_reasoning", True)
         reasoning_on = bool(state.cfg.reasoning_parser) and separate and not forced
         markers = (PARSER_MARKERS[state.cfg.reasoning_parser] if reasoning_on else ()) + \
             (PARSER_MARKERS[tool_parser_name] if use_tools and tool_parser_name else ())
@@ -146,13 +146,13 @@ def register_chat(app: FastAPI, state: ServerState) -> None:
             return OutputParser(reasoning=reasoning, tools=tool)
 
         rid = request_id(body) or f"chatcmpl-{uuid.uuid4().hex}"
-        include_usage = stream_options(body) if body.get("stream") else False
+        include_usage = stream_options(body)
         children = expand_n(params)
         parsers = [new_parser() for _ in children]
         prefeed = [p.feed(forced) if forced else [] for p in parsers]
         gens = [run_request(state, f"{rid}-{i}", ids, p) for i, p in enumerate(children)]
         base = {"id": rid, "object": "chat.completion", "created": int(time.time()), "model": state.cfg.served_model_name}
-        if body.get("stream"):
+        if flag(body, "stream", False):
             outs = await started(merge_choices(gens))
             return StreamingResponse(_stream(state, include_usage, base, outs, parsers, prefeed, stream_reasoning,
                                              len(ids)), media_type="text/event-stream")

@@ -87,3 +87,6 @@ class DrainingServer(uvicorn.Server):
             while self.state.in_flight and time.monotonic() < end:  # their error responses go out
                 await asyncio.sleep(0.05)
         await super().shutdown(sockets)
+        # uvicorn re-raises the captured signal once it is done, which would kill the process before serve() stops
+        # the engine's ranks: the shutdown is complete, so the signal has been handled
+        getattr(self, "_captured_signals", []).clear()

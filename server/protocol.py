@@ -58,13 +58,17 @@ def request_id(body: dict) -> str | None:
 
 
 def stream_options(body: dict) -> bool:
-    """Whether a streamed response ends with a usage chunk (stream_options.include_usage)."""
+    """Whether a streamed response ends with a usage chunk (stream_options.include_usage); checked whether or not
+    the request streams (as OpenAI: stream_options without stream is an error)."""
     opts = body.get("stream_options")
+    stream = flag(body, "stream", False)
     if opts is None:
         return False
     if not isinstance(opts, dict):
         raise RequestError("'stream_options' must be an object like {\"include_usage\": true}", "stream_options")
-    return _bool(opts, "include_usage", False)
+    if not stream:
+        raise RequestError("'stream_options' is only allowed when 'stream' is true", "stream_options")
+    return flag(opts, "include_usage", False)
 
 
 def token_id_list(v: Any, name: str, vocab_size: int) -> list[int]:
@@ -94,7 +98,7 @@ def _logit_bias(v: Any, vocab_size: int) -> dict[int, float]:
     return out
 
 
-def _bool(body: dict, name: str, default: bool) -> bool:
+def flag(body: dict, name: str, default: bool) -> bool:
     v = body.get(name, default)
     if v is None:
         return default
@@ -139,7 +143,7 @@ def sampling_from_openai(body: dict, prompt_tokens: int, max_model_len: int, gen
                            "max_completion_tokens" if chat and "max_completion_tokens" in body else "max_tokens")
     if chat:
         logprobs = None
-        if _bool(body, "logprobs", False):
+        if flag(body, "logprobs", False):
             logprobs = _num(body, "top_logprobs", 0, lo=0, hi=20, integer=True)
         elif body.get("top_logprobs") is not None:
             raise RequestError("'top_logprobs' requires 'logprobs': true", "top_logprobs")
@@ -161,14 +165,14 @@ def sampling_from_openai(body: dict, prompt_tokens: int, max_model_len: int, gen
         n=_num(body, "n", 1, lo=1, hi=128, integer=True),
         stop=parse_stop(body.get("stop")),
         stop_token_ids=stop_ids or [],
-        ignore_eos=_bool(body, "ignore_eos", False),
+        ignore_eos=flag(body, "ignore_eos", False),
         min_tokens=_num(body, "min_tokens", 0, lo=0, integer=True),
         presence_penalty=_num(body, "presence_penalty", 0.0, lo=-2, hi=2),
         frequency_penalty=_num(body, "frequency_penalty", 0.0, lo=-2, hi=2),
         repetition_penalty=_num(body, "repetition_penalty", d.get("repetition_penalty", 1.0), lo=0, hi=2),
         logprobs=logprobs,
-        skip_special_tokens=_bool(body, "skip_special_tokens", True),
-        no_stop_trim=_bool(body, "no_stop_trim", False),
+        skip_special_tokens=flag(body, "skip_special_tokens", True),
+        no_stop_trim=flag(body, "no_stop_trim", False),
         logit_bias=_logit_bias(body.get("logit_bias"), vocab_size),
     )
     if params["top_p"] == 0:

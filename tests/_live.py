@@ -5,6 +5,7 @@ greedy completion through the official openai client."""
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -26,11 +27,12 @@ def _free_port() -> int:
 
 
 class Server:
-    def __init__(self, model: str, *flags: str):
+    def __init__(self, model: str, *flags: str, api_key: str | None = None):
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         cmd = [sys.executable, "-m", "dsv32.server.launch_server", "--model", model, "--port", str(self.port),
-               "--dtype", "float32", "--served-model-name", "tiny", *flags]
+               "--dtype", "float32", "--served-model-name", "tiny", *flags, *(["--api-key", api_key] if api_key else [])]
+        self.headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self.log = open(os.path.join(model, f"server-{self.port}.log"), "w")
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT)
         t0 = time.monotonic()
@@ -44,7 +46,16 @@ class Server:
                 time.sleep(0.3)
         else:
             raise RuntimeError("server did not start")
-        self.client = openai.OpenAI(base_url=self.url + "/v1", api_key="unused", max_retries=0, timeout=120)
+        self.client = openai.OpenAI(base_url=self.url + "/v1", api_key=api_key or "unused", max_retries=0,
+                                    timeout=120)
+
+    def pid_of_rank(self, rank: int) -> int:
+        return int(re.search(rf"rank {rank}/\d+ \(pid (\d+)\)", open(self.log.name).read()).group(1))
+
+    def rss_mib(self, pid: int | None = None) -> float:
+        """Resident memory of the server process (or of pid) in MiB."""
+        with open(f"/proc/{pid or self.proc.pid}/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:")) / 1024
 
     def stop(self):
         self.proc.terminate()
@@ -58,7 +69,7 @@ class Server:
         """The metrics once no request runs and no KV page is in use (or whatever they are after timeout_s)."""
         deadline = time.monotonic() + timeout_s
         while True:
-            http.get(self.url + "/health_generate")  # a step refreshes the engine stats
+            http.get(self.url + "/health_generate", headers=self.headers)  # a step refreshes the engine stats
             m = self.metrics()
             if (m["dsv32_num_requests_running"] == 0 and m["dsv32_kv_cache_usage_ratio"] == 0) \
                     or time.monotonic() > deadline:
@@ -75,7 +86,7 @@ class Server:
 
     def metrics(self) -> dict:
         out = {}
-        for line in http.get(self.url + "/metrics").text.splitlines():
+        for line in http.get(self.url + "/metrics", headers=self.headers).text.splitlines():
             if line and not line.startswith("#") and "_bucket" not in line:
                 name, value = line.rsplit(" ", 1)
                 out[name.split("{")[0]] = out.get(name.split("{")[0], 0.0) + float(value)  # sum over labels

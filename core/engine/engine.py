@@ -127,6 +127,7 @@ class Engine:
         self._ids = itertools.count()
         self._pending: list[StepOutput] = []  # outputs produced outside a forward step (aborts)
         self._stepping: list[Request] = []  # the requests the step under way has touched (failure isolation)
+        self._usage, self._usage_at = 0.0, 0.0
         self.num_preemptions = 0
         self.overlapped_steps = 0  # launches made while the previous batch was still unread
 
@@ -173,8 +174,14 @@ class Engine:
 
     @property
     def kv_usage(self) -> float:
-        a = self.cache.allocator
-        return 1.0 - a.num_free / a.num_pages
+        """Share of KV pages held by requests (as SGLang's token usage: pages the prefix cache could evict count
+        as free). Refreshed at most every 0.5 s: counting evictable pages walks the prefix tree."""
+        now = time.monotonic()
+        if now - self._usage_at > 0.5 or not self.has_work():
+            a, pc = self.cache.allocator, self.prefix_cache
+            self._usage = 1.0 - (a.num_free + (pc.evictable() if pc else 0)) / a.num_pages
+            self._usage_at = now
+        return self._usage
 
     # ---- one step -----------------------------------------------------------------------------------
     def step(self) -> list[StepOutput]:
