@@ -235,6 +235,29 @@ async def merge_choices(streams: list):
             t.cancel()
 
 
+@dataclass
+class Choices:
+    """Every choice of a non-streaming request, complete: text, token ids, logprobs, finish reason."""
+
+    texts: list[str]
+    tokens: list[list[int]]
+    logprobs: list[list]
+    finish: list[str | None]
+    cached: int  # prompt tokens served from the prefix cache
+
+
+async def collect_choices(gens: list) -> Choices:
+    texts, tokens, lps = [[] for _ in gens], [[] for _ in gens], [[] for _ in gens]
+    finish, cached = [None] * len(gens), 0
+    async for i, out in merge_choices(gens):
+        texts[i].append(out.text_delta)
+        tokens[i] += out.new_token_ids
+        lps[i] += out.logprobs
+        if out.finished:
+            finish[i], cached = out.finish_reason, max(cached, out.cached_tokens)
+    return Choices(["".join(t) for t in texts], tokens, lps, finish, cached)
+
+
 async def started(agen):
     """Waits for the first item of an async generator, so that its errors (a rejected request, a dead engine) raise
     here, before a streaming response's 200 is sent; returns a generator of that item and the rest."""
@@ -452,25 +475,14 @@ def create_app(state: ServerState) -> FastAPI:
                 yield "data: [DONE]\n\n"
             return StreamingResponse(events(), media_type="text/event-stream")
 
-        async def collect():
-            texts, tokens, lps = [[] for _ in children], [[] for _ in children], [[] for _ in children]
-            finish, cached = [None] * len(children), 0
-            async for i, out in merge_choices(gens):
-                texts[i].append(out.text_delta)
-                tokens[i] += out.new_token_ids
-                lps[i] += out.logprobs
-                if out.finished:
-                    finish[i], cached = out.finish_reason, max(cached, out.cached_tokens)
-            return texts, tokens, lps, finish, cached
-
-        texts, tokens, lps, finish, cached = await unless_disconnected(request, collect())
-        choices = [{"index": i, "text": echoed + "".join(texts[i]),
-                    "logprobs": logprobs_openai_completion(lps[i], state), "finish_reason": finish[i]}
+        got = await unless_disconnected(request, collect_choices(gens))
+        choices = [{"index": i, "text": echoed + got.texts[i],
+                    "logprobs": logprobs_openai_completion(got.logprobs[i], state), "finish_reason": got.finish[i]}
                    for i in range(len(children))]
-        completion_tokens = sum(len(t) for t in tokens)
+        completion_tokens = sum(len(t) for t in got.tokens)
         return {**base, "choices": choices, "usage": {
             "prompt_tokens": len(ids), "completion_tokens": completion_tokens, "total_tokens": len(ids) + completion_tokens,
-            "prompt_tokens_details": {"cached_tokens": cached}}}
+            "prompt_tokens_details": {"cached_tokens": got.cached}}}
 
     @app.post("/generate")
     async def generate(request: Request):

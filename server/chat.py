@@ -18,8 +18,8 @@ from fastapi.responses import StreamingResponse
 import asyncio
 
 from dsv32.core.llm import expand_n
-from dsv32.server.app import (ServerState, error_event, merge_choices, read_json, run_request, sse, started,
-                              unless_disconnected)
+from dsv32.server.app import (ServerState, collect_choices, error_event, merge_choices, read_json, run_request, sse,
+                              started, unless_disconnected)
 from dsv32.server.encoding.common import DSML, THINK_END, THINK_START
 from dsv32.server.engine_process import EngineDead, EngineRejected
 from dsv32.server.parsers import v31
@@ -157,31 +157,19 @@ def register_chat(app: FastAPI, state: ServerState) -> None:
             return StreamingResponse(_stream(state, include_usage, base, outs, parsers, prefeed, stream_reasoning,
                                              len(ids)), media_type="text/event-stream")
 
-        async def collect():
-            texts = [[forced] if forced else [] for _ in children]
-            lps, tokens = [[] for _ in children], [[] for _ in children]
-            finish, cached = [None] * len(children), 0
-            async for i, out in merge_choices(gens):
-                texts[i].append(out.text_delta)
-                lps[i] += out.logprobs
-                tokens[i] += out.new_token_ids
-                if out.finished:
-                    finish[i], cached = out.finish_reason, max(cached, out.cached_tokens)
-            return texts, lps, tokens, finish, cached
-
-        texts, lps, tokens, finish, cached = await unless_disconnected(request, collect())
+        got = await unless_disconnected(request, collect_choices(gens))
         choices, reasoning_tokens = [], 0
         for i, parser in enumerate(parsers):
-            parsed = parser.parse("".join(texts[i]))
+            parsed = parser.parse(forced + got.texts[i])
             if parsed.reasoning_content:
-                reasoning_tokens += _reasoning_tokens(tokens[i], state.think_end_id)
+                reasoning_tokens += _reasoning_tokens(got.tokens[i], state.think_end_id)
             message = {"role": "assistant", "content": parsed.content or "",
                        "reasoning_content": parsed.reasoning_content or None,
                        "tool_calls": [c.to_openai() for c in parsed.tool_calls] or None}
-            choices.append({"index": i, "message": message, "logprobs": _chat_logprobs(lps[i], state),
-                            "finish_reason": finish_reason(finish[i], parsed)})
-        completion = sum(len(t) for t in tokens)
-        return {**base, "choices": choices, "usage": _usage(len(ids), completion, cached, reasoning_tokens)}
+            choices.append({"index": i, "message": message, "logprobs": _chat_logprobs(got.logprobs[i], state),
+                            "finish_reason": finish_reason(got.finish[i], parsed)})
+        completion = sum(len(t) for t in got.tokens)
+        return {**base, "choices": choices, "usage": _usage(len(ids), completion, got.cached, reasoning_tokens)}
 
 
 def _usage(prompt: int, completion: int, cached: int, reasoning: int) -> dict:
