@@ -14,6 +14,8 @@ def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     batch can be built while the device still runs the current one."""
     if device.type == "cpu":
         return t
+    if device.type == "meta":  # shapes only (ahead-of-time compilation)
+        return t.to(device)
     return t.pin_memory().to(device, non_blocking=True)
 
 

@@ -323,7 +323,9 @@ def dummy_weights(cfg: ModelConfig, ops: Ops, dtype: torch.dtype, device, seed: 
     fp8 = cfg.quant is not None
     block = (cfg.quant.block_n, cfg.quant.block_k) if fp8 else (128, 128)
 
-    def gen(name: str) -> torch.Generator:
+    def gen(name: str) -> torch.Generator | None:
+        if device.type == "meta":  # shapes only (ahead-of-time compilation drives the kernels on meta tensors)
+            return None
         return torch.Generator(device=device).manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
 
     def linear(name: str, shape, keep_bf16: bool) -> LinearWeight:
