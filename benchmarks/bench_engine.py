@@ -45,7 +45,7 @@ def offline(path, concs, args):
 
     llm = LLM(model=path, load_format="dummy", max_num_seqs=max(concs), max_model_len=5200,
               kv_cache_dtype=args.kv_cache_dtype, kv_cache_memory_gib=args.kv_cache_gib,
-              disable_cuda_graph=args.disable_cuda_graph, disable_overlap_schedule=args.disable_overlap_schedule)
+              disable_graphs=args.disable_cuda_graph, disable_overlap_schedule=args.disable_overlap_schedule)
     eng = llm.engine
     events = []  # (start, end, number of requests, all decoding)
     launch = eng._launch

@@ -41,7 +41,7 @@ def main() -> None:
     before = torch.cuda.memory_allocated()
     llm = LLM(model=path, load_format="dummy", max_num_seqs=args.graph_bs, max_model_len=args.chunk + 64,
               kv_cache_dtype="fp8_e4m3", kv_cache_memory_gib=4.0, chunked_prefill_size=args.chunk,
-              cuda_graph_max_bs=args.graph_bs)
+              graph_max_bs=args.graph_bs)
     mem = llm.core.memory
     cfg = ModelConfig.from_pretrained(path)
     spec = kv_spec(cfg, llm.core.resolved, 64)

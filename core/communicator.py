@@ -1,5 +1,5 @@
-"""The communicator tier of the op interface: collectives among ranks through torch.distributed — NCCL / RCCL / HCCL
-on devices, gloo on the CPU; the backend names the process-group backend (`Ops.process_group_backend`). Nothing
+"""The communicator tier of the op interface: collectives among ranks through torch.distributed — the device's
+collective library on devices, gloo on the CPU; the backend names it (`Platform.collective_backend`). Nothing
 home-made: every cross-rank transfer of the model is one of these calls. A group of one rank makes each call the
 identity, so a single process pays nothing and runs the same code.
 
@@ -128,7 +128,7 @@ def single_process() -> ProcessGroups:
 
 def init_process_groups(layout: RankLayout, backend: str, init_method: str, timeout_s: float) -> ProcessGroups:
     """Joins the world (torch.distributed.init_process_group) and creates every group, in the same order on every
-    rank. `backend` carries device tensors ('nccl', 'hccl', 'gloo'); the control group is gloo."""
+    rank. `backend` (the platform's collective backend) carries device tensors; the control group is gloo."""
     if layout.world_size == 1:
         return single_process()
     dist = _dist()

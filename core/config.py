@@ -319,8 +319,8 @@ def deepseek_v32_config(**overrides: Any) -> dict[str, Any]:
 # ---- engine configuration: built by LLM(...) and by `dsv32 serve` alike, handed to every rank ------------------------
 @dataclass(frozen=True)
 class CacheConfig:
-    """KV cache: kv_cache_dtype 'auto' (= model dtype), 'bfloat16', 'float32' or 'fp8_e4m3' (FlashMLA 656-byte
-    layout); indexer_precision 'auto' ('fp8' for FP8 checkpoints, else 'exact'), 'exact' or 'fp8'; the pool is
+    """KV cache: kv_cache_dtype 'auto' (= model dtype), 'bfloat16', 'float32' or 'fp8_e4m3' (656 bytes per
+    token, core/platform.py); indexer_precision 'auto' ('fp8' for FP8 checkpoints, else 'exact'), 'exact' or 'fp8'; the pool is
     num_kv_pages pages, else sized by memory: mem_fraction_static × device memory − weights, else
     kv_cache_memory_gib (at most room for max_running_requests full-length requests)."""
 
@@ -336,7 +336,7 @@ class CacheConfig:
 class SchedulerConfig:
     """Batching: max_model_len (None: the config's max_position_embeddings capped at 32768), requests running at
     once, tokens per step (chunked prefill; ≤ 0: whole prompts), prefix cache, overlap of step N+1's scheduling with
-    step N (where the device runs asynchronously), decode graphs up to cuda_graph_max_bs (None: min(running, 256)
+    step N (where the device runs asynchronously), decode graphs up to graph_max_bs (None: min(running, 256)
     where the backend has graphs)."""
 
     max_model_len: int | None = None
@@ -344,8 +344,8 @@ class SchedulerConfig:
     chunked_prefill_size: int = 8192
     enable_prefix_cache: bool = True
     overlap: bool = True
-    cuda_graph_max_bs: int | None = None
-    disable_cuda_graph: bool = False
+    graph_max_bs: int | None = None
+    disable_graphs: bool = False
     isolate_failures: bool = True  # a failed step aborts only the request it can attribute (one process per group)
 
 

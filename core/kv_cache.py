@@ -1,13 +1,13 @@
 """Paged KV cache: per-layer pools for the MLA latent and the indexer keys, a page allocator with
 reference counts, and per-request page lists turned into block tables.
 
-Pools (one per layer, page size P tokens; a token at position pos of a request lives at physical slot
-block_table[pos // P] * P + pos % P):
-- latent, float: [pages, P, L+R] in the cache dtype (bf16: 1152 B/token at V3.2 sizes) = [c | k_pe];
-- latent, fp8: uint8 [pages, P, L + 4·ceil(L/128) + 2R] (656 B/token: FlashMLA's layout) =
-  [c e4m3 | fp32 scale per 128 elements | k_pe bf16];
-- index keys, fp8 mode: uint8 [pages, P·(D+4)] = per page all D-byte e4m3 keys, then all fp32 scales
-  (132 B/token, DeepGEMM's paged layout);
+A token at position pos of a request lives at physical slot block_table[pos // P] * P + pos % P (P = page size).
+The byte layouts belong to the backend (core/platform.py names them; its ops read and write them); this module
+allocates them:
+- latent, "combined" layout: float [pages, P, L+R] in the cache dtype = [c | k_pe]; or fp8: uint8
+  [pages, P, L + 4·ceil(L/128) + 2R] (656 B/token at V3.2 sizes) = [c e4m3 | fp32 scale per 128 elements | k_pe bf16];
+- latent, "split" layout: c [pages, P, 1, L] and k_pe [pages, P, 1, R] in the cache dtype (SplitLatent);
+- index keys, fp8 mode: uint8 [pages, P·(D+4)] = per page all D-byte e4m3 keys, then all fp32 scales (132 B/token);
 - index keys, exact mode: [pages, P, D] in the model dtype.
 The model reads and writes KV only through these pools and the ops that own their layout.
 """
@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
@@ -32,6 +33,18 @@ def latent_entry_bytes(kv_lora_rank: int, rope_dim: int) -> int:
 def index_key_bytes(index_head_dim: int) -> int:
     """Bytes per token of an fp8 indexer key with its fp32 scale: 132 for head dim 128."""
     return index_head_dim + 4
+
+
+class SplitLatent(NamedTuple):
+    """One layer's latent cache in the "split" layout: c [pages, P, 1, L] and k_pe [pages, P, 1, R]."""
+
+    nope: torch.Tensor
+    rope: torch.Tensor
+
+    @property
+    def shape(self) -> torch.Size:
+        """The nope pool's shape: [pages, P, 1, L] (pages × P slots, as the combined pool's first two dims)."""
+        return self.nope.shape
 
 
 class OutOfPagesError(RuntimeError):
@@ -87,6 +100,7 @@ class KVCacheSpec:
     latent_dtype: torch.dtype | str  # a float dtype, or "fp8_e4m3"
     index_fp8: bool  # fp8 keys + scales (132 B/token) vs keys in index_dtype
     index_dtype: torch.dtype
+    latent_layout: str = "combined"  # or "split" (core/platform.py)
 
     def latent_bytes_per_token(self) -> int:
         if self.latent_dtype == "fp8_e4m3":
@@ -112,11 +126,21 @@ class KVCache:
         # to and read from, so they never touch a request's keys.
         self.scratch_page = spec.num_pages
         P, n = spec.page_size, spec.num_pages + 1
-        if spec.latent_dtype == "fp8_e4m3":
-            shape, dtype = (n, P, latent_entry_bytes(spec.kv_lora_rank, spec.rope_dim)), torch.uint8
+        if spec.latent_layout == "split":
+            if spec.latent_dtype == "fp8_e4m3":
+                raise ValueError("the split latent layout holds the model dtype, not fp8")
+            self.latent = [SplitLatent(torch.zeros(n, P, 1, spec.kv_lora_rank, dtype=spec.latent_dtype, device=self.device),
+                                       torch.zeros(n, P, 1, spec.rope_dim, dtype=spec.latent_dtype, device=self.device))
+                           for _ in range(spec.num_layers)]
+        elif spec.latent_layout != "combined":
+            raise ValueError(f"unknown latent layout {spec.latent_layout!r}")
+        elif spec.latent_dtype == "fp8_e4m3":
+            shape = (n, P, latent_entry_bytes(spec.kv_lora_rank, spec.rope_dim))
+            self.latent = [torch.zeros(shape, dtype=torch.uint8, device=self.device) for _ in range(spec.num_layers)]
         else:
-            shape, dtype = (n, P, spec.kv_lora_rank + spec.rope_dim), spec.latent_dtype
-        self.latent = [torch.zeros(shape, dtype=dtype, device=self.device) for _ in range(spec.num_layers)]
+            shape = (n, P, spec.kv_lora_rank + spec.rope_dim)
+            self.latent = [torch.zeros(shape, dtype=spec.latent_dtype, device=self.device)
+                           for _ in range(spec.num_layers)]
         if spec.index_fp8:
             ishape, idtype = (n, P * index_key_bytes(spec.index_head_dim)), torch.uint8
         else:

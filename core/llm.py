@@ -73,16 +73,16 @@ class LLM:
     dtype: 'auto' (the checkpoint's torch_dtype; bf16 for FP8 checkpoints), 'bfloat16', 'float32'.
     device: default: the backend's device (the reference backend: 'cpu').
     backend: registered backend name or 'auto' (default; also DSV32_BACKEND).
-    kv_cache_dtype: 'auto' (= model dtype), 'bfloat16', 'fp8_e4m3' (FlashMLA 656-byte layout).
+    kv_cache_dtype: 'auto' (= model dtype), 'bfloat16', 'fp8_e4m3' (656 bytes per token, core/platform.py).
     indexer_precision: 'auto' ('fp8' for FP8-quantized checkpoints, else 'exact'), 'exact' (as transformers),
     'fp8' (Hadamard + fp8 keys, as DeepSeek's reference).
-    kernels: per kernel slot the kernel to use, SGLang's names: {'dsa_prefill_backend': 'triton', 'dsa_decode_backend':
-    'flashmla_kv', 'moe_runner_backend': 'deep_gemm'}; missing/None/'auto' = the default. A choice that cannot run
+    kernels: per kernel slot the kernel to use, SGLang's names: {'dsa_decode_backend': 'triton', ...}: the
+    names each backend declares (`dsv32 env` lists them); missing/None/'auto' = the default. A choice that cannot run
     raises KernelChoiceError naming what can.
     load_format: 'auto' (read the checkpoint) or 'dummy' (random weights of the config's shapes, FP8-block where the
     config says FP8: benchmarks at full size without the weights).
-    cuda_graph_max_bs: largest decode batch replayed from a device graph (default: min(max_num_seqs, 256) where the
-    backend has graphs); disable_cuda_graph: run every step eagerly. graph_factory: a DeviceGraph maker (tests use
+    graph_max_bs: largest decode batch replayed from a device graph (default: min(max_num_seqs, 256) where the
+    backend has graphs); disable_graphs: run every step eagerly. graph_factory: a DeviceGraph maker (tests use
     core.engine.runner.EagerGraph to exercise graph replay on the CPU; single process only).
     disable_overlap_schedule: schedule each step only after the previous one's tokens are read (the default
     overlaps them where the device runs asynchronously).
@@ -100,7 +100,7 @@ class LLM:
                  kv_cache_memory_gib: float = 1.0, load_mtp: bool = False, tokenizer: str | None = None,
                  chunked_prefill_size: int = 8192, enable_prefix_caching: bool = True,
                  mem_fraction_static: float | None = None, kernels: dict[str, str | None] | None = None,
-                 load_format: str = "auto", cuda_graph_max_bs: int | None = None, disable_cuda_graph: bool = False,
+                 load_format: str = "auto", graph_max_bs: int | None = None, disable_graphs: bool = False,
                  disable_overlap_schedule: bool = False, graph_factory=None, tp_size: int = 1, dp_size: int = 1,
                  ep_size: int = 1, enable_dp_attention: bool = False, dist_timeout_s: float = 600.0):
         self.engine_config = EngineConfig(
@@ -112,8 +112,8 @@ class LLM:
             scheduler=SchedulerConfig(max_model_len=max_model_len, max_running_requests=max_num_seqs,
                                       chunked_prefill_size=chunked_prefill_size,
                                       enable_prefix_cache=enable_prefix_caching,
-                                      overlap=not disable_overlap_schedule, cuda_graph_max_bs=cuda_graph_max_bs,
-                                      disable_cuda_graph=disable_cuda_graph),
+                                      overlap=not disable_overlap_schedule, graph_max_bs=graph_max_bs,
+                                      disable_graphs=disable_graphs),
             parallel=ParallelConfig(tp_size=tp_size, dp_size=dp_size, ep_size=ep_size,
                                     enable_dp_attention=enable_dp_attention, dist_timeout_s=dist_timeout_s))
         self.config = ModelConfig.from_pretrained(model)

@@ -11,19 +11,19 @@ Conventions: T = number of tokens in the flat (ragged) batch, H = heads, "slot" 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
-FP8_E4M3_MAX = 448.0
+from dsv32.core.platform import Platform
 
 
 @dataclass
 class LinearWeight:
     """A linear layer's weight [N, K] (y = x · Wᵀ).
 
-    `scale_inv` is None for bf16/fp32 weights. For DeepSeek FP8-block weights `weight` is float8_e4m3fn and
-    `scale_inv` float32 [ceil(N/block_n), ceil(K/block_k)] with W[n,k] = weight[n,k] · scale_inv[n//bn, k//bk].
+    `scale_inv` is None for bf16/fp32 weights. For DeepSeek FP8-block weights `weight` is e4m3 in the platform's fp8
+    dtype (the checkpoints' float8_e4m3fn, converted at load where the platform says otherwise) and `scale_inv` float32 [ceil(N/block_n), ceil(K/block_k)] with W[n,k] = weight[n,k] · scale_inv[n//bn, k//bk].
     """
 
     weight: torch.Tensor
@@ -63,7 +63,8 @@ class AttnMetadata:
     token_req [T] int64: row of `block_table` for each query token; positions [T] int64: its position, so
     it may see keys at positions 0..positions[t] (inclusive). block_table [B, P] int32 (−1 = no page),
     kv_lens [B] int64: keys in the cache for each request after this step's writes. `kv_lens_cpu` mirrors
-    kv_lens as a Python list (the reference loops over requests)."""
+    kv_lens as a Python list (the reference loops over requests). `extra` holds what the backend's
+    `Ops.prepare_metadata` derives from these once per forward for its kernels (shared by every layer)."""
 
     token_req: torch.Tensor
     positions: torch.Tensor
@@ -72,6 +73,7 @@ class AttnMetadata:
     kv_lens_cpu: list[int]
     page_size: int
     is_decode: bool = False  # every request contributes exactly one query token (selects the decode kernels)
+    extra: dict = field(default_factory=dict)
 
 
 def causal_slots(batch: AttnMetadata) -> torch.Tensor:
@@ -83,22 +85,6 @@ def causal_slots(batch: AttnMetadata) -> torch.Tensor:
     pages = batch.block_table[batch.token_req][:, pos // batch.page_size].long()
     slots = pages * batch.page_size + pos % batch.page_size
     return torch.where(pos[None, :] <= batch.positions[:, None], slots, torch.full_like(slots, -1)).to(torch.int32)
-
-
-# Kernel choices a user can make (SGLang's flag names) and every value SGLang documents for them. A backend lists
-# what it can run in `kernel_options`; the rest are refused at startup with the reason.
-# `fp8_gemm_backend` is SGLang's flag for the dense FP8 linears; `dsa_indexer_backend` (dsv32's own) picks the
-# indexer-logits kernel. "auto" as an option name is a backend's per-batch policy (e.g. a vendor kernel only where
-# it was measured faster).
-KERNEL_SLOTS = {
-    "dsa_prefill_backend": ("auto", "flashmla_sparse", "flashmla_kv", "flashmla_auto", "fa3", "tilelang", "triton",
-                            "reference"),
-    "dsa_decode_backend": ("auto", "flashmla_sparse", "flashmla_kv", "flashmla_auto", "fa3", "tilelang", "triton",
-                           "reference"),
-    "moe_runner_backend": ("deep_gemm", "triton", "flashinfer_cutlass", "flashinfer_trtllm", "cutlass", "reference"),
-    "fp8_gemm_backend": ("deep_gemm", "triton", "flashinfer_trtllm", "cutlass", "reference"),
-    "dsa_indexer_backend": ("deep_gemm", "triton", "reference"),
-}
 
 
 class KernelChoiceError(ValueError):
@@ -113,6 +99,15 @@ class KernelContext:
     kv_cache_fp8: bool = False
     fp8_weights: bool = False
     num_heads: int = 128
+    attn_tp_size: int = 1  # ranks the attention heads are split over
+    page_size: int = 64
+    index_topk: int = 2048
+    indexer_fp8: bool = False
+
+    @property
+    def local_heads(self) -> int:
+        """Attention heads of one rank."""
+        return -(-self.num_heads // self.attn_tp_size)
 
 
 class Ops:
@@ -125,21 +120,30 @@ class Ops:
         self.kernels: dict[str, str] = {}  # slot → chosen kernel (set by select_kernels)
 
     # ---- kernel selection (not ops) ----------------------------------------------------------------
+    def known_kernel_choices(self) -> dict[str, tuple[str, ...]]:
+        """Every kernel slot and name any discovered backend declares (`kernel_choices` of its class: SGLang's flag
+        values such as --dsa-decode-backend's); core knows none of them itself."""
+        from dsv32.core.registry import known_kernel_choices
+
+        return known_kernel_choices()
+
     def kernel_options(self, ctx: KernelContext) -> dict[str, dict[str, str]]:
-        """Per slot of KERNEL_SLOTS: kernel name → '' when it can run here, else why not; the default first (the
-        first runnable one is chosen when the user asks for nothing). A kernel never verified against its real
-        library is listed after the default: runnable on request, never chosen by itself."""
-        return {slot: {self.name: ""} for slot in KERNEL_SLOTS}
+        """Per kernel slot: kernel name → '' when it can run here, else why not; the default first (the first
+        runnable one is chosen when the user asks for nothing). A kernel never verified against its real library is
+        listed after the default: runnable on request, never chosen by itself. Default: this backend's ops serve
+        every slot."""
+        return {slot: {self.name: ""} for slot in self.known_kernel_choices()}
 
     def select_kernels(self, ctx: KernelContext, requested: dict[str, str | None] | None = None) -> dict[str, str]:
         """Resolve each slot's choice ('auto'/None: fastest runnable). Raises KernelChoiceError naming what can run."""
-        requested = requested or {}
-        unknown = set(requested) - set(KERNEL_SLOTS)
+        requested = {k: v for k, v in (requested or {}).items() if v is not None}
+        known_slots = self.known_kernel_choices()
+        unknown = set(requested) - set(known_slots)
         if unknown:
-            raise KernelChoiceError(f"unknown kernel slot(s) {sorted(unknown)}; known: {sorted(KERNEL_SLOTS)}")
+            raise KernelChoiceError(f"unknown kernel slot(s) {sorted(unknown)}; known: {sorted(known_slots)}")
         options = self.kernel_options(ctx)
         chosen, problems = {}, []
-        for slot, known in KERNEL_SLOTS.items():
+        for slot, known in known_slots.items():
             opts = options.get(slot, {})
             runnable = [name for name, why in opts.items() if not why]
             want = requested.get(slot)
@@ -161,6 +165,12 @@ class Ops:
     def kernel_notes(self) -> dict[str, str]:
         """op → a short note on which kernel serves it and why faster ones don't (shown by `dsv32 env`)."""
         return {}
+
+    def fp8_format(self) -> tuple[torch.dtype, float]:
+        """(e4m3 dtype, its max) that this backend's fp8 ops produce and read: the platform's (Platform.fp8_dtype;
+        OCP float8_e4m3fn where the platform has none, for ops that only emulate fp8 storage)."""
+        dtype = self.platform().fp8_dtype or torch.float8_e4m3fn
+        return dtype, torch.finfo(dtype).max
 
     # ---- weights ------------------------------------------------------------------------------------
     def prepare_linear(self, w: LinearWeight, dtype: torch.dtype) -> LinearWeight:
@@ -215,23 +225,24 @@ class Ops:
         raise NotImplementedError
 
     def quantize_fp8(self, x: torch.Tensor, block: int, ue8m0: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-        """Dynamic per-(row, block) e4m3 quantization of x [.., D]: scale = max(amax, 1e-4) / 448, rounded up to
-        a power of two when ue8m0; returns (x_fp8 [.., D] float8_e4m3fn, scale [.., ceil(D/block)] fp32)
-        with x ≈ x_fp8 · scale."""
+        """Dynamic per-(row, block) e4m3 quantization of x [.., D] in the fp8 format of `fp8_format()` (max M: 448
+        for e4m3fn, 240 for e4m3fnuz): scale = max(amax, 1e-4) / M, rounded up to a power of two when ue8m0;
+        returns (x_fp8 [.., D] of that dtype, scale [.., ceil(D/block)] fp32) with x ≈ x_fp8 · scale."""
         raise NotImplementedError
 
     # ---- KV cache writes ----------------------------------------------------------------------------
     def write_latent_cache(self, latent_cache: torch.Tensor, latent: torch.Tensor, k_pe: torch.Tensor,
                            slots: torch.Tensor) -> None:
         """Store c [T, L] and k_pe [T, R] at slots [T] (int64; −1 = skip) of one layer's latent cache.
-        Layouts (see core/kv_cache.py): float pool [pages, page_size, L+R] = [c | k_pe]; uint8 pool
-        [pages, page_size, L + 4·ceil(L/128) + 2R] = [c e4m3 | fp32 scale per 128 | k_pe bf16] (FlashMLA 656 B)."""
+        Layouts (see core/kv_cache.py, core/platform.py): "combined" float pool [pages, page_size, L+R] = [c | k_pe];
+        "combined" uint8 pool [pages, page_size, L + 4·ceil(L/128) + 2R] = [c e4m3 | fp32 scale per 128 | k_pe bf16]
+        (656 B at V3.2 sizes; e4m3 in `fp8_format()`); "split" (a SplitLatent): c and k_pe in their own pools."""
         raise NotImplementedError
 
     def write_index_keys(self, index_cache: torch.Tensor, keys: torch.Tensor, slots: torch.Tensor) -> None:
         """Store indexer keys [T, D] at slots. Float pool [pages, page_size, D]: stored as is. uint8 pool
-        [pages, page_size·(D+4)]: per page D-byte e4m3 keys of all tokens, then their fp32 scales (one per token,
-        ue8m0), as DeepGEMM's paged layout."""
+        [pages, page_size·(D+4)]: per page D-byte e4m3 keys of all tokens (in `fp8_format()`), then their fp32
+        scales (one per token, ue8m0)."""
         raise NotImplementedError
 
     def mla_kv_write(self, kv: torch.Tensor, kv_lora_rank: int, norm_weight: torch.Tensor, eps: float,
@@ -262,7 +273,7 @@ class Ops:
                      batch: AttnMetadata, softmax_scale: float, topk: int) -> torch.Tensor:
         """Lightning-indexer scores and top-k selection over a paged key cache.
 
-        q [T, Hi, D] (float, or float8_e4m3fn when index_cache is the fp8 pool); head_weights [T, Hi] fp32.
+        q [T, Hi, D] (float, or e4m3 of `fp8_format()` when index_cache is the fp8 pool); head_weights [T, Hi] fp32.
         Score of query t against the key at position s of its request (s ≤ positions[t]):
             I[t, s] = k_scale[s] · Σ_h head_weights[t, h] · relu(softmax_scale · q[t, h] · k[s])
         (k_scale = 1 for float pools). Returns int32 [T, topk]: the physical slots of the min(topk, pos+1)
@@ -311,16 +322,21 @@ class Ops:
         raise NotImplementedError
 
 
-    # ---- device graphs and events (not ops) ---------------------------------------------------------
-    def graph_support(self) -> str:
-        """'' when this backend can capture the decode forward into device graphs (CUDA graphs) and replay them,
-        else why not. A backend that can returns graphs from `new_graph`."""
-        return f"the {self.name} backend runs eagerly"
+    # ---- the platform, per-batch metadata, device graphs and events (not ops) -------------------------
+    def platform(self) -> Platform:
+        """What this backend declares about its device (core/platform.py): fp8 dtype, KV layouts and page sizes,
+        collectives backend, graph support. Default: a device that runs eagerly, OCP fp8, the combined layout."""
+        return Platform(device_type=self.device.type)
+
+    def prepare_metadata(self, batch: AttnMetadata) -> None:
+        """Called once per forward, before the first layer (inside a captured graph for decode graphs): derive what
+        this backend's attention / indexer kernels need per batch from `batch` into `batch.extra` (e.g. cumulative
+        query lengths), so no layer recomputes it. Default: nothing (the kernels read AttnMetadata itself)."""
 
     def new_graph(self, pool=None):
-        """A DeviceGraph (see core/model_runner.py): `with g.capture(): ...` records device work, `g.replay()`
+        """A DeviceGraph (see core/engine/runner.py): `with g.capture(): ...` records device work, `g.replay()`
         re-runs it on the same buffers. `pool` (from `graph_pool()`) lets several graphs share their memory."""
-        raise NotImplementedError(self.graph_support())
+        raise NotImplementedError(self.platform().graphs)
 
     def graph_pool(self):
         return None
@@ -341,13 +357,11 @@ class Ops:
             return None
         return get(self.device.index if self.device.index is not None else 0)
 
-    def process_group_backend(self) -> str:
-        """The torch.distributed backend that carries this backend's device tensors between ranks (gloo: CPU)."""
-        return "gloo"
 
 
-_NOT_OPS = {"kernel_options", "select_kernels", "kernel_notes", "graph_support", "new_graph", "graph_pool",
-            "new_event", "synchronize", "fuse_linears", "memory_allocated", "process_group_backend"}
+_NOT_OPS = {"known_kernel_choices", "kernel_options", "select_kernels", "kernel_notes", "platform", "fp8_format",
+            "prepare_metadata", "new_graph", "graph_pool", "new_event", "synchronize", "fuse_linears",
+            "memory_allocated"}
 OP_NAMES = tuple(
     name for name, value in vars(Ops).items() if callable(value) and not name.startswith("_") and name not in _NOT_OPS
 )

@@ -2,10 +2,13 @@
 selection by priority, and per-op fallback to the reference backend.
 
 A backend entry point names a class with:
-  name: str; device_type: str ("cpu"/"cuda"/"npu"/...; "any" for reference); priority: int (higher wins) —
-  or a classmethod auto_priority() -> int | None, where None means "only when asked for by name";
-  is_available() -> tuple[bool, str]   (the str says why not, e.g. "no CUDA device");
-  create(device) -> Ops                (imports vendor libraries lazily, here or in is_available).
+  name: str; device_type: str (torch's device type of its default device; "any" for reference);
+  priority: int (higher wins) — or a classmethod auto_priority() -> int | None, where None means "only when asked
+  for by name";
+  is_available() -> tuple[bool, str]   (the str says why not, e.g. which device or library is missing);
+  create(device) -> Ops                (imports vendor libraries lazily, here or in is_available);
+  optionally kernel_choices: {slot: names} (the values of the kernel flags it understands), default_device(),
+  total_memory_bytes(device), describe() -> dict (what `dsv32 env` shows).
 """
 
 from __future__ import annotations
@@ -23,9 +26,6 @@ from dsv32.core.ops import OP_NAMES, Ops
 log = logging.getLogger("dsv32.registry")
 
 GROUP = "dsv32.backends"
-# The same as pyproject.toml's entry points, for a source tree that was never pip-installed.
-BUILTIN_BACKENDS = {"reference": "dsv32.backends.reference:ReferenceBackend",
-                    "triton": "dsv32.backends.triton:TritonBackend", "cuda": "dsv32.backends.cuda:CudaBackend"}
 
 
 class BackendError(RuntimeError):
@@ -58,12 +58,36 @@ def _load_target(target: str):
 
 
 def discover() -> dict[str, BackendInfo]:
-    """All registered backends with their availability. A source tree that was never pip-installed has no entry
-    points: then our own backends (BUILTIN_BACKENDS) are probed."""
+    """All registered backends with their availability: the `dsv32.backends` entry points (ours are declared in
+    pyproject.toml like any third party's). A source tree that was never pip-installed has none: then every
+    package under dsv32.backends that exports a BACKEND class is probed (core names none of them)."""
     eps = list(entry_points(group=GROUP))
     if eps:
         return {ep.name: _probe(ep.name, ep.load) for ep in eps}
-    return {name: _probe(name, lambda t=target: _load_target(t)) for name, target in BUILTIN_BACKENDS.items()}
+    import pkgutil
+
+    import dsv32.backends as pkg
+
+    found = {}
+    for mod in pkgutil.iter_modules(pkg.__path__):
+        if mod.ispkg:
+            target = f"{pkg.__name__}.{mod.name}:BACKEND"
+            info = _probe(mod.name, lambda t=target: _load_target(t))
+            if info.cls is not None or "has no attribute 'BACKEND'" not in info.reason:
+                found[getattr(info.cls, "name", mod.name)] = info
+    return found
+
+
+def known_kernel_choices() -> dict[str, tuple[str, ...]]:
+    """Kernel slot → every kernel name the discovered backends declare for it (their classes' `kernel_choices`),
+    plus each backend's own name (any backend serves every slot with its own ops)."""
+    backends = discover()
+    names = tuple(backends)
+    out: dict[str, tuple[str, ...]] = {}
+    for info in backends.values():
+        for slot, choices in getattr(info.cls, "kernel_choices", {}).items():
+            out[slot] = tuple(dict.fromkeys(out.get(slot, ()) + tuple(choices)))
+    return {slot: tuple(dict.fromkeys(choices + names)) for slot, choices in out.items()}
 
 
 def select_backend(requested: str | None = None) -> BackendInfo:
@@ -86,14 +110,17 @@ _fallback_logged: set[tuple[str, str]] = set()
 
 
 def create_ops(info: BackendInfo, device: torch.device | str) -> Ops:
-    """Instantiate the backend's ops; ops it does not implement are bound to the reference (logged once)."""
+    """Instantiate the backend's ops; ops it does not implement are bound to the reference backend's (logged once),
+    which then uses this backend's fp8 format."""
     ops = info.cls.create(device)
     if info.name == "reference":
         ops.kernel_sources = {name: "reference" for name in OP_NAMES}
         return ops
-    from dsv32.backends.reference.ops import ReferenceOps
-
-    ref = ReferenceOps(device)
+    reference = discover().get("reference")
+    if reference is None or reference.cls is None:
+        raise BackendError("the reference backend (the fallback of every op a backend leaves out) is not registered")
+    ref = reference.cls.create(device)
+    ref.fp8_dtype = ops.fp8_format()[0]
     sources = {}
     for name in OP_NAMES:
         if getattr(type(ops), name) is getattr(Ops, name):

@@ -53,10 +53,10 @@ def _env(args: argparse.Namespace) -> int:
     for op in OP_NAMES:
         note = notes.get(op)
         print(f"  {op:<22} {ops.kernel_sources.get(op, '?')}" + (f"  ({note})" if note else ""))
-    why = ops.graph_support()
+    why = ops.platform().graphs
     print(f"\ndecode CUDA graphs: {'yes (--cuda-graph-max-bs, --disable-cuda-graph)' if not why else 'no: ' + why}")
     print(f"overlap scheduler: {'on by default (--disable-overlap-schedule)' if ops.new_event() is not None else 'off: this device runs synchronously'}")
-    print(f"collectives between ranks (--tp / --dp / --ep): torch.distributed, {ops.process_group_backend()}")
+    print(f"collectives between ranks (--tp / --dp / --ep): torch.distributed, {ops.platform().collective_backend}")
     return 0
 
 

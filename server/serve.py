@@ -98,7 +98,10 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
                    help="kernel for the dense FP8-block linears: triton (default) or deep_gemm (opt-in: not yet run "
                         "against the real library)")
     g.add_argument("--dsa-indexer-backend", default=None,
-                   help="indexer-logits kernel: triton (default) or deep_gemm (opt-in, fp8 indexer keys)")
+                   help="indexer-logits kernel: triton (default), deep_gemm (NVIDIA) or aiter (AMD; opt-in, fp8 "
+                        "indexer keys)")
+    g.add_argument("--norm-backend", default=None,
+                   help="RMSNorm kernel: triton (default) or aiter (AMD; opt-in)")
     g.add_argument("--cuda-graph-max-bs", type=int, default=None,
                    help="largest decode batch replayed from a CUDA graph (default: min(--max-running-requests, 256) "
                         "on GPUs); graphs are captured at startup, with progress in the log")
@@ -173,16 +176,19 @@ def engine_config(args: argparse.Namespace, model: str):
         scheduler=SchedulerConfig(max_model_len=args.context_length, max_running_requests=args.max_running_requests,
                                   chunked_prefill_size=args.chunked_prefill_size,
                                   enable_prefix_cache=not args.disable_radix_cache,
-                                  overlap=not args.disable_overlap_schedule, cuda_graph_max_bs=args.cuda_graph_max_bs,
-                                  disable_cuda_graph=args.disable_cuda_graph),
+                                  overlap=not args.disable_overlap_schedule, graph_max_bs=args.cuda_graph_max_bs,
+                                  disable_graphs=args.disable_cuda_graph),
         parallel=parallel_config(args))
+
+
+# The kernel flags (SGLang's, plus --dsa-indexer-backend): each backend says which values it can run
+KERNEL_FLAGS = ("dsa_prefill_backend", "dsa_decode_backend", "moe_runner_backend", "fp8_gemm_backend",
+                "dsa_indexer_backend", "norm_backend")
 
 
 def kernel_requests(args: argparse.Namespace) -> dict[str, str | None]:
     """The kernel flags as LLM(kernels=...) takes them."""
-    from dsv32.core.ops import KERNEL_SLOTS
-
-    return {slot: getattr(args, slot, None) for slot in KERNEL_SLOTS}
+    return {slot: getattr(args, slot, None) for slot in KERNEL_FLAGS}
 
 
 def _auto_chat_template(args, model_dir: str) -> str:
@@ -262,7 +268,7 @@ def _serve_other_node(args: argparse.Namespace) -> int:
     try:
         ranks = RankProcesses(config, logging.getLogger().level)
     except RankFailure as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {as_flags(e)}", file=sys.stderr)
         return 2
     p = config.parallel
     print(f"[dsv32] node {p.node_rank}: ranks {ranks.ranks[0]}-{ranks.ranks[-1]} running; node 0 serves HTTP",
@@ -271,12 +277,24 @@ def _serve_other_node(args: argparse.Namespace) -> int:
         while any(proc.is_alive() for proc in ranks.procs):
             failure = ranks.check()
             if failure and not all(proc.exitcode == 0 for proc in ranks.procs if not proc.is_alive()):
-                print(f"error: {failure}", file=sys.stderr)
+                print(f"error: {as_flags(failure)}", file=sys.stderr)
                 return 1
             time.sleep(0.5)
     finally:
         ranks.shutdown()
     return 0
+
+
+# EngineConfig settings whose serve flag is named differently (engine errors name the setting; the server says the flag)
+SETTING_FLAGS = {"graph_max_bs": "--cuda-graph-max-bs", "disable_graphs": "--disable-cuda-graph",
+                 "chunked_prefill_size": "--chunked-prefill-size", "max_model_len": "--context-length"}
+
+
+def as_flags(message: str) -> str:
+    """An engine error's setting names as the serve flags that set them."""
+    import re
+
+    return re.sub(r"\b(" + "|".join(SETTING_FLAGS) + r")\b", lambda m: SETTING_FLAGS[m.group(1)], str(message))
 
 
 def serve(args: argparse.Namespace) -> int:
@@ -295,7 +313,7 @@ def serve(args: argparse.Namespace) -> int:
 
         app, engine = build_server(args, on_failure=stop_serving)
     except (FlagError, ListenError, EngineDead) as e:
-        print(f"error: {getattr(e, 'message', e)}", file=sys.stderr)
+        print(f"error: {as_flags(getattr(e, 'message', e))}", file=sys.stderr)
         return 2
     info = engine.info
     ranks = f", {info['world_size']} ranks" if info["world_size"] > 1 else ""
@@ -312,7 +330,7 @@ def serve(args: argparse.Namespace) -> int:
         if app.state.dsv32.tokens is not None:
             app.state.dsv32.tokens.close()
     if engine.failure:
-        print(f"error: the engine failed, so the server stopped: {engine.failure}", file=sys.stderr, flush=True)
+        print(f"error: the engine failed, so the server stopped: {as_flags(engine.failure)}", file=sys.stderr, flush=True)
         return 1
     return 0
 

@@ -33,9 +33,9 @@ def test_graph_replay_matches_eager(tiny_dir):
     # 5 and 3 decoding requests run padded graphs of 8 and 4; contexts cross index_topk (16): dense and sparse paths
     prompts = prompts_of([5, 12, 30, 3, 9], seed=5)
     sp = SamplingParams(max_tokens=20, **GREEDY)
-    eager = LLM(model=tiny_dir, dtype="float32", page_size=8, disable_cuda_graph=True)
+    eager = LLM(model=tiny_dir, dtype="float32", page_size=8, disable_graphs=True)
     assert not eager.runner.graphs
-    graphs = LLM(model=tiny_dir, dtype="float32", page_size=8, cuda_graph_max_bs=8, graph_factory=EagerGraph)
+    graphs = LLM(model=tiny_dir, dtype="float32", page_size=8, graph_max_bs=8, graph_factory=EagerGraph)
     assert sorted(graphs.runner.graphs) == [(bs, sparse) for bs in (1, 2, 4, 8) for sparse in (False, True)]
     want = outputs(eager, prompts, sp)
     assert outputs(graphs, prompts, sp) == want
@@ -46,9 +46,9 @@ def test_graph_replay_matches_eager(tiny_dir):
 
 def test_graph_flags_are_checked(tiny_dir):
     with pytest.raises(ValueError, match="device graphs are not available here"):
-        LLM(model=tiny_dir, dtype="float32", cuda_graph_max_bs=4)  # CPU: a flag is never silently ignored
+        LLM(model=tiny_dir, dtype="float32", graph_max_bs=4)  # CPU: a flag is never silently ignored
     with pytest.raises(ValueError, match="≥ 0"):
-        LLM(model=tiny_dir, dtype="float32", cuda_graph_max_bs=-1, graph_factory=EagerGraph)
+        LLM(model=tiny_dir, dtype="float32", graph_max_bs=-1, graph_factory=EagerGraph)
     assert not LLM(model=tiny_dir, dtype="float32").runner.graphs  # CPU default: eager, logged
 
 
@@ -87,9 +87,9 @@ def test_overlap_schedule_matches_sync(tiny_dir, pages):
 
 def test_overlap_with_graphs_and_abort(tiny_dir):
     prompts = prompts_of([10, 20, 30], seed=2)
-    llm = LLM(model=tiny_dir, dtype="float32", page_size=8, cuda_graph_max_bs=4, graph_factory=EagerGraph)
+    llm = LLM(model=tiny_dir, dtype="float32", page_size=8, graph_max_bs=4, graph_factory=EagerGraph)
     llm.engine.cfg = dataclasses.replace(llm.engine.cfg, overlap=True)
-    ref = LLM(model=tiny_dir, dtype="float32", page_size=8, disable_cuda_graph=True)
+    ref = LLM(model=tiny_dir, dtype="float32", page_size=8, disable_graphs=True)
     sp = SamplingParams(max_tokens=12, **GREEDY)
     assert outputs(llm, prompts, sp) == outputs(ref, prompts, sp)
     eng = llm.engine

@@ -105,7 +105,7 @@ def test_parallel_with_graphs_and_overlap(model, layout, monkeypatch):
     path, prompts, want = model
     monkeypatch.setenv("DSV32_DEBUG_EAGER_GRAPHS", "1")
     monkeypatch.setenv("DSV32_DEBUG_FORCE_OVERLAP", "1")
-    llm = LLM(model=path, dtype="float32", device="cpu", cuda_graph_max_bs=8, **LAYOUTS[layout])
+    llm = LLM(model=path, dtype="float32", device="cpu", graph_max_bs=8, **LAYOUTS[layout])
     try:
         assert [o.token_ids for o in llm.generate(prompt_token_ids=prompts, sampling_params=GREEDY)] == want
         assert llm._ranks.stats["graph_replays"] > 0 and llm._ranks.stats["overlapped_steps"] > 0

@@ -171,7 +171,7 @@ def test_kernel_selection_reference():
     ops = ReferenceOps("cpu")
     assert ops.select_kernels(KernelContext()) == {"dsa_prefill_backend": "reference", "dsa_decode_backend": "reference",
                                                    "moe_runner_backend": "reference", "fp8_gemm_backend": "reference",
-                                                   "dsa_indexer_backend": "reference"}
+                                                   "dsa_indexer_backend": "reference", "norm_backend": "reference"}
     with pytest.raises(KernelChoiceError, match=r"--dsa-decode-backend flashmla_kv cannot run here .*runnable here: "
                                                 r"\['reference'\]"):
         ops.select_kernels(KernelContext(), {"dsa_decode_backend": "flashmla_kv"})
@@ -197,7 +197,7 @@ def test_kernel_selection_cuda_without_vendor_libraries():
     assert opts["dsa_prefill_backend"]["triton"] == "" and opts["moe_runner_backend"]["triton"] == ""
     assert ops.select_kernels(ctx) == {"dsa_prefill_backend": "auto", "dsa_decode_backend": "auto",
                                        "moe_runner_backend": "triton", "fp8_gemm_backend": "triton",
-                                       "dsa_indexer_backend": "triton"}
+                                       "dsa_indexer_backend": "triton", "norm_backend": "triton"}
     assert "Triton (FlashMLA is not usable here)" in ops.kernel_notes()["sparse_mla_attention"]
     with pytest.raises(KernelChoiceError, match=r"flashmla_kv cannot run here \(.*flash_mla.*\); runnable here: "
                                                 r"\['auto', 'triton'\]"):

@@ -4,10 +4,18 @@ integration is not in yet; ops without a kernel fall back to the reference backe
 from __future__ import annotations
 
 
+_DSA = ("auto", "flashmla_sparse", "flashmla_kv", "flashmla_auto", "fa3", "tilelang", "triton")
+
+
 class CudaBackend:
     name = "cuda"
     device_type = "cuda"
     priority = 30
+    # SGLang's values for its kernel flags (what cannot run here is refused with the reason, see CudaOps)
+    kernel_choices = {"dsa_prefill_backend": _DSA, "dsa_decode_backend": _DSA,
+                      "moe_runner_backend": ("deep_gemm", "triton", "flashinfer_cutlass", "flashinfer_trtllm", "cutlass"),
+                      "fp8_gemm_backend": ("deep_gemm", "triton", "flashinfer_trtllm", "cutlass"),
+                      "dsa_indexer_backend": ("deep_gemm", "triton")}
 
     @classmethod
     def is_available(cls) -> tuple[bool, str]:
@@ -38,3 +46,6 @@ class CudaBackend:
         from dsv32.backends.cuda.ops import CudaOps
 
         return CudaOps(device)
+
+
+BACKEND = CudaBackend

@@ -54,8 +54,8 @@ class CudaOps(TritonOps):
 
         fm = vendor.status("flash_mla")[1]
         shape = _first("" if ctx.dtype == torch.bfloat16 else "FlashMLA needs bf16 activations (--dtype bfloat16)",
-                       "" if ctx.num_heads in (64, 128) else f"FlashMLA needs 64 or 128 heads, the model has "
-                                                             f"{ctx.num_heads}")
+                       "" if ctx.local_heads in (64, 128) else f"FlashMLA needs 64 or 128 heads, a rank has "
+                                                               f"{ctx.local_heads}")
         sparse = _first(fm, shape, "flash_mla_sparse_fwd reads a bf16 KV cache; this one is fp8 (use flashmla_kv)"
                         if ctx.kv_cache_fp8 else "")
         kv = _first(fm, shape, "" if ctx.kv_cache_fp8 else
@@ -73,7 +73,8 @@ class CudaOps(TritonOps):
         gemm = {"triton": "", "deep_gemm": dg, "flashinfer_trtllm": _NOT_IN_DSV32["flashinfer_trtllm"],
                 "cutlass": _NOT_IN_DSV32["cutlass"]}
         return {"dsa_prefill_backend": dsa, "dsa_decode_backend": decode, "moe_runner_backend": moe,
-                "fp8_gemm_backend": gemm, "dsa_indexer_backend": {"triton": "", "deep_gemm": dg}}
+                "fp8_gemm_backend": gemm, "dsa_indexer_backend": {"triton": "", "deep_gemm": dg},
+                "norm_backend": {"triton": ""}}
 
     def select_kernels(self, ctx, requested=None):
         chosen = super().select_kernels(ctx, requested)

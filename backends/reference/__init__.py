@@ -33,3 +33,6 @@ class ReferenceBackend:
         from dsv32.backends.reference.ops import ReferenceOps
 
         return ReferenceOps(device)
+
+
+BACKEND = ReferenceBackend

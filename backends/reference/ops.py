@@ -11,15 +11,15 @@ import math
 import torch
 import torch.nn.functional as F
 
-from dsv32.core.kv_cache import index_key_bytes, latent_entry_bytes, latent_scale_blocks
-from dsv32.core.ops import FP8_E4M3_MAX, AttnMetadata, ExpertWeights, LinearWeight, Ops, causal_slots
+from dsv32.core.kv_cache import SplitLatent, index_key_bytes, latent_entry_bytes, latent_scale_blocks
+from dsv32.core.ops import AttnMetadata, ExpertWeights, LinearWeight, Ops, causal_slots
+from dsv32.core.platform import Platform
 
-FP8 = torch.float8_e4m3fn
 MAX_BLOCK_ELEMS = 1 << 26  # largest temporary the reference materializes at once (attention, indexer scores)
 
 
-def _fp8_scale(amax: torch.Tensor, ue8m0: bool) -> torch.Tensor:
-    scale = amax.float().clamp(min=1e-4) / FP8_E4M3_MAX
+def _fp8_scale(amax: torch.Tensor, ue8m0: bool, fp8_max: float) -> torch.Tensor:
+    scale = amax.float().clamp(min=1e-4) / fp8_max
     if ue8m0:
         scale = torch.pow(2.0, torch.ceil(torch.log2(scale)))
     return scale
@@ -34,10 +34,20 @@ def _dequant_blocks(weight: torch.Tensor, scale_inv: torch.Tensor, block: tuple[
 
 
 class ReferenceOps(Ops):
+    """fp8_dtype: the e4m3 variant its fp8 ops produce and read (float8_e4m3fn, or float8_e4m3fnuz: the oracle of a
+    backend whose platform computes in fnuz; as a fallback it takes its backend's)."""
+
     name = "reference"
 
-    def process_group_backend(self) -> str:
-        return {"cuda": "nccl", "npu": "hccl"}.get(self.device.type, "gloo")
+    def __init__(self, device: torch.device | str = "cpu", fp8_dtype: torch.dtype = torch.float8_e4m3fn):
+        super().__init__(device)
+        self.fp8_dtype = fp8_dtype
+
+    def platform(self) -> Platform:
+        # the oracle reads and writes every layout, on whatever device it runs
+        return Platform(device_type=self.device.type, fp8_dtype=self.fp8_dtype, latent_layouts=("combined", "split"),
+                        collective_backend={"cuda": "nccl", "npu": "hccl"}.get(self.device.type, "gloo"),
+                        graphs="the reference backend runs eagerly")
 
     # ---- weights ------------------------------------------------------------------------------------
     def dequantize(self, w: LinearWeight, dtype: torch.dtype) -> torch.Tensor:
@@ -104,14 +114,19 @@ class ReferenceOps(Ops):
         nb = math.ceil(d / block)
         pad = nb * block - d
         xf = F.pad(x.float(), (0, pad)).view(*x.shape[:-1], nb, block)
-        scale = _fp8_scale(xf.abs().amax(-1), ue8m0)
-        q = (xf / scale[..., None]).clamp(-FP8_E4M3_MAX, FP8_E4M3_MAX).to(FP8)
+        fp8, fp8_max = self.fp8_format()
+        scale = _fp8_scale(xf.abs().amax(-1), ue8m0, fp8_max)
+        q = (xf / scale[..., None]).clamp(-fp8_max, fp8_max).to(fp8)
         return q.view(*x.shape[:-1], nb * block)[..., :d], scale
 
     # ---- KV cache -----------------------------------------------------------------------------------
     def write_latent_cache(self, latent_cache, latent, k_pe, slots):
         keep = slots >= 0
         slots, latent, k_pe = slots[keep], latent[keep], k_pe[keep]
+        if isinstance(latent_cache, SplitLatent):
+            latent_cache.nope.view(-1, latent.shape[-1])[slots] = latent.to(latent_cache.nope.dtype)
+            latent_cache.rope.view(-1, k_pe.shape[-1])[slots] = k_pe.to(latent_cache.rope.dtype)
+            return
         flat = latent_cache.view(-1, latent_cache.shape[-1])
         if latent_cache.dtype != torch.uint8:
             flat[slots] = torch.cat([latent, k_pe], dim=-1).to(flat.dtype)
@@ -135,12 +150,14 @@ class ReferenceOps(Ops):
 
     def read_latent(self, latent_cache: torch.Tensor, slots: torch.Tensor, L: int, R: int, dtype) -> torch.Tensor:
         """Gather [n, L+R] entries (dequantized for the fp8 pool). Helper, not part of the interface."""
+        if isinstance(latent_cache, SplitLatent):
+            return torch.cat([latent_cache.nope.view(-1, L)[slots], latent_cache.rope.view(-1, R)[slots]], -1).to(dtype)
         flat = latent_cache.view(-1, latent_cache.shape[-1])
         e = flat[slots]
         if latent_cache.dtype != torch.uint8:
             return e.to(dtype)
         nb = latent_scale_blocks(L)
-        c = e[:, :L].contiguous().view(FP8).float()
+        c = e[:, :L].contiguous().view(self.fp8_dtype).float()
         scale = e[:, L:L + 4 * nb].contiguous().view(torch.float32)
         c = c * scale.repeat_interleave(128, dim=-1)[:, :L]  # scale j covers elements 128j..128j+127
         k_pe = e[:, L + 4 * nb:].contiguous().view(torch.bfloat16).float()
@@ -178,7 +195,7 @@ class ReferenceOps(Ops):
             return k, torch.ones(k.shape[0], dtype=torch.float32, device=k.device)
         key_pos, scale_pos = self._index_key_addresses(index_cache, slots, d)
         flat = index_cache.view(-1)
-        k = flat[key_pos].contiguous().view(FP8)
+        k = flat[key_pos].contiguous().view(self.fp8_dtype)
         s = flat[scale_pos].contiguous().view(torch.float32).view(-1)
         return k, s
 

@@ -11,6 +11,8 @@ class TritonBackend:
     name = "triton"
     device_type = "cuda"
     priority = 10
+    kernel_choices = {slot: ("triton",) for slot in ("dsa_prefill_backend", "dsa_decode_backend", "moe_runner_backend",
+                                                     "fp8_gemm_backend", "dsa_indexer_backend")}
 
     @classmethod
     def auto_priority(cls) -> int | None:
@@ -50,3 +52,6 @@ class TritonBackend:
         from dsv32.backends.triton.ops import TritonOps
 
         return TritonOps(device)
+
+
+BACKEND = TritonBackend

@@ -3,8 +3,8 @@ every query token carries its own list of slots).
 
 One program per (query token, block of heads): an online softmax over the token's slots in blocks of BLOCK_K.
 The score of a slot is q_lat·c + q_pe·k_pe (absorbed MLA, 576-wide at V3.2 sizes), the output Σ p·c (512 wide).
-Both cache layouts: float [slots, L+R] and the FlashMLA-style fp8 entry [c e4m3 | fp32 scale per 128 | k_pe bf16],
-dequantized in the kernel. Invalid slots (−1 or ≥ number of slots) are skipped; a token with none outputs 0.
+The "combined" cache layouts (core/platform.py): float [slots, L+R] and the fp8 entry [c e4m3 | fp32 scale per 128 |
+k_pe bf16] (e4m3fn, or e4m3fnuz on platforms that compute in it), dequantized in the kernel. Invalid slots (−1 or ≥ number of slots) are skipped; a token with none outputs 0.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ def _sparse_mla_kernel(q_ptr, kv_ptr, idx_ptr, out_ptr, lse_ptr, stride_qt, stri
                        stride_oh, entry_stride, n_slots, H, K, keys_per_split, scale,
                        L: tl.constexpr, R: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_R: tl.constexpr,
                        BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, FP8: tl.constexpr, NB: tl.constexpr,
-                       SB: tl.constexpr, IEEE: tl.constexpr, SPLIT: tl.constexpr):
+                       SB: tl.constexpr, IEEE: tl.constexpr, SPLIT: tl.constexpr, FNUZ: tl.constexpr):
     t = tl.program_id(0).to(tl.int64)
     heads = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     split = tl.program_id(2)
@@ -55,7 +55,10 @@ def _sparse_mla_kernel(q_ptr, kv_ptr, idx_ptr, out_ptr, lse_ptr, stride_qt, stri
             rm = valid[:, None] & rmask[None, :]
             if FP8:
                 raw = tl.load(kv_ptr + base[:, None] + offs_l[None, :], mask=lm, other=0)
-                c = raw.to(tl.float8e4nv, bitcast=True).to(tl.float32)
+                if FNUZ:
+                    c = raw.to(tl.float8e4b8, bitcast=True).to(tl.float32)
+                else:
+                    c = raw.to(tl.float8e4nv, bitcast=True).to(tl.float32)
                 # one fp32 scale per SB (=128) latent channels: load [BLOCK_K, NSB], broadcast over each block's channels
                 sc = tl.load((kv_ptr + base[:, None] + L).to(tl.pointer_type(tl.float32)) + offs_sb[None, :],
                              mask=valid[:, None] & (offs_sb < NB)[None, :], other=0.0)
@@ -117,9 +120,10 @@ def _combine_kernel(part_ptr, lse_ptr, out_ptr, H, NSPLIT, stride_pt, stride_ps,
 def sparse_mla_attention(q: torch.Tensor, latent_cache: torch.Tensor, topk_slots: torch.Tensor,
                          softmax_scale: float, kv_lora_rank: int, block_h: int | None = None, block_k: int | None = None,
                          num_warps: int | None = None, keys_per_split: int | None = None,
-                         num_stages: int | None = None) -> torch.Tensor:
+                         num_stages: int | None = None, fnuz: bool = False) -> torch.Tensor:
     """Tuning knobs (None: the defaults below): heads per program, keys per block, warps, and keys per split
-    (flash-decoding: few query tokens spread their keys over several programs, merged by a second kernel)."""
+    (flash-decoding: few query tokens spread their keys over several programs, merged by a second kernel). fnuz: the
+    fp8 cache holds e4m3fnuz."""
     T, H, D = q.shape
     L, R = kv_lora_rank, D - kv_lora_rank
     q = q.contiguous()
@@ -157,7 +161,7 @@ def sparse_mla_attention(q: torch.Tensor, latent_cache: torch.Tensor, topk_slots
         pool.stride(0), n_slots, H, K, keys_per_split, softmax_scale,
         L=L, R=R, BLOCK_L=block_l, BLOCK_R=max(16, triton.next_power_of_2(R)),
         BLOCK_H=block_h, BLOCK_K=block_k, FP8=fp8, NB=latent_scale_blocks(L), SB=min(128, block_l), IEEE=ieee,
-        SPLIT=nsplit > 1, num_warps=num_warps or (4 if block_h <= 16 else 8),
+        SPLIT=nsplit > 1, FNUZ=fnuz, num_warps=num_warps or (4 if block_h <= 16 else 8),
         **({"num_stages": num_stages} if num_stages else {}))
     if nsplit > 1:
         _combine_kernel[(T, H)](part, lse, out, H, nsplit, part.stride(0), part.stride(1), part.stride(2),

@@ -150,8 +150,9 @@ def fp8_block_gemm(a: torch.Tensor, a_scale: torch.Tensor, w: torch.Tensor, w_sc
 def fp8_block_linear(x: torch.Tensor, w_fp8: torch.Tensor, w_scale_inv: torch.Tensor, ue8m0_act: bool = True,
                      split_k: int | None = None) -> torch.Tensor:
     """y [.., N] = x [.., K] · Wᵀ in x's dtype, W[n, k] = w_fp8[n, k] · w_scale_inv[n // 128, k // 128]; x is
-    quantized per token per 128 channels (`quantize_fp8`, power-of-two scales if ue8m0_act), fp32 sums per K block."""
+    quantized per token per 128 channels (`quantize_fp8`, power-of-two scales if ue8m0_act) in the weight's e4m3 format
+    (e4m3fn or e4m3fnuz), fp32 sums per K block."""
     K = x.shape[-1]
-    a, a_scale = quantize_fp8(x.reshape(-1, K), BLOCK, ue8m0_act)
+    a, a_scale = quantize_fp8(x.reshape(-1, K), BLOCK, ue8m0_act, fnuz=w_fp8.dtype == torch.float8_e4m3fnuz)
     y = fp8_block_gemm(a, a_scale, w_fp8.contiguous(), w_scale_inv, x.dtype, split_k)
     return y.view(*x.shape[:-1], w_fp8.shape[0])

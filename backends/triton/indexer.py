@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 
 from dsv32.backends.triton.gemm import num_sms
-from dsv32.backends.triton.quant import e4m3_bits, fp8_scale
+from dsv32.backends.triton.quant import e4m3_bits, fp8_dtype, fp8_max, fp8_scale
 from dsv32.backends.triton.topk import topk_into
 from dsv32.core import envs
 from dsv32.core.ops import AttnMetadata
@@ -71,18 +71,19 @@ def _rope_half(x, xp, cols, cos_sin_row, R: tl.constexpr, dtype: tl.constexpr):
 
 
 @triton.jit
-def _quant_rows(x):
+def _quant_rows(x, FNUZ: tl.constexpr):
     """Rows of x [M, D] fp32 → (e4m3 bytes [M, D], ue8m0 scale [M]) as ReferenceOps.quantize_fp8 (block = D)."""
-    scale = fp8_scale(tl.max(tl.abs(x), axis=1), True)
+    scale = fp8_scale(tl.max(tl.abs(x), axis=1), True, FNUZ)
     inv = ((254 << 23) - scale.to(tl.int32, bitcast=True)).to(tl.float32, bitcast=True)  # 1 / scale, exactly
-    q = tl.minimum(tl.maximum(x * inv[:, None], -448.0), 448.0)
-    return e4m3_bits(q).to(tl.uint8), scale
+    m = fp8_max(FNUZ)
+    q = tl.minimum(tl.maximum(x * inv[:, None], -m), m)
+    return e4m3_bits(q, FNUZ).to(tl.uint8), scale
 
 
 @triton.jit
 def _k_write_kernel(k_ptr, w_ptr, b_ptr, pos_ptr, cs_ptr, slot_ptr, pool_ptr, stride_k, stride_cs, eps, inv_sqrt_d,
                     page_size, page_bytes, D: tl.constexpr, BLOCK_D: tl.constexpr, R: tl.constexpr,
-                    HADAMARD: tl.constexpr, FP8: tl.constexpr):
+                    HADAMARD: tl.constexpr, FP8: tl.constexpr, FNUZ: tl.constexpr):
     t = tl.program_id(0).to(tl.int64)
     slot = tl.load(slot_ptr + t)
     cols = tl.arange(0, BLOCK_D)[None, :]
@@ -112,7 +113,7 @@ def _k_write_kernel(k_ptr, w_ptr, b_ptr, pos_ptr, cs_ptr, slot_ptr, pool_ptr, st
     page = slot // page_size
     off = slot % page_size
     if FP8:
-        q, scale = _quant_rows(y)
+        q, scale = _quant_rows(y, FNUZ)
         base = pool_ptr + page * page_bytes
         tl.store(base + off * D + cols, q, mask=smask)
         scale_ptr = (base + page_size * D + off * 4).to(tl.pointer_type(tl.float32))
@@ -122,7 +123,8 @@ def _k_write_kernel(k_ptr, w_ptr, b_ptr, pos_ptr, cs_ptr, slot_ptr, pool_ptr, st
         tl.store(pool_ptr + slot * D + cols, _round_to(y, pool_ptr.dtype.element_ty), mask=smask)
 
 
-def indexer_k_write(k, norm_weight, norm_bias, eps, positions, cos_sin, rope_dim, hadamard, index_cache, slots):
+def indexer_k_write(k, norm_weight, norm_bias, eps, positions, cos_sin, rope_dim, hadamard, index_cache, slots,
+                    fnuz=False):
     T, D = k.shape
     if T == 0:
         return
@@ -134,13 +136,14 @@ def indexer_k_write(k, norm_weight, norm_bias, eps, positions, cos_sin, rope_dim
     _k_write_kernel[(T,)](k, norm_weight.contiguous(), norm_bias.contiguous(), positions.contiguous(),
                           cos_sin.contiguous(), slots.to(torch.int64).contiguous(), index_cache, k.stride(0),
                           cos_sin.shape[1], eps, D**-0.5, page_size, index_cache.shape[1] if fp8 else 0,
-                          D=D, BLOCK_D=triton.next_power_of_2(D), R=rope_dim, HADAMARD=hadamard, FP8=fp8)
+                          D=D, BLOCK_D=triton.next_power_of_2(D), R=rope_dim, HADAMARD=hadamard, FP8=fp8,
+                          FNUZ=fnuz)
 
 
 @triton.jit
 def _q_prepare_kernel(q_ptr, w_ptr, pos_ptr, cs_ptr, q_out_ptr, w_out_ptr, H, stride_qt, stride_qh, stride_wt,
                       stride_cs, inv_sqrt_d, D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_H: tl.constexpr,
-                      R: tl.constexpr, FP8: tl.constexpr):
+                      R: tl.constexpr, FP8: tl.constexpr, FNUZ: tl.constexpr):
     t = tl.program_id(0).to(tl.int64)
     hv = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     heads = hv[:, None]
@@ -156,7 +159,7 @@ def _q_prepare_kernel(q_ptr, w_ptr, pos_ptr, cs_ptr, q_out_ptr, w_out_ptr, H, st
     out = q_out_ptr + t * H * D + heads * D + cols
     if FP8:
         y = _round_to(_hadamard(y, BLOCK_H, BLOCK_D) * inv_sqrt_d, dtype).to(tl.float32)
-        q, scale = _quant_rows(y)
+        q, scale = _quant_rows(y, FNUZ)
         tl.store(out, q, mask=mask)
         w = tl.load(w_ptr + t * stride_wt + hv, mask=hv < H, other=0.0)
         tl.store(w_out_ptr + t * H + hv, w * scale, mask=hv < H)
@@ -164,7 +167,7 @@ def _q_prepare_kernel(q_ptr, w_ptr, pos_ptr, cs_ptr, q_out_ptr, w_out_ptr, H, st
         tl.store(out, y.to(dtype), mask=mask)
 
 
-def indexer_q_prepare(q, head_weights, positions, cos_sin, rope_dim, fp8):
+def indexer_q_prepare(q, head_weights, positions, cos_sin, rope_dim, fp8, fnuz=False):
     T, H, D = q.shape
     q, head_weights = q.contiguous(), head_weights.contiguous()
     if fp8:
@@ -178,8 +181,17 @@ def indexer_q_prepare(q, head_weights, positions, cos_sin, rope_dim, fp8):
         _q_prepare_kernel[(T, triton.cdiv(H, block_h))](
             q, head_weights, positions.contiguous(), cos_sin.contiguous(), q_out, w_out, H, q.stride(0), q.stride(1),
             head_weights.stride(0), cos_sin.shape[1], D**-0.5, D=D, BLOCK_D=triton.next_power_of_2(D),
-            BLOCK_H=block_h, R=rope_dim, FP8=fp8)
-    return (q_out.view(torch.float8_e4m3fn), w_out) if fp8 else (q_out, w_out)
+            BLOCK_H=block_h, R=rope_dim, FP8=fp8, FNUZ=fnuz)
+    return (q_out.view(fp8_dtype(fnuz)), w_out) if fp8 else (q_out, w_out)
+
+
+@triton.jit
+def _as_fp8(raw, FNUZ: tl.constexpr):
+    """uint8 bytes read as e4m3 of the platform's format."""
+    if FNUZ:
+        return raw.to(tl.float8e4b8, bitcast=True)
+    else:
+        return raw.to(tl.float8e4nv, bitcast=True)
 
 
 @triton.jit
@@ -187,7 +199,7 @@ def _logits_kernel(q_ptr, w_ptr, kv_ptr, bt_ptr, pos_ptr, req_ptr, order_ptr, ti
                    H, stride_qt, stride_qh, stride_wt, stride_bt, stride_out, page_size, page_bytes, softmax_scale,
                    D: tl.constexpr, BLOCK_D: tl.constexpr, HI_P: tl.constexpr, BLOCK_T: tl.constexpr,
                    BLOCK_S: tl.constexpr, FP8: tl.constexpr, FP8_DOT: tl.constexpr,
-                   IEEE: tl.constexpr):
+                   IEEE: tl.constexpr, FNUZ: tl.constexpr):
     """logits[t, s] = k_scale[s] · Σ_h w[t, h] · relu(softmax_scale · q[t, h] · k[s]) for the ≤ BLOCK_T query
     tokens of one tile (all of one request; q [BLOCK_T·HI_P, D] loaded once) and the blocks of BLOCK_S key
     positions, s ≤ positions[t]."""
@@ -211,7 +223,7 @@ def _logits_kernel(q_ptr, w_ptr, kv_ptr, bt_ptr, pos_ptr, req_ptr, order_ptr, ti
         cmask = cols < D
         q_addr = q_ptr + tok[:, None] * stride_qt + h[:, None] * stride_qh + cols[None, :]
         if FP8:
-            q = tl.load(q_addr, mask=rmask[:, None] & cmask[None, :], other=0).to(tl.float8e4nv, bitcast=True)
+            q = _as_fp8(tl.load(q_addr, mask=rmask[:, None] & cmask[None, :], other=0), FNUZ)
             if not FP8_DOT:
                 q = q.to(tl.float32)
         else:
@@ -230,7 +242,7 @@ def _logits_kernel(q_ptr, w_ptr, kv_ptr, bt_ptr, pos_ptr, req_ptr, order_ptr, ti
             if FP8:
                 kbase = kv_ptr + page * page_bytes
                 k = tl.load(kbase[:, None] + off[:, None] * D + cols[None, :], mask=km, other=0)
-                k = k.to(tl.float8e4nv, bitcast=True)
+                k = _as_fp8(k, FNUZ)
                 k_scale = tl.load((kbase + page_size * D + off * 4).to(tl.pointer_type(tl.float32)), mask=smask,
                                   other=0.0)
                 if FP8_DOT:
@@ -277,7 +289,9 @@ def indexer_topk(q, head_weights, index_cache, batch: AttnMetadata, softmax_scal
     if T == 0 or n_max == 0:
         return out
     fp8 = index_cache.dtype == torch.uint8
-    assert fp8 == (q.dtype == torch.float8_e4m3fn), "fp8 queries go with the fp8 pool, float queries with float pools"
+    fnuz = q.dtype == torch.float8_e4m3fnuz
+    assert fp8 == (q.dtype in (torch.float8_e4m3fn, torch.float8_e4m3fnuz)), \
+        "fp8 queries go with the fp8 pool, float queries with float pools"
     q, head_weights = q.contiguous(), head_weights.contiguous()
     P = batch.page_size
     pos = batch.positions.contiguous()
@@ -311,7 +325,7 @@ def indexer_topk(q, head_weights, index_cache, batch: AttnMetadata, softmax_scal
             qv[c0:c1], head_weights[c0:c1], index_cache, bt, pos[c0:c1], req[c0:c1], order, first, count, logits,
             H, qv.stride(0), qv.stride(1), head_weights.stride(0), bt.stride(0), logits.stride(0), P,
             index_cache.shape[1] if fp8 else 0, softmax_scale, D=D, BLOCK_D=triton.next_power_of_2(D), HI_P=hi_p,
-            BLOCK_T=block_t, BLOCK_S=block_s, FP8=fp8, FP8_DOT=fp8 and not interpret, IEEE=ieee,
+            BLOCK_T=block_t, BLOCK_S=block_s, FP8=fp8, FP8_DOT=fp8 and not interpret, IEEE=ieee, FNUZ=fnuz,
             num_warps=8 if block_t * hi_p >= 128 else 4, **({"num_stages": num_stages} if num_stages else {}))
         topk_into(out[c0:c1], logits[: c1 - c0], lengths[c0:c1], topk, bt, req[c0:c1], P)
     return out

@@ -269,6 +269,7 @@ def moe_experts(x: torch.Tensor, experts: ExpertWeights, topk_weights: torch.Ten
     down, down_s = experts.down.weight, experts.down.scale_inv
     E, I = gate.shape[0], gate.shape[1]
     fp8 = down_s is not None
+    fnuz = down.dtype == torch.float8_e4m3fnuz  # activations in the weights' e4m3 format
     dtype, dev = x.dtype, x.device
     y = torch.empty(T, K, dtype=dtype, device=dev)
     if T == 0:
@@ -293,7 +294,7 @@ def moe_experts(x: torch.Tensor, experts: ExpertWeights, topk_weights: torch.Ten
     n_blocks = expert_ids.numel()
 
     if fp8:
-        a, a_s = quantize_fp8(x, FP8_BLOCK, ue8m0=True)
+        a, a_s = quantize_fp8(x, FP8_BLOCK, ue8m0=True, fnuz=fnuz)
     else:
         a, a_s = x, x  # a_s unused
         gate_s = up_s = down_s = gate  # unused
@@ -305,7 +306,7 @@ def moe_experts(x: torch.Tensor, experts: ExpertWeights, topk_weights: torch.Ten
         **stages)
 
     if fp8:
-        h, h_s = quantize_fp8(h, FP8_BLOCK, ue8m0=True)
+        h, h_s = quantize_fp8(h, FP8_BLOCK, ue8m0=True, fnuz=fnuz)
     else:
         h_s = h
     rw = topk_weights.float().reshape(-1).contiguous()

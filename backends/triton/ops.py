@@ -7,14 +7,31 @@ import torch
 import torch.nn.functional as F
 
 from dsv32.core.ops import LinearWeight, Ops, causal_slots
+from dsv32.core.platform import Platform
+
+
+def fp8_of_amd_arch(arch: str) -> tuple[torch.dtype | None, str]:
+    """(e4m3 format, '' ) of an AMD GPU architecture (gcnArchName without its features), or (None, why)."""
+    if arch == "gfx942":
+        return torch.float8_e4m3fnuz, ""
+    if arch.startswith("gfx95") or arch.startswith("gfx12"):
+        return torch.float8_e4m3fn, ""
+    return None, f"this GPU ({arch}) has no fp8 (gfx942 and newer have)"
 
 
 class TritonOps(Ops):
+    """The fp8 kernels work in the platform's e4m3 format (`fp8_format()`): e4m3fn here; a subclass whose platform
+    says e4m3fnuz gets the fnuz variants (`self.fnuz`)."""
+
     name = "triton"
+
+    def __init__(self, device="cpu"):
+        super().__init__(device)
+        self.fnuz = self.fp8_format()[0] == torch.float8_e4m3fnuz
 
     # ---- weights and linear layers: bf16 through torch (cuBLAS / hipBLASLt), FP8-block through the Triton GEMM ----
     def prepare_linear(self, w, dtype):
-        if w.is_fp8 and w.weight.dim() == 2 and w.weight.dtype == torch.float8_e4m3fn and tuple(w.block) == (128, 128):
+        if w.is_fp8 and w.weight.dim() == 2 and w.weight.dtype == self.fp8_format()[0] and tuple(w.block) == (128, 128):
             return LinearWeight(w.weight.contiguous(), w.scale_inv.float().contiguous(), (128, 128))
         if w.is_fp8:  # other block shapes: dequantized once, as the reference does
             from dsv32.backends.reference.ops import ReferenceOps
@@ -47,7 +64,7 @@ class TritonOps(Ops):
     def quantize_fp8(self, x, block, ue8m0=True):
         from dsv32.backends.triton.quant import quantize_fp8
 
-        return quantize_fp8(x, block, ue8m0)
+        return quantize_fp8(x, block, ue8m0, self.fnuz)
 
     def rms_norm(self, x, weight, eps, residual=None):
         from dsv32.backends.triton.elementwise import rms_norm
@@ -62,7 +79,7 @@ class TritonOps(Ops):
     def mla_kv_write(self, kv, kv_lora_rank, norm_weight, eps, positions, cos_sin, latent_cache, slots):
         from dsv32.backends.triton.rope import mla_kv_write
 
-        mla_kv_write(kv, kv_lora_rank, norm_weight, eps, positions, cos_sin, latent_cache, slots)
+        mla_kv_write(kv, kv_lora_rank, norm_weight, eps, positions, cos_sin, latent_cache, slots, self.fnuz)
 
     def silu_and_mul(self, x):
         from dsv32.backends.triton.elementwise import silu_and_mul
@@ -72,7 +89,7 @@ class TritonOps(Ops):
     def sparse_mla_attention(self, q, latent_cache, topk_slots, softmax_scale, kv_lora_rank, batch=None):
         from dsv32.backends.triton.attention import sparse_mla_attention
 
-        return sparse_mla_attention(q, latent_cache, topk_slots, softmax_scale, kv_lora_rank)
+        return sparse_mla_attention(q, latent_cache, topk_slots, softmax_scale, kv_lora_rank, fnuz=self.fnuz)
 
     def dense_mla_attention(self, q, latent_cache, batch, softmax_scale, kv_lora_rank):
         return self.sparse_mla_attention(q, latent_cache, causal_slots(batch), softmax_scale, kv_lora_rank, batch)
@@ -82,12 +99,13 @@ class TritonOps(Ops):
                         slots):
         from dsv32.backends.triton.indexer import indexer_k_write
 
-        indexer_k_write(k, norm_weight, norm_bias, eps, positions, cos_sin, rope_dim, hadamard, index_cache, slots)
+        indexer_k_write(k, norm_weight, norm_bias, eps, positions, cos_sin, rope_dim, hadamard, index_cache, slots,
+                        self.fnuz)
 
     def indexer_q_prepare(self, q, head_weights, positions, cos_sin, rope_dim, fp8):
         from dsv32.backends.triton.indexer import indexer_q_prepare
 
-        return indexer_q_prepare(q, head_weights, positions, cos_sin, rope_dim, fp8)
+        return indexer_q_prepare(q, head_weights, positions, cos_sin, rope_dim, fp8, self.fnuz)
 
     def indexer_topk(self, q, head_weights, index_cache, batch, softmax_scale, topk):
         from dsv32.backends.triton.indexer import indexer_topk
@@ -117,25 +135,40 @@ class TritonOps(Ops):
 
         return sample(logits, temperatures, top_ps, top_ks, min_ps, generators)
 
-    # ---- device graphs and events: torch.cuda covers CUDA and HIP (ROCm) ----------------------------------------
-    def graph_support(self) -> str:
+    # ---- the platform, device graphs and events: torch.cuda covers CUDA and HIP (ROCm) ----------------------------
+    def platform(self) -> Platform:
+        on_gpu = self.device.type == "cuda"
+        fp8, no_fp8 = self.gpu_fp8()
+        return Platform(device_type=self.device.type, fp8_dtype=fp8, fp8_kv_cache=no_fp8, fp8_indexer=no_fp8,
+                        collective_backend="nccl" if on_gpu else "gloo",  # RCCL answers to "nccl" on ROCm torch
+                        graphs="" if on_gpu else f"device graphs need a GPU (this backend runs on {self.device.type})")
+
+    def gpu_fp8(self) -> tuple[torch.dtype | None, str]:
+        """The e4m3 format this GPU computes in, or None and why: NVIDIA sm_89 and newer e4m3fn (Triton has no e4m3
+        conversion or fp8 dot below sm_89: every kernel is compiled for sm_80 by `python -m dsv32.backends.triton.aot`);
+        AMD gfx942 (MI300) e4m3fnuz, gfx950 (MI350) and later OCP e4m3fn, older AMD GPUs none. The CPU interpreter:
+        e4m3fn."""
         if self.device.type != "cuda":
-            return f"device graphs need a GPU (this backend runs on {self.device.type})"
-        return ""
+            return torch.float8_e4m3fn, ""
+        if torch.version.hip:
+            arch = torch.cuda.get_device_properties(self.device).gcnArchName.split(":")[0]
+            return fp8_of_amd_arch(arch)
+        major, minor = torch.cuda.get_device_capability(self.device)
+        if (major, minor) < (8, 9):
+            return None, f"this GPU (sm_{major}{minor}) has no fp8 (sm_89 and newer have)"
+        return torch.float8_e4m3fn, ""
 
     def new_graph(self, pool=None):
-        if self.graph_support():
-            raise RuntimeError(self.graph_support())
+        why = self.platform().graphs
+        if why:
+            raise RuntimeError(why)
         return _CudaGraph(pool)
 
     def graph_pool(self):
-        return torch.cuda.graph_pool_handle() if not self.graph_support() else None
+        return torch.cuda.graph_pool_handle() if not self.platform().graphs else None
 
     def new_event(self):
         return torch.cuda.Event() if self.device.type == "cuda" else None
-
-    def process_group_backend(self) -> str:
-        return "nccl" if self.device.type == "cuda" else "gloo"  # RCCL answers to "nccl" on ROCm builds of torch
 
     def synchronize(self) -> None:
         if self.device.type == "cuda":

@@ -67,7 +67,7 @@ def rotary_embedding(x: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Te
 @triton.jit
 def _mla_kv_write_kernel(kv_ptr, w_ptr, pos_ptr, cs_ptr, slot_ptr, cache_ptr, stride_kv, entry_stride, eps,
                          L: tl.constexpr, R: tl.constexpr, NB: tl.constexpr, NB_POW2: tl.constexpr,
-                         BLOCK_R: tl.constexpr, FP8: tl.constexpr):
+                         BLOCK_R: tl.constexpr, FP8: tl.constexpr, FNUZ: tl.constexpr):
     t = tl.program_id(0).to(tl.int64)
     slot = tl.load(slot_ptr + t).to(tl.int64)
     if slot < 0:
@@ -97,8 +97,8 @@ def _mla_kv_write_kernel(kv_ptr, w_ptr, pos_ptr, cs_ptr, slot_ptr, cache_ptr, st
     base = cache_ptr + slot * entry_stride
     if FP8:
         amax = tl.max(tl.abs(c.to(tl.float32)), axis=1)
-        scale = fp8_scale(amax, True)
-        q = e4m3_bits(c.to(tl.float32) / scale[:, None])  # exact: scale is a power of two
+        scale = fp8_scale(amax, True, FNUZ)
+        q = e4m3_bits(c.to(tl.float32) / scale[:, None], FNUZ)  # exact: scale is a power of two
         tl.store(base + lidx, q.to(tl.uint8), mask=lmask)
         nb = tl.arange(0, NB_POW2)
         tl.store((base + L).to(tl.pointer_type(tl.float32)) + nb, scale, mask=nb < NB)
@@ -112,7 +112,7 @@ def _mla_kv_write_kernel(kv_ptr, w_ptr, pos_ptr, cs_ptr, slot_ptr, cache_ptr, st
 
 
 def mla_kv_write(kv: torch.Tensor, kv_lora_rank: int, norm_weight: torch.Tensor, eps: float, positions: torch.Tensor,
-                 cos_sin: torch.Tensor, latent_cache: torch.Tensor, slots: torch.Tensor) -> None:
+                 cos_sin: torch.Tensor, latent_cache: torch.Tensor, slots: torch.Tensor, fnuz: bool = False) -> None:
     T, W = kv.shape
     L, R = kv_lora_rank, W - kv_lora_rank
     if T == 0:
@@ -124,4 +124,4 @@ def mla_kv_write(kv: torch.Tensor, kv_lora_rank: int, norm_weight: torch.Tensor,
     _mla_kv_write_kernel[(T,)](
         kv, norm_weight.to(kv.dtype).contiguous(), positions, cos_sin.contiguous(), slots, pool, kv.stride(0),
         pool.stride(0), eps, L=L, R=R, NB=nb, NB_POW2=triton.next_power_of_2(nb),
-        BLOCK_R=triton.next_power_of_2(R // 2), FP8=latent_cache.dtype == torch.uint8)
+        BLOCK_R=triton.next_power_of_2(R // 2), FP8=latent_cache.dtype == torch.uint8, FNUZ=fnuz)

@@ -25,6 +25,7 @@ from dsv32.core.model import DeepseekV32
 from dsv32.core.model.checkpoint import dummy_weights, load_weights
 from dsv32.core.model.plan import ParallelPlan
 from dsv32.core.ops import KernelContext, Ops
+from dsv32.core.platform import Platform
 from dsv32.core.registry import BackendInfo, create_ops, select_backend
 
 log = logging.getLogger("dsv32")
@@ -44,6 +45,7 @@ class Resolved:
     latent_dtype: torch.dtype | str  # a float dtype or "fp8_e4m3"
     indexer_precision: str
     max_model_len: int
+    latent_layout: str = "combined"  # decided with the backend (fit_platform)
 
 
 def resolve(config: EngineConfig, cfg: ModelConfig) -> Resolved:
@@ -88,21 +90,44 @@ def resolve(config: EngineConfig, cfg: ModelConfig) -> Resolved:
 def kv_spec(cfg: ModelConfig, r: Resolved, page_size: int, num_pages: int = 1) -> KVCacheSpec:
     return KVCacheSpec(num_layers=cfg.num_hidden_layers, num_pages=num_pages, page_size=page_size,
                        kv_lora_rank=cfg.kv_lora_rank, rope_dim=cfg.qk_rope_head_dim, index_head_dim=cfg.index_head_dim,
-                       latent_dtype=r.latent_dtype, index_fp8=r.indexer_precision == "fp8", index_dtype=r.dtype)
+                       latent_dtype=r.latent_dtype, index_fp8=r.indexer_precision == "fp8", index_dtype=r.dtype,
+                       latent_layout=r.latent_layout)
 
 
-def select_ops(config: EngineConfig, cfg: ModelConfig, r: Resolved, local_rank: int = 0) -> tuple[BackendInfo, Ops]:
-    """The backend and its ops on this rank's device (index local_rank when a node runs several ranks), with the
-    kernel choices resolved."""
+def fit_platform(config: EngineConfig, cfg: ModelConfig, r: Resolved, platform: Platform) -> Resolved:
+    """The resolved settings made to fit what the backend declares (core/platform.py): an 'auto' fp8 indexer
+    becomes exact where the device has no fp8 indexer, the latent layout is the backend's; raises ValueError naming
+    the setting for what the backend cannot do (page size, fp8 KV cache, an explicit fp8 indexer)."""
+    precision = r.indexer_precision
+    if precision == "fp8" and platform.fp8_indexer and config.cache.indexer_precision == "auto":
+        log.info("indexer_precision auto → exact: %s", platform.fp8_indexer)
+        precision = "exact"
+    fp8_latent = r.latent_dtype == "fp8_e4m3"
+    problems = platform.kv_problems(config.cache.page_size, fp8_latent, precision == "fp8")
+    if problems:
+        raise ValueError("this backend cannot run the KV cache asked for: " + "; ".join(problems))
+    if cfg.quant is not None and platform.fp8_dtype is None:
+        log.info("this device has no fp8: the FP8 checkpoint's weights are dequantized to %s at load "
+                 "(about twice their memory)", r.dtype)
+    return dataclasses.replace(r, indexer_precision=precision, latent_layout=platform.latent_layout(fp8_latent))
+
+
+def select_ops(config: EngineConfig, cfg: ModelConfig, r: Resolved,
+               local_rank: int = 0) -> tuple[BackendInfo, Ops, Resolved]:
+    """The backend and its ops on this rank's device (index local_rank when a node runs several ranks), the settings
+    fitted to its platform, and its kernel choices resolved."""
     backend = select_backend(config.backend)
     device = torch.device(config.device or backend.cls.default_device())
     if device.type != "cpu" and device.index is None and config.parallel.ranks_per_node > 1:
         device = torch.device(device.type, local_rank)
     ops = create_ops(backend, device)
+    r = fit_platform(config, cfg, r, ops.platform())
     ops.select_kernels(KernelContext(dtype=r.dtype, kv_cache_fp8=r.latent_dtype == "fp8_e4m3",
-                                     fp8_weights=cfg.quant is not None, num_heads=cfg.num_attention_heads),
+                                     fp8_weights=cfg.quant is not None, num_heads=cfg.num_attention_heads,
+                                     attn_tp_size=config.parallel.attn_tp_size, page_size=config.cache.page_size,
+                                     index_topk=cfg.index_topk, indexer_fp8=r.indexer_precision == "fp8"),
                        dict(config.kernels))
-    return backend, ops
+    return backend, ops, r
 
 
 @dataclass
@@ -143,7 +168,9 @@ def build_engine_core(config: EngineConfig, groups: ProcessGroups | None = None,
     cfg = ModelConfig.from_pretrained(config.model)
     r = resolve(config, cfg)
     if ops is None:
-        backend, ops = select_ops(config, cfg, r, layout.local_rank)
+        backend, ops, r = select_ops(config, cfg, r, layout.local_rank)
+    else:
+        r = fit_platform(config, cfg, r, ops.platform())
     device = ops.device
     log.info("rank %d/%d (pid %d): backend %s on %s, dtype %s, kv cache %s, indexer %s", layout.rank,
              layout.world_size, os.getpid(), backend.name, device, r.dtype, r.latent_dtype, r.indexer_precision)
@@ -183,9 +210,9 @@ def build_engine_core(config: EngineConfig, groups: ProcessGroups | None = None,
     tokenizer = load_tokenizer(config.tokenizer or config.model)
 
     before_graphs = ops.memory_allocated()
-    if graph_factory is None and ops.graph_support() and envs.debug_eager_graphs():
+    if graph_factory is None and ops.platform().graphs and envs.debug_eager_graphs():
         graph_factory = EagerGraph
-    graph_bs = _graph_max_bs(ops, s.cuda_graph_max_bs, s.disable_cuda_graph, graph_factory, s.max_running_requests)
+    graph_bs = _graph_max_bs(ops, s.graph_max_bs, s.disable_graphs, graph_factory, s.max_running_requests)
     runner = ModelRunner(model, kv_cache, r.max_model_len, graph_bs, graph_factory)
     runner.capture()
     graphs_bytes = max(0, ops.memory_allocated() - before_graphs) if before_graphs is not None else None
@@ -201,7 +228,7 @@ def build_engine_core(config: EngineConfig, groups: ProcessGroups | None = None,
     left = (1 - c.mem_fraction_static) * estimate.device_bytes if c.mem_fraction_static is not None else None
     if left is not None and estimate.graphs + estimate.workspace > left:
         log.warning("rank %d: graphs + workspace need about %.2f GiB, more than the %.2f GiB that "
-                    "--mem-fraction-static %s leaves: lower it (or --chunked-prefill-size / --cuda-graph-max-bs)",
+                    "--mem-fraction-static %s leaves: lower it (or chunked_prefill_size / graph_max_bs)",
                     layout.rank, (estimate.graphs + estimate.workspace) / GIB, left / GIB, c.mem_fraction_static)
     latent_bytes = num_pages * c.page_size * spec.latent_bytes_per_token() * spec.num_layers
     index_bytes = num_pages * c.page_size * spec.index_bytes_per_token() * spec.num_layers
@@ -224,13 +251,13 @@ def build_engine_core(config: EngineConfig, groups: ProcessGroups | None = None,
 def _graph_max_bs(ops: Ops, requested: int | None, disabled: bool, factory, max_running: int) -> int:
     if disabled:
         return 0
-    why = "" if factory is not None else ops.graph_support()
+    why = "" if factory is not None else ops.platform().graphs
     if requested is not None:
         if requested < 0:
-            raise ValueError(f"cuda_graph_max_bs must be ≥ 0, got {requested}")
+            raise ValueError(f"graph_max_bs must be ≥ 0, got {requested}")
         if requested and why:
-            raise ValueError(f"cuda_graph_max_bs={requested}: device graphs are not available here ({why}); "
-                             "drop --cuda-graph-max-bs or pass --disable-cuda-graph")
+            raise ValueError(f"graph_max_bs={requested}: device graphs are not available here ({why}); "
+                             "set no graph_max_bs, or disable_graphs")
         return requested
     if why:
         log.info("decode runs without device graphs: %s", why)

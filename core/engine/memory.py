@@ -21,7 +21,7 @@ from dsv32.core.model.plan import ParallelPlan
 from dsv32.core.model.specs import weight_specs
 
 GIB = 2**30
-INDEXER_LOGITS_BYTES = 1 << 28  # the Triton indexer's largest logits buffer (backends/triton/indexer.py)
+INDEXER_LOGITS_BYTES = 1 << 28  # the largest indexer-logits buffer a backend allocates (backends/triton/indexer.py)
 
 
 def _fp8_bytes(n: int, k: int, block: tuple[int, int]) -> int:
@@ -150,7 +150,7 @@ def plan_memory(config: EngineConfig, cfg: ModelConfig, device_bytes: int, rank:
 
     workspace = (step * per_token + mlp_gather_bytes(cfg, plan, step, act_bytes) + indexer_logits(step)
                  + logits_rows * cfg.vocab_size * 4)
-    graph_bs = 0 if s.disable_cuda_graph else (s.cuda_graph_max_bs or min(s.max_running_requests, 256))
+    graph_bs = 0 if s.disable_graphs else (s.graph_max_bs or min(s.max_running_requests, 256))
     # one pool for every graph (the largest batch's activations and indexer logits), one shared logits buffer, and
     # per captured size and attention path its static block table
     sizes = graph_batch_sizes(graph_bs)

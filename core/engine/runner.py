@@ -1,7 +1,7 @@
 """ModelRunner: turns scheduled work into a ForwardBatch, runs the model and returns the logits of the rows to
-sample; decode batches replay device graphs (CUDA graphs) captured at startup.
+sample; decode batches replay device graphs captured at startup.
 
-Graphs (SGLang's --cuda-graph-max-bs / --disable-cuda-graph): one per padded batch size in `graph_batch_sizes`
+Graphs (EngineConfig's graph_max_bs / disable_graphs): one per padded batch size in `graph_batch_sizes`
 and per attention path — "dense" (every request has ≤ the dense threshold of keys: no indexer logits, attention
 over every causal key) and "sparse" (indexer logits + top-k + sparse attention). A decode batch of n requests runs
 the graph of the smallest captured size ≥ n; the extra rows are padding requests on the KV cache's scratch page.
@@ -154,9 +154,9 @@ class ModelRunner:
             return
         factory = self._factory
         if factory is None:
-            why = self.ops.graph_support()
+            why = self.ops.platform().graphs
             if why:
-                raise RuntimeError(f"device graphs are not available: {why}; pass --disable-cuda-graph")
+                raise RuntimeError(f"device graphs are not available: {why}; set disable_graphs")
             factory = self.ops.new_graph
         # dense: batches whose requests all have ≤ the threshold of keys (none when the threshold is 0)
         paths = ([False] if self.dense_threshold > 0 else []) + ([True] if self.max_model_len > self.dense_threshold else [])

@@ -70,10 +70,10 @@ def _build(rank: int, config, init_method: str):
     if p.ranks_per_node > 1:  # share the host's cores between the node's ranks
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // p.ranks_per_node))
     cfg = ModelConfig.from_pretrained(config.model)
-    backend, ops = select_ops(config, cfg, resolve(config, cfg), layout.local_rank)
+    backend, ops, _ = select_ops(config, cfg, resolve(config, cfg), layout.local_rank)
     if ops.device.type != "cpu" and hasattr(torch, "accelerator"):
         torch.accelerator.set_device_index(ops.device.index or 0)
-    groups = init_process_groups(layout, ops.process_group_backend(), init_method, p.dist_timeout_s)
+    groups = init_process_groups(layout, ops.platform().collective_backend, init_method, p.dist_timeout_s)
     return build_engine_core(config, groups, backend, ops)
 
 

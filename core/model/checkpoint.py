@@ -4,8 +4,9 @@ single-file) as the parallel plan says, and nothing else.
 Each tensor is read with a safetensors slice of just this rank's rows / columns / experts, so a rank's host and
 device memory for weights is its shard plus the replicated tensors (the bytes read are reported). FP8 e4m3 weights
 come with `<name>_scale_inv` [ceil(N/bn), ceil(K/bk)]; the scale blocks covering the rank's part are sliced with it
-(a part must start on a block boundary or lie inside one block), and the pair goes to the backend's
-`prepare_linear` (the reference dequantizes). Every tensor is checked against `weight_specs` (headers only for the
+(a part must start on a block boundary or lie inside one block), the pair is brought to the platform's fp8 format
+(`to_platform_fp8`: kept, converted to e4m3fnuz, or dequantized where the device has no fp8) and goes to the
+backend's `prepare_linear` (the reference dequantizes). Every tensor is checked against `weight_specs` (headers only for the
 parts other ranks read): a missing, unexpected or mis-shaped tensor is a `CheckpointError` naming it and both shapes.
 The MTP layer (index ≥ num_hidden_layers) is skipped unless `include_mtp`.
 """
@@ -179,12 +180,14 @@ def load_weights(model_dir: str, cfg: ModelConfig, ops: Ops, dtype: torch.dtype,
     specs = weight_specs(cfg, include_mtp)
     reader = _Reader(checkpoint_files(model_dir), progress)
     device = torch.device(device)
+    fp8 = ops.platform().fp8_dtype
     out: dict = {}
     for k, (name, spec) in enumerate(specs.items()):
         reader.done_fraction = k / len(specs)
         target = torch.float32 if spec.fp32 else dtype
         if spec.kind == "experts":
-            out[name] = ops.prepare_experts(_read_experts(reader, name, spec, cfg, device, plan), target)
+            experts = _platform_experts(_read_experts(reader, name, spec, cfg, device, plan), fp8, target)
+            out[name] = ops.prepare_experts(experts, target)
             continue
         if not reader.has(name):
             if spec.optional:
@@ -194,7 +197,7 @@ def load_weights(model_dir: str, cfg: ModelConfig, ops: Ops, dtype: torch.dtype,
             reader.used.add(name)
         elif spec.kind == "linear":
             w = _read_linear(reader, name, spec.shape, cfg, device, plan.shard(name))
-            out[name] = ops.prepare_linear(w, target)
+            out[name] = ops.prepare_linear(to_platform_fp8(w, fp8, target), target)
         else:
             out[name] = _read_plain(reader, name, spec.shape, plan.shard(name)).to(device=device, dtype=target)
     if "lm_head.weight" not in out:  # tied embeddings (split like the embedding)
@@ -247,6 +250,42 @@ def _read_linear(reader: _Reader, name: str, shape, cfg: ModelConfig, device, sh
     if reader.has(scale_name):
         raise CheckpointError(f"tensor '{scale_name}' given for non-FP8 weight '{name}' ({weight.dtype})")
     return LinearWeight(weight.to(device))
+
+
+_FNUZ_NAN = 0x80  # −0 in e4m3fn, NaN in e4m3fnuz
+
+
+def to_platform_fp8(w: LinearWeight, fp8_dtype: torch.dtype | None, dtype: torch.dtype) -> LinearWeight:
+    """A checkpoint weight in the platform's fp8 format (Platform.fp8_dtype). FP8-block weights come as OCP e4m3fn:
+    - e4m3fn: unchanged;
+    - e4m3fnuz (exponent bias 8: the same bits are worth half): bits kept, −0 (0x80, NaN in fnuz) → 0, scale_inv ×2,
+      so weight · scale_inv is exactly the checkpoint's value;
+    - None (no fp8): dequantized to dtype (the model's), in slices of the leading dim to bound the fp32 temporary.
+    Non-FP8 weights are returned unchanged."""
+    if not w.is_fp8 or w.weight.dtype == fp8_dtype:
+        return w
+    if w.weight.dtype != torch.float8_e4m3fn:
+        raise CheckpointError(f"FP8 weights must be float8_e4m3fn (the checkpoint format), got {w.weight.dtype}")
+    if fp8_dtype == torch.float8_e4m3fnuz:
+        bits = w.weight.view(torch.uint8)
+        if bits.device.type != "meta":
+            bits = torch.where(bits == _FNUZ_NAN, torch.zeros_like(bits), bits)
+        return LinearWeight(bits.view(torch.float8_e4m3fnuz), w.scale_inv * 2, w.block)
+    if fp8_dtype is not None:
+        raise CheckpointError(f"no conversion of FP8 checkpoint weights to {fp8_dtype}")
+    bn, bk = w.block
+    weight = w.weight if w.weight.dim() == 3 else w.weight[None]
+    scale = w.scale_inv if w.scale_inv.dim() == 3 else w.scale_inv[None]
+    n, k = weight.shape[-2:]
+    out = torch.empty(weight.shape, dtype=dtype, device=weight.device)
+    for e in range(weight.shape[0]):
+        s = scale[e].float().repeat_interleave(bn, 0)[:n].repeat_interleave(bk, 1)[:, :k]
+        out[e] = (weight[e].float() * s).to(dtype)
+    return LinearWeight(out if w.weight.dim() == 3 else out[0])
+
+
+def _platform_experts(w: ExpertWeights, fp8_dtype, dtype) -> ExpertWeights:
+    return ExpertWeights(*(to_platform_fp8(p, fp8_dtype, dtype) for p in (w.gate, w.up, w.down)))
 
 
 def _stack(parts: list[LinearWeight]) -> LinearWeight:
@@ -322,6 +361,7 @@ def dummy_weights(cfg: ModelConfig, ops: Ops, dtype: torch.dtype, device, seed: 
     plan = plan or ParallelPlan(cfg, RankLayout())
     fp8 = cfg.quant is not None
     block = (cfg.quant.block_n, cfg.quant.block_k) if fp8 else (128, 128)
+    platform_fp8 = ops.platform().fp8_dtype
 
     def gen(name: str) -> torch.Generator | None:
         if device.type == "meta":  # shapes only (ahead-of-time compilation drives the kernels on meta tensors)
@@ -334,6 +374,9 @@ def dummy_weights(cfg: ModelConfig, ops: Ops, dtype: torch.dtype, device, seed: 
             return LinearWeight(*fp8_block_quantize(w, block), block)
         return LinearWeight(w.to(torch.bfloat16))
 
+    def prepared(w: LinearWeight, target: torch.dtype) -> LinearWeight:
+        return ops.prepare_linear(to_platform_fp8(w, platform_fp8, target), target)
+
     out: dict = {}
     for name, spec in weight_specs(cfg, include_mtp).items():
         target = torch.float32 if spec.fp32 else dtype
@@ -344,11 +387,10 @@ def dummy_weights(cfg: ModelConfig, ops: Ops, dtype: torch.dtype, device, seed: 
             stacks = [_stack([slice_linear(f"{name}.{j}.{p}.weight", linear(f"{name}.{j}.{p}.weight", shape, False),
                                            plan.expert_shard(p)) for j in range(first, first + count)])
                       for p, shape in shapes.items()]
-            out[name] = ops.prepare_experts(ExpertWeights(*stacks), target)
+            out[name] = ops.prepare_experts(_platform_experts(ExpertWeights(*stacks), platform_fp8, target), target)
         elif spec.kind == "linear":
             keep = spec.fp32 or name.endswith(_BF16_IN_FP8_CHECKPOINTS)
-            out[name] = ops.prepare_linear(slice_linear(name, linear(name, spec.shape, keep), plan.shard(name)),
-                                           target)
+            out[name] = prepared(slice_linear(name, linear(name, spec.shape, keep), plan.shard(name)), target)
         elif spec.kind == "tensor":
             g = gen(name)
             if name.endswith("e_score_correction_bias") or name.endswith("k_norm.bias"):

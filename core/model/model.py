@@ -86,6 +86,7 @@ class DeepseekV32:
             raise ValueError(f"position {fb.max_kv_len - 1} exceeds the model's {self.max_positions} positions")
         if self.check_rank_agreement:
             self.check_agreement(torch.cat([fb.input_ids, fb.positions, fb.slots]), "the scheduled batch")
+        self.ops.prepare_metadata(fb.attn)
         h, residual = self.embed(fb.input_ids), None
         for layer in self.layers:
             h, residual = layer(h, residual, fb, cache)

@@ -1,7 +1,9 @@
 """Every op of every available non-reference backend against the reference backend, on fresh random inputs.
 
 Runs in CPU CI for the Triton kernels under TRITON_INTERPRET=1 at tiny shapes; tests marked `cuda` run the same
-checks at DeepSeek-V3.2 shapes on an NVIDIA GPU (`pytest -m cuda`). Only ops the backend implements itself are
+checks at DeepSeek-V3.2 shapes on an NVIDIA GPU (`pytest -m cuda`). The ROCm backend's ops run too wherever Triton
+runs, as "rocm-gfx942" (e4m3fnuz fp8, against a reference in e4m3fnuz) and "rocm-gfx950" (tests/_variants.py: its
+code paths and fp8 numerics, not a run on AMD hardware). Only ops the backend implements itself are
 compared (fallbacks *are* the reference). Tolerances per dtype: fp32 1e-4 abs (ieee dots), bf16 2e-2 abs+rel
 (bf16 inputs, fp32 accumulation; the reference rounds probabilities to bf16 before the value product).
 """
@@ -14,6 +16,7 @@ import os
 import pytest
 import torch
 
+from _variants import backend_info, reference_for, variants, with_variants
 from dsv32.backends.reference.ops import ReferenceOps
 from dsv32.core import envs, registry
 from dsv32.core.kv_cache import KVCache, KVCacheSpec
@@ -23,7 +26,7 @@ TOL = {torch.float32: (1e-4, 1e-4), torch.bfloat16: (2e-2, 2e-2)}
 
 def backends_under_test():
     out = []
-    for name, info in sorted(registry.discover().items()):
+    for name, info in sorted({**registry.discover(), **variants()}.items()):
         if name == "reference":
             continue
         out.append(pytest.param(name, marks=[] if info.available else pytest.mark.skip(reason=f"{name}: {info.reason}")))
@@ -31,8 +34,9 @@ def backends_under_test():
 
 
 def make_ops(name, device):
-    ops = registry.create_ops(registry.discover()[name], device)
-    return ops, ReferenceOps(device)
+    """The backend's ops and the reference in the same fp8 format."""
+    ops = registry.create_ops(backend_info(name), device)
+    return ops, ReferenceOps(device, fp8_dtype=ops.fp8_format()[0])
 
 
 def implemented(ops, op):
@@ -41,7 +45,7 @@ def implemented(ops, op):
 
 
 def device_for(name):
-    return registry.discover()[name].cls.default_device()
+    return backend_info(name).cls.default_device()
 
 
 def close(a, b, dtype):
@@ -82,7 +86,7 @@ def test_silu_and_mul(backend, dtype):
 
 
 # ---- sparse MLA attention --------------------------------------------------------------------------------
-def _latent_setup(dev, dtype, n_tokens, L, R, page, fp8, seed):
+def _latent_setup(dev, dtype, n_tokens, L, R, page, fp8, seed, ref=None):
     g = torch.Generator().manual_seed(seed)
     pages = math.ceil(n_tokens / page) + 1
     spec = KVCacheSpec(1, pages, page, L, R, 16, "fp8_e4m3" if fp8 else dtype, False, dtype)
@@ -90,7 +94,7 @@ def _latent_setup(dev, dtype, n_tokens, L, R, page, fp8, seed):
     c = torch.randn(n_tokens, L, generator=g).to(dev, dtype)
     k_pe = torch.randn(n_tokens, R, generator=g).to(dev, dtype)
     slots = torch.randperm(pages * page, generator=g)[:n_tokens].to(dev)  # scattered over pages
-    ReferenceOps(dev).write_latent_cache(cache.latent[0], c, k_pe, slots)
+    (ref or ReferenceOps(dev)).write_latent_cache(cache.latent[0], c, k_pe, slots)
     return cache, slots, g
 
 
@@ -98,7 +102,7 @@ def _check_attention(backend, dtype, fp8, T, H, L, R, K, n_tokens, page, seed):
     dev = device_for(backend)
     ops, ref = make_ops(backend, dev)
     implemented(ops, "sparse_mla_attention")
-    cache, slots, g = _latent_setup(dev, dtype, n_tokens, L, R, page, fp8, seed)
+    cache, slots, g = _latent_setup(dev, dtype, n_tokens, L, R, page, fp8, seed, ref)
     q = (torch.randn(T, H, L + R, generator=g) / math.sqrt(L + R)).to(dev, dtype)
     pick = torch.stack([torch.randperm(n_tokens, generator=g)[:K] if K <= n_tokens else
                         torch.randint(0, n_tokens, (K,), generator=g) for _ in range(T)])
@@ -165,7 +169,7 @@ def test_dense_attention_via_sparse(backend):
     # two requests laid out on pages 0-2 and 3-5 (lengths 9 and 11, not multiples of the page size)
     table = torch.tensor([[0, 1, 2], [3, 4, 5]], dtype=torch.int32)
     c, k_pe = torch.randn(24, 32, generator=g), torch.randn(24, 16, generator=g)
-    ReferenceOps(dev).write_latent_cache(cache2.latent[0], c.to(dev), k_pe.to(dev), torch.arange(24, device=dev))
+    ref.write_latent_cache(cache2.latent[0], c.to(dev), k_pe.to(dev), torch.arange(24, device=dev))
     meta = AttnMetadata(torch.tensor([0, 0, 1, 1, 1], device=dev), torch.tensor([0, 8, 0, 5, 10], device=dev),
                         table.to(dev), torch.tensor([9, 11], device=dev), [9, 11], 4)
     q = torch.randn(5, 4, 48, generator=g).to(dev)
@@ -174,15 +178,16 @@ def test_dense_attention_via_sparse(backend):
 
 
 @pytest.mark.parametrize("backend", backends_under_test())
-def test_engine_greedy_equals_reference(backend, tiny_dir):
+def test_engine_greedy_equals_reference(backend, tiny_dir, monkeypatch):
     """The whole engine on the backend (its kernels plus reference fallbacks): the same greedy tokens as the
     reference backend on a tiny checkpoint (fp32; prompts longer than index_topk so sparse attention runs)."""
     from dsv32 import LLM, SamplingParams
 
+    with_variants(monkeypatch)
     dev = device_for(backend)
     sp = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
     prompts = [list(range(3, 40)), [5, 9, 2, 7]]
-    want = [o.token_ids for o in LLM(model=tiny_dir, dtype="float32", device=dev, backend="reference").generate(
+    want = [o.token_ids for o in LLM(model=tiny_dir, dtype="float32", device=dev, backend=reference_for(backend)).generate(
         prompt_token_ids=prompts, sampling_params=sp)]
     llm = LLM(model=tiny_dir, dtype="float32", device=dev, backend=backend)
     assert llm.ops.kernel_sources["sparse_mla_attention"] == backend
@@ -249,7 +254,7 @@ def _check_mla_kv_write(backend, dtype, fp8, T, L, R, page, seed):
     raw_got, raw_want = (c.latent[0].flatten(0, 1)[:, :L] for c in (got_cache, want_cache))
     same = (raw_got == raw_want).float().mean().item()
     assert same > (0.95 if envs.triton_interpret() else 0.995), f"only {same:.4f} of the fp8 latent bytes agree"
-    block_scale = want[:, :L].abs().amax(-1, keepdim=True) / 448  # ≥ each block's scale / 2
+    block_scale = want[:, :L].abs().amax(-1, keepdim=True) / ops.fp8_format()[1]  # ≥ each block's scale / 2
     assert ((got[:, :L] - want[:, :L]).abs() <= 0.13 * want[:, :L].abs() + block_scale * 2**-8).all()
     close(got[:, L:], want[:, L:], torch.bfloat16)
 
@@ -317,7 +322,7 @@ def _near_tie_gap(got, want) -> float:
 @pytest.mark.parametrize("backend", backends_under_test())
 @pytest.mark.parametrize("dtype,kv,max_gap", [("float32", "fp8_e4m3", 0.0), ("bfloat16", "auto", 0.15),
                                               ("bfloat16", "fp8_e4m3", 0.5)])
-def test_engine_formats_on_gpu(backend, dtype, kv, max_gap, tmp_path):
+def test_engine_formats_on_gpu(backend, dtype, kv, max_gap, tmp_path, monkeypatch):
     """Greedy generation of the fast backend vs the reference backend on the same GPU. fp32 compute: identical tokens
     (both read the same fp8 cache bytes). bf16: rounding differs with op order (and flips fp8 roundings of the cached
     latent now and then), so where the reference's two best tokens are within rounding the fast backend may take the
@@ -326,12 +331,13 @@ def test_engine_formats_on_gpu(backend, dtype, kv, max_gap, tmp_path):
     64-wide dot products average little rounding away; a wrong kernel gives gaps of several nats)."""
     from _tiny import make_checkpoint
 
+    with_variants(monkeypatch)
     make_checkpoint(str(tmp_path), seed=1)
     model = _decisive_routing(str(tmp_path))
     g = torch.Generator().manual_seed(11)
     prompts = [torch.randint(3, 300, (n,), generator=g).tolist() for n in (5, 37, 100, 64)]
     got = _greedy(model, backend, dtype, kv, prompts, 8)
-    want = _greedy(model, "reference", dtype, kv, prompts, 8)
+    want = _greedy(model, reference_for(backend), dtype, kv, prompts, 8)
     gap = _near_tie_gap(got, want)
     print(f"{backend} {dtype} kv={kv}: largest near-tie gap {gap:.4f} nats; identical sequences "
           f"{sum(a.token_ids == b.token_ids for a, b in zip(got, want))}/{len(want)}")
@@ -342,7 +348,7 @@ def test_engine_formats_on_gpu(backend, dtype, kv, max_gap, tmp_path):
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("backend", backends_under_test())
-def test_engine_fp8_checkpoint_on_gpu(backend, tmp_path):
+def test_engine_fp8_checkpoint_on_gpu(backend, tmp_path, monkeypatch):
     """An FP8-block checkpoint end to end (Triton FP8 GEMMs and FP8 experts, fp8 indexer, fp8 KV cache). The fast path
     quantizes activations per 128 channels where the reference multiplies by dequantized weights (a few % on each
     product; with 64-wide dot products that barely averages out), so its greedy token may be another of the
@@ -351,13 +357,14 @@ def test_engine_fp8_checkpoint_on_gpu(backend, tmp_path):
     in test_full_layer.py."""
     from _tiny import convert_to_fp8_checkpoint, make_checkpoint
 
+    with_variants(monkeypatch)
     make_checkpoint(str(tmp_path / "src"), seed=3, moe_intermediate_size=128, intermediate_size=256)
     _decisive_routing(str(tmp_path / "src"))
     convert_to_fp8_checkpoint(str(tmp_path / "src"), str(tmp_path / "fp8"), str(tmp_path / "deq"))
     g = torch.Generator().manual_seed(5)
     prompts = [torch.randint(3, 300, (n,), generator=g).tolist() for n in (6, 40, 90, 20)]
     got = _greedy(str(tmp_path / "fp8"), backend, "bfloat16", "fp8_e4m3", prompts, 6)
-    want = _greedy(str(tmp_path / "fp8"), "reference", "bfloat16", "fp8_e4m3", prompts, 6)
+    want = _greedy(str(tmp_path / "fp8"), reference_for(backend), "bfloat16", "fp8_e4m3", prompts, 6)
     gap = _near_tie_gap(got, want)
     print(f"{backend} fp8 checkpoint: largest near-tie gap {gap:.4f} nats")
     assert all(len(o.token_ids) == 6 for o in got)

@@ -12,7 +12,8 @@ top-k 2048) on an NVIDIA GPU. Tolerances:
   float64 with the reference formula) within tol of the k-th largest score: exact ties for the kernel alone,
   1e-5·max|row| for float pools (fp32 summation order), 2e-3·max|row| for fp8 pools at V3.2 shapes (tensor-core fp8
   dots do not accumulate in IEEE fp32); there also ≥ 99% of each row's set is shared with the reference.
-Rounding helpers (bf16 and e4m3 round-to-nearest-even, ue8m0 scales) are checked bit-exactly against torch.
+Rounding helpers (bf16 and e4m3 round-to-nearest-even, ue8m0 scales) are checked bit-exactly against torch, in both
+e4m3 formats (e4m3fn, and e4m3fnuz of AMD MI300: max 240, no −0).
 """
 
 from __future__ import annotations
@@ -32,28 +33,31 @@ from dsv32.core.ops import AttnMetadata
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 FP8 = torch.float8_e4m3fn
+FNUZ = torch.float8_e4m3fnuz  # AMD MI300's e4m3 (the ROCm backend on gfx942)
 
 
 # ---- rounding helpers ------------------------------------------------------------------------------------------
 @triton.jit
-def _rounding_kernel(x_ptr, bf16_ptr, fp8_ptr, N: tl.constexpr):
+def _rounding_kernel(x_ptr, bf16_ptr, fp8_ptr, N: tl.constexpr, MAX: tl.constexpr, FNUZ: tl.constexpr):
     offs = tl.arange(0, N)
     x = tl.load(x_ptr + offs)
     tl.store(bf16_ptr + offs, ix._round_to(x, tl.bfloat16))
-    tl.store(fp8_ptr + offs, e4m3_bits(tl.minimum(tl.maximum(x, -448.0), 448.0)).to(tl.uint8))
+    tl.store(fp8_ptr + offs, e4m3_bits(tl.minimum(tl.maximum(x, -MAX), MAX), FNUZ).to(tl.uint8))
 
 
 @triton.jit
-def _quant_kernel(x_ptr, q_ptr, s_ptr, M: tl.constexpr, D: tl.constexpr):
+def _quant_kernel(x_ptr, q_ptr, s_ptr, M: tl.constexpr, D: tl.constexpr, FNUZ: tl.constexpr):
     offs = tl.arange(0, M)[:, None] * D + tl.arange(0, D)[None, :]
-    q, s = ix._quant_rows(tl.load(x_ptr + offs))
+    q, s = ix._quant_rows(tl.load(x_ptr + offs), FNUZ)
     tl.store(q_ptr + offs, q)
     tl.store(s_ptr + tl.arange(0, M), s)
 
 
-def test_rounding_helpers_match_torch():
+@pytest.mark.parametrize("fmt", [torch.float8_e4m3fn, torch.float8_e4m3fnuz], ids=["e4m3fn", "e4m3fnuz"])
+def test_rounding_helpers_match_torch(fmt):
+    fnuz, fmax = fmt == torch.float8_e4m3fnuz, torch.finfo(fmt).max
     g = torch.Generator().manual_seed(0)
-    codes = torch.arange(0, 127, dtype=torch.uint8).view(FP8).float()  # every finite positive e4m3 value
+    codes = torch.arange(0, 127 + fnuz, dtype=torch.uint8).view(fmt).float()  # every finite positive e4m3 value
     mids = (codes[:-1] + codes[1:]) / 2  # ties: round to even
     ulp = mids.abs() * 2**-23 + 2**-149
     x = torch.cat([codes, mids, mids + ulp, mids - ulp, torch.tensor([0.0, -0.0, 2**-10, 3 * 2**-11, 1e-30, 500.0])])
@@ -63,30 +67,30 @@ def test_rounding_helpers_match_torch():
     n = triton.next_power_of_2(x.numel())
     x = torch.cat([x, torch.zeros(n - x.numel())]).to(DEV)
     bf, f8 = torch.empty(n, dtype=torch.bfloat16, device=DEV), torch.empty(n, dtype=torch.uint8, device=DEV)
-    _rounding_kernel[(1,)](x, bf, f8, N=n)
+    _rounding_kernel[(1,)](x, bf, f8, N=n, MAX=fmax, FNUZ=fnuz)
     assert torch.equal(bf, x.bfloat16())
-    assert torch.equal(f8, x.clamp(-448, 448).to(FP8).view(torch.uint8))
+    assert torch.equal(f8, x.clamp(-fmax, fmax).to(fmt).view(torch.uint8))
 
     rows = torch.randn(8, 64, generator=g) * torch.exp2(torch.randint(-20, 10, (8, 1), generator=g))
-    rows[0, 5] = 14.0  # amax exactly 448 · 2^-5: the scale is 2^-5, not 2^-4
-    rows[0] = rows[0].clamp(-14.0, 14.0)
+    rows[0, 5] = fmax / 32  # amax exactly max · 2^-5: the scale is 2^-5, not 2^-4
+    rows[0] = rows[0].clamp(-fmax / 32, fmax / 32)
     rows[1] = 0.0  # amax clamped to 1e-4
     rows[2] *= 1e-8
     rows = rows.to(DEV)
     q, s = torch.empty(8, 64, dtype=torch.uint8, device=DEV), torch.empty(8, device=DEV)
-    _quant_kernel[(1,)](rows, q, s, M=8, D=64)
-    q_ref, s_ref = ReferenceOps(DEV).quantize_fp8(rows, 64)
+    _quant_kernel[(1,)](rows, q, s, M=8, D=64, FNUZ=fnuz)
+    q_ref, s_ref = ReferenceOps(DEV, fp8_dtype=fmt).quantize_fp8(rows, 64)
     assert torch.equal(s, s_ref[:, 0]) and s[0].item() == 2**-5
     assert torch.equal(q, q_ref.view(torch.uint8))
 
 
 # ---- shared checks ---------------------------------------------------------------------------------------------
-def _check_fp8(got_q: torch.Tensor, got_s: torch.Tensor, want_q: torch.Tensor, want_s: torch.Tensor):
+def _check_fp8(got_q: torch.Tensor, got_s: torch.Tensor, want_q: torch.Tensor, want_s: torch.Tensor, fmt=FP8):
     """e4m3 bytes [n, D] with one scale per row: ≥ 99% identical bytes and scales, dequantized within 1 e4m3 ulp."""
     assert (got_q == want_q).float().mean() >= 0.99
     assert (got_s == want_s).float().mean() >= 0.99
-    a = got_q.view(FP8).float() * got_s[:, None]
-    b = want_q.view(FP8).float() * want_s[:, None]
+    a = got_q.view(fmt).float() * got_s[:, None]
+    b = want_q.view(fmt).float() * want_s[:, None]
     # + 2^-7 of the row's largest key: a bf16 ulp of difference before the Hadamard spreads over the whole row
     bound = (2**-3 * torch.maximum(a.abs(), b.abs()) + 2**-9 * torch.maximum(got_s, want_s)[:, None]
              + 2**-7 * b.abs().amax(-1, keepdim=True))
@@ -110,7 +114,7 @@ def _pool_rows(pool, D):
 
 
 # ---- indexer_k_write -------------------------------------------------------------------------------------------
-def _check_k_write(dtype, fp8, hadamard, page, T, D, R, seed):
+def _check_k_write(dtype, fp8, hadamard, page, T, D, R, seed, fmt=FP8):
     g = torch.Generator().manual_seed(seed)
     pages = math.ceil(T / page) + 2
     k = (torch.randn(T, D, generator=g) * 2 + torch.randn(T, 1, generator=g)).to(DEV, dtype)
@@ -123,8 +127,8 @@ def _check_k_write(dtype, fp8, hadamard, page, T, D, R, seed):
     slots = slots.to(DEV)
     got = _index_pool(fp8, dtype, pages, page, D, g)
     want = got.clone()
-    ix.indexer_k_write(k, w, b, 1e-6, positions, cos_sin, R, hadamard, got, slots)
-    ReferenceOps(DEV).indexer_k_write(k, w, b, 1e-6, positions, cos_sin, R, hadamard, want, slots)
+    ix.indexer_k_write(k, w, b, 1e-6, positions, cos_sin, R, hadamard, got, slots, fnuz=fmt == FNUZ)
+    ReferenceOps(DEV, fp8_dtype=fmt).indexer_k_write(k, w, b, 1e-6, positions, cos_sin, R, hadamard, want, slots)
     gk, gs = _pool_rows(got, D)
     wk, ws = _pool_rows(want, D)
     if fp8:
@@ -132,7 +136,7 @@ def _check_k_write(dtype, fp8, hadamard, page, T, D, R, seed):
         untouched[slots[slots >= 0]] = False
         assert torch.equal(gk[untouched], wk[untouched]) and torch.equal(gs[untouched], ws[untouched])
         _check_fp8(gk[~untouched], gs[~untouched].view(torch.float32).view(-1), wk[~untouched],
-                   ws[~untouched].view(torch.float32).view(-1))
+                   ws[~untouched].view(torch.float32).view(-1), fmt)
     elif dtype == torch.float32:
         torch.testing.assert_close(gk, wk, atol=2e-6, rtol=2e-6)
     else:
@@ -153,6 +157,12 @@ def test_indexer_k_write_non_power_of_two_dim():
     _check_k_write(torch.bfloat16, False, False, 16, T=9, D=48, R=16, seed=5)
 
 
+@pytest.mark.parametrize("page", [4, 64])
+def test_indexer_k_write_fnuz(page):
+    """The fp8 pool in e4m3fnuz (max 240, no −0), against the reference in the same format."""
+    _check_k_write(torch.bfloat16, True, True, page, T=23, D=64, R=16, seed=page + 1, fmt=FNUZ)
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("fp8", [False, True], ids=["bf16-pool", "fp8-pool"])
 def test_indexer_k_write_v32_shapes(fp8):
@@ -160,18 +170,19 @@ def test_indexer_k_write_v32_shapes(fp8):
 
 
 # ---- indexer_q_prepare -----------------------------------------------------------------------------------------
-def _check_q_prepare(dtype, fp8, T, H, D, R, seed):
+def _check_q_prepare(dtype, fp8, T, H, D, R, seed, fmt=FP8):
     g = torch.Generator().manual_seed(seed)
     q = (torch.randn(T, H, D, generator=g) * torch.exp2(torch.randn(T, H, 1, generator=g))).to(DEV, dtype)
     hw = torch.randn(T, H, generator=g).to(DEV)
     positions = torch.randint(0, 500, (T,), generator=g).to(DEV)
     cos_sin = torch.randn(512, R, generator=g).to(DEV)
-    gq, gw = ix.indexer_q_prepare(q, hw, positions, cos_sin, R, fp8)
-    wq, ww = ReferenceOps(DEV).indexer_q_prepare(q, hw, positions, cos_sin, R, fp8)
+    gq, gw = ix.indexer_q_prepare(q, hw, positions, cos_sin, R, fp8, fnuz=fmt == FNUZ)
+    wq, ww = ReferenceOps(DEV, fp8_dtype=fmt).indexer_q_prepare(q, hw, positions, cos_sin, R, fp8)
     assert gq.shape == wq.shape and gq.dtype == wq.dtype and gw.shape == ww.shape and gw.dtype == torch.float32
     if fp8:
         gs, ws = gw / hw, ww / hw  # the per-(token, head) scales
-        _check_fp8(gq.view(torch.uint8).view(T * H, D), gs.view(-1), wq.view(torch.uint8).view(T * H, D), ws.view(-1))
+        _check_fp8(gq.view(torch.uint8).view(T * H, D), gs.view(-1), wq.view(torch.uint8).view(T * H, D), ws.view(-1),
+                   fmt)
     elif dtype == torch.bfloat16:
         assert torch.equal(gq, wq) and torch.equal(gw, ww)
     else:
@@ -183,6 +194,11 @@ def _check_q_prepare(dtype, fp8, T, H, D, R, seed):
 @pytest.mark.parametrize("fp8", [False, True], ids=["exact", "fp8"])
 def test_indexer_q_prepare(dtype, fp8):
     _check_q_prepare(dtype, fp8, T=11, H=6, D=64, R=16, seed=int(fp8) + (dtype == torch.bfloat16) * 2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_indexer_q_prepare_fnuz(dtype):
+    _check_q_prepare(dtype, True, T=11, H=6, D=64, R=16, seed=9, fmt=FNUZ)
 
 
 @pytest.mark.cuda
@@ -257,10 +273,10 @@ def test_topk_indices_long_rows():
 
 
 # ---- indexer_topk end to end -----------------------------------------------------------------------------------
-def _batch(reqs, page, D, fp8, dtype, g, decode=False):
+def _batch(reqs, page, D, fp8, dtype, g, decode=False, fmt=FP8):
     """Requests (kv_len, query tokens = the last n positions) over pages scattered in a shared pool; random keys
     written with the reference; query tokens of all requests shuffled together. Returns (AttnMetadata, pool)."""
-    ref = ReferenceOps(DEV)
+    ref = ReferenceOps(DEV, fp8_dtype=fmt)
     n_pages = [math.ceil(n / page) for n, _ in reqs]
     pool_pages = sum(n_pages) + 3
     perm = torch.randperm(pool_pages, generator=g)
@@ -283,10 +299,10 @@ def _batch(reqs, page, D, fp8, dtype, g, decode=False):
     return batch, pool
 
 
-def _scores64(q, hw, pool, batch, scale, D):
+def _scores64(q, hw, pool, batch, scale, D, fmt=FP8):
     """Per query token: (its causal keys' physical slots, their float64 scores by the reference formula
     I = k_scale · Σ_h w · relu(scale · q·k))."""
-    ref = ReferenceOps(pool.device)
+    ref = ReferenceOps(pool.device, fp8_dtype=fmt)
     out = []
     for t in range(q.shape[0]):
         r = int(batch.token_req[t])
@@ -298,20 +314,21 @@ def _scores64(q, hw, pool, batch, scale, D):
     return out
 
 
-def _check_indexer_topk(reqs, page, fp8, dtype, H, D, topk, seed, tol_rel, min_overlap=None, decode=False):
+def _check_indexer_topk(reqs, page, fp8, dtype, H, D, topk, seed, tol_rel, min_overlap=None, decode=False, fmt=FP8):
     g = torch.Generator().manual_seed(seed)
-    batch, pool = _batch(reqs, page, D, fp8, dtype, g, decode)
+    batch, pool = _batch(reqs, page, D, fp8, dtype, g, decode, fmt)
+    ref = ReferenceOps(DEV, fp8_dtype=fmt)
     T = batch.positions.shape[0]
     q = torch.randn(T, H, D, generator=g).to(DEV, dtype)
     hw = torch.randn(T, H, generator=g).to(DEV)
     if fp8:
         cos_sin = torch.randn(max(n for n, _ in reqs), 16, generator=g).to(DEV)
-        q, hw = ReferenceOps(DEV).indexer_q_prepare(q, hw, batch.positions, cos_sin, 16, True)
+        q, hw = ref.indexer_q_prepare(q, hw, batch.positions, cos_sin, 16, True)
     scale = D**-0.5
     got = ix.indexer_topk(q, hw, pool, batch, scale, topk)
-    want = ReferenceOps(DEV).indexer_topk(q, hw, pool, batch, scale, topk)
+    want = ref.indexer_topk(q, hw, pool, batch, scale, topk)
     assert got.shape == (T, topk) and got.dtype == torch.int32
-    per_row = _scores64(q, hw, pool, batch, scale, D)
+    per_row = _scores64(q, hw, pool, batch, scale, D, fmt)
     got_c, want_c = got.cpu(), want.cpu()  # compared by position in the request (slot → position)
     scores, g_rows, w_rows = [], [], []
     for t, (slots, s) in enumerate(per_row):
@@ -339,6 +356,14 @@ def test_indexer_topk_decode_rows(pool):
     """A decode batch (one query token per request, shuffled): one tile per token, no query grouping."""
     reqs = [(70, 1), (9, 1), (131, 1), (40, 1), (57, 1)]
     _check_indexer_topk(reqs, 16, pool == "fp8", torch.bfloat16, H=6, D=32, topk=16, seed=8, tol_rel=1e-5, decode=True)
+
+
+@pytest.mark.parametrize("decode", [False, True], ids=["ragged", "decode"])
+def test_indexer_topk_fnuz(decode):
+    """fp8 keys and queries in e4m3fnuz (the ROCm backend on gfx942)."""
+    reqs = [(70, 1), (9, 1), (131, 1), (40, 1)] if decode else _REQS
+    _check_indexer_topk(reqs, 16, True, torch.bfloat16, H=4, D=32, topk=16, seed=12, tol_rel=1e-5, decode=decode,
+                        fmt=FNUZ)
 
 
 def test_indexer_topk_chunked_rows(monkeypatch):

@@ -8,6 +8,8 @@ Tiny shapes run on the CPU interpreter; `cuda` tests run V3.2 shapes on an NVIDI
   promoted to fp32 per block), plus ‖y − emul‖ / ‖emul‖ ≤ 2e-3 on GPU; bf16 outputs add one bf16 ulp (2^-7 rel).
 - fp8 linear vs ReferenceOps.linear (full-precision activations): ‖y − ref‖ / ‖ref‖ ≤ 5e-2 (e4m3 activation error,
   measured ≈ 2.5 %).
+The same checks run in e4m3fnuz (AMD MI300's format: weights converted from the checkpoint's e4m3fn as the loader
+does, activations quantized to fnuz) against the reference in fnuz.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import torch
 
 from dsv32.backends.reference.ops import ReferenceOps
 from dsv32.core import envs
+from dsv32.core.model.checkpoint import to_platform_fp8
 from dsv32.core.ops import LinearWeight
 
 pytest.importorskip("triton")
@@ -49,29 +52,33 @@ def cached_weight(N: int, K: int, ue8m0: bool):
     return fp8_block_weight(N, K, torch.Generator().manual_seed(N * 7 + K), ue8m0)
 
 
-def assert_quant_exact(x, block, ue8m0):
-    q, s = quantize_fp8(x, block, ue8m0)
+FNUZ = torch.float8_e4m3fnuz
+
+
+def assert_quant_exact(x, block, ue8m0, fmt=torch.float8_e4m3fn):
+    q, s = quantize_fp8(x, block, ue8m0, fnuz=fmt == FNUZ)
     # The reference runs on the CPU: torch on CUDA divides by a scalar as a multiply by its reciprocal (1-ulp off the
     # correctly rounded quotient); the kernel divides exactly, as the CPU does.
-    q_ref, s_ref = (t.to(x.device) for t in ReferenceOps("cpu").quantize_fp8(x.cpu(), block, ue8m0))
-    assert q.dtype == torch.float8_e4m3fn and s.dtype == torch.float32
+    q_ref, s_ref = (t.to(x.device) for t in ReferenceOps("cpu", fp8_dtype=fmt).quantize_fp8(x.cpu(), block, ue8m0))
+    assert q.dtype == fmt and s.dtype == torch.float32
     assert q.shape == x.shape and s.shape == (*x.shape[:-1], math.ceil(x.shape[-1] / block))
     assert torch.equal(s.view(torch.int32), s_ref.view(torch.int32))
     assert torch.equal(q.view(torch.uint8), q_ref.view(torch.uint8))  # bytes: −0 and NaN codes count
 
 
 # ---- activation quantization -----------------------------------------------------------------------------
+@pytest.mark.parametrize("fmt", [torch.float8_e4m3fn, FNUZ], ids=["e4m3fn", "e4m3fnuz"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("ue8m0", [True, False])
 @pytest.mark.parametrize("block", [128, 64, 100])
-def test_quantize_fp8_exact(dtype, ue8m0, block):
+def test_quantize_fp8_exact(dtype, ue8m0, block, fmt):
     g = torch.Generator().manual_seed(block + ue8m0)
     x = torch.randn(2, 19, 300, generator=g) * torch.logspace(-9, 5, 19)[:, None]  # D not a multiple of block
     x[0, 3] = 0  # all-zero row: scale 1e-4/448 (rounded up), q = 0
     x[1, 4, :block] = 0  # one zero block
     x[1, 5] = -x[1, 5].abs()  # tiny negatives round to −0
     x[0, 7, 11] = 3e4  # one outlier dominates its block
-    assert_quant_exact(x.to(DEV, dtype), block, ue8m0)
+    assert_quant_exact(x.to(DEV, dtype), block, ue8m0, fmt)
 
 
 def test_quantize_fp8_rounding_grid():
@@ -95,24 +102,28 @@ def test_quantize_fp8_ue8m0_rounds_up():
 
 
 # ---- fp8 block linear ------------------------------------------------------------------------------------
-def emulate(x, q, s, ue8m0_act):
+def emulate(x, q, s, ue8m0_act, ref=REF):
     """Exact fp64 value of the fp8 GEMM and the magnitude Σ|a||b| that bounds its rounding."""
     K = x.shape[-1]
-    xq, xs = REF.quantize_fp8(x.reshape(-1, K), 128, ue8m0_act)
+    xq, xs = ref.quantize_fp8(x.reshape(-1, K), 128, ue8m0_act)
     xd = xq.double() * xs.double().repeat_interleave(128, dim=-1)[:, :K]
-    wd = REF.dequantize(LinearWeight(q, s), torch.float64)
+    wd = ref.dequantize(LinearWeight(q, s), torch.float64)
     return xd @ wd.T, xd.abs() @ wd.abs().T
 
 
-def check_linear(M, N, K, dtype, ue8m0_act=True, w_ue8m0=True, split_k=None, seed=0, lead=()):
+def check_linear(M, N, K, dtype, ue8m0_act=True, w_ue8m0=True, split_k=None, seed=0, lead=(), fmt=None):
     q, s = cached_weight(N, K, w_ue8m0)
+    ref = REF
+    if fmt is not None:  # the checkpoint's e4m3fn weight converted to fmt as the loader does (exactly the same values)
+        w = to_platform_fp8(LinearWeight(q, s), fmt, dtype)
+        q, s, ref = w.weight, w.scale_inv, ReferenceOps(DEV, fp8_dtype=fmt)
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(*lead, M, K, generator=g)
     x[..., 0, 7] *= 50  # an outlier channel in one token
     x = x.to(DEV, dtype)
     y = fp8_block_linear(x, q, s, ue8m0_act, split_k=split_k)
     assert y.shape == (*lead, M, N) and y.dtype == dtype
-    want, bound = emulate(x, q, s, ue8m0_act)
+    want, bound = emulate(x, q, s, ue8m0_act, ref)
     got = y.reshape(-1, N).double()
     interp = envs.triton_interpret()
     tol = (1e-6 if interp else 1e-2) * bound
@@ -122,8 +133,8 @@ def check_linear(M, N, K, dtype, ue8m0_act=True, w_ue8m0=True, split_k=None, see
     assert (err <= tol).all(), f"max excess {(err - tol).max().item():.3g}"
     if not interp:
         assert (got - want).norm() <= 2e-3 * want.norm()
-    ref = REF.linear(x, LinearWeight(q, s)).reshape(-1, N).double()
-    assert (got - ref).norm() <= 5e-2 * ref.norm()
+    exact = ref.linear(x, LinearWeight(q, s)).reshape(-1, N).double()
+    assert (got - exact).norm() <= 5e-2 * exact.norm()
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -146,6 +157,12 @@ def test_fp8_linear_scale_formats(ue8m0_act, w_ue8m0):
 @pytest.mark.parametrize("M,lead", [(70, (2,)), (257, ())])  # 140 rows: the 64×128 tiles; 257: the 128×128 tiles
 def test_fp8_linear_large_m_tiles_and_leading_dims(M, lead):
     check_linear(M, 130, 200, torch.float32, lead=lead, seed=M)
+
+
+@pytest.mark.parametrize("M", [1, 70])
+def test_fp8_linear_fnuz(M):
+    """e4m3fnuz weights (converted from e4m3fn: same values) and fnuz activations (the ROCm backend on gfx942)."""
+    check_linear(M, 200, 320, torch.bfloat16, seed=M + 1, fmt=FNUZ)
 
 
 def test_fp8_linear_empty():

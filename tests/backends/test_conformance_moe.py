@@ -202,9 +202,9 @@ def _ref_prepare(raw, dtype):
 
 
 def _emulate_fp8(x, raw, w, ids):
-    """The kernel's math in torch: x and h quantized per row per 128 (the reference quantizer), fp32 dequantized
-    weights, rounding to x's dtype where the kernel rounds, fp32 sum over top_k."""
-    ref = ReferenceOps(x.device)
+    """The kernel's math in torch: x and h quantized per row per 128 (the reference quantizer, in the weights' e4m3
+    format), fp32 dequantized weights, rounding to x's dtype where the kernel rounds, fp32 sum over top_k."""
+    ref = ReferenceOps(x.device, fp8_dtype=raw.down.weight.dtype)
     dtype = x.dtype
 
     def deq_act(a):
@@ -251,6 +251,25 @@ def test_experts_fp8(T, I, K, dtype):
         assert _rel_err(y, emul) < 1e-2
         torch.testing.assert_close(y.float(), emul, atol=5e-2 * emul.abs().max().item(), rtol=2e-2)
     y_ref = ReferenceOps(DEV).moe_experts(x, _ref_prepare(raw, dtype), w, ids)
+    assert _rel_err(y, y_ref) < 0.1
+
+
+@pytest.mark.parametrize("T,I", [(5, 128), (3, 160)])
+def test_experts_fp8_fnuz(T, I):
+    """e4m3fnuz experts (converted from e4m3fn as the loader does on AMD MI300) with fnuz activations."""
+    from dsv32.core.model.checkpoint import to_platform_fp8
+
+    E, top_k, K = 8, 2, 192
+    raw = _fp8_experts(E, I, K, seed=T + I + 1)
+    raw = ExpertWeights(*(to_platform_fp8(p, torch.float8_e4m3fnuz, torch.bfloat16) for p in (raw.gate, raw.up, raw.down)))
+    prepared = prepare_experts(raw, torch.bfloat16)
+    assert (prepared.gate_up or prepared.gate).weight.dtype == torch.float8_e4m3fnuz
+    w, ids = _routing(T, E, top_k, seed=T)
+    x = torch.randn(T, K, generator=_gen(T + 3)).to(DEV, torch.bfloat16)
+    y = moe_experts(x, prepared, w, ids)
+    emul = _emulate_fp8(x, raw, w, ids).float()
+    assert _rel_err(y, emul) < 1e-2
+    y_ref = ReferenceOps(DEV, fp8_dtype=torch.float8_e4m3fnuz).moe_experts(x, _ref_prepare(raw, torch.bfloat16), w, ids)
     assert _rel_err(y, y_ref) < 0.1
 
 

@@ -38,8 +38,8 @@ def test_graphs_and_overlap_equal_eager(backend, dtype, kv, tiny_dir):
     step: identical tokens and bit-identical logprobs. Contexts start below index_topk (16, dense path) and grow
     past it (indexer + top-k + sparse attention, all inside the graph)."""
     kw = dict(model=tiny_dir, dtype=dtype, device="cuda", backend=backend, kv_cache_dtype=kv, page_size=8)
-    eager = LLM(**kw, disable_cuda_graph=True, disable_overlap_schedule=True)
-    fast = LLM(**kw, cuda_graph_max_bs=4)
+    eager = LLM(**kw, disable_graphs=True, disable_overlap_schedule=True)
+    fast = LLM(**kw, graph_max_bs=4)
     assert fast.engine.cfg.overlap and sorted(fast.runner.graphs) == [(b, s) for b in (1, 2, 4) for s in (False, True)]
     for lengths in ((5, 9, 12, 40), (7, 30), (11,)):
         prompts = _prompts(lengths)
@@ -52,8 +52,8 @@ def test_padded_graph_batches_equal_eager_fp32(backend, tiny_dir):
     """3 requests replay the graph of 4 (one padding row on the scratch page): same tokens (fp32)."""
     kw = dict(model=tiny_dir, dtype="float32", device="cuda", backend=backend, page_size=8)
     prompts = _prompts((6, 20, 33), seed=5)
-    got = [t for t, _ in _gen(LLM(**kw, cuda_graph_max_bs=4), prompts)]
-    assert got == [t for t, _ in _gen(LLM(**kw, disable_cuda_graph=True), prompts)]
+    got = [t for t, _ in _gen(LLM(**kw, graph_max_bs=4), prompts)]
+    assert got == [t for t, _ in _gen(LLM(**kw, disable_graphs=True), prompts)]
 
 
 @pytest.mark.parametrize("backend", backends_under_test())
@@ -63,7 +63,7 @@ def test_decode_step_never_waits_for_the_device(backend, graphs, tiny_dir):
     call: torch's sync debug mode turns any into an error. Reading the previous step's tokens waits on its event
     only, never on the batch just launched."""
     llm = LLM(model=tiny_dir, dtype="bfloat16", device="cuda", backend=backend, page_size=8,
-              disable_cuda_graph=not graphs)
+              disable_graphs=not graphs)
     eng = llm.engine
     sp = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True)
     for p in _prompts((5, 30, 18)):
