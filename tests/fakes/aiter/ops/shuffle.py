@@ -1,7 +1,5 @@
 """aiter.ops.shuffle (fake)."""
 
-import torch
-
 
 def shuffle_weight(x, layout=(16, 16), use_int4=False):
     """The weight layout aiter's CK/asm MoE and GEMM kernels read: rows in tiles of layout[0], columns in tiles of
