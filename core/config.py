@@ -7,6 +7,7 @@ naming the field and the file.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -16,6 +17,7 @@ from typing import Any
 from dsv32.core.parallel import ParallelConfig
 
 SUPPORTED_ARCHITECTURES = ("DeepseekV32ForCausalLM",)
+MODELSLIM_DESCRIPTION = "quant_model_description.json"  # msModelSlim's per-tensor quantization types
 
 # Fields without a sensible default: a config.json lacking one is rejected.
 REQUIRED_FIELDS = (
@@ -123,6 +125,9 @@ class ModelConfig:
     rope: RopeConfig = field(default_factory=RopeConfig)
     quant: Fp8BlockQuantConfig | None = None
     torch_dtype: str = "bfloat16"
+    # msModelSlim W8A8-dynamic checkpoint (a quant_model_description.json beside config.json): int8 linears with a
+    # scale per output channel, activations quantized per token at run time (core/model/checkpoint.py)
+    modelslim: bool = False
 
     # ---- derived quantities -------------------------------------------------------------------------
     @property
@@ -161,7 +166,13 @@ class ModelConfig:
                 raw = json.load(f)
         except json.JSONDecodeError as e:
             raise ConfigError(f"{path} is not valid JSON: {e}") from None
-        return _parse(raw, path)
+        cfg = _parse(raw, path)
+        if os.path.isfile(os.path.join(model_dir, MODELSLIM_DESCRIPTION)):
+            if cfg.quant is not None:
+                raise ConfigError(f"{path}: an FP8 quantization_config and {MODELSLIM_DESCRIPTION} together: "
+                                  "which quantization the weights have is ambiguous")
+            cfg = dataclasses.replace(cfg, modelslim=True)
+        return cfg
 
 
 def yarn_get_mscale(scale: float, mscale: float = 1.0) -> float:

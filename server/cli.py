@@ -31,6 +31,9 @@ def _env(args: argparse.Namespace) -> int:
         state = "available" if info.available else f"unavailable: {info.reason}"
         prio = "explicit" if info.priority is None else info.priority
         print(f"  {name:<12} priority {prio!s:<8} {state}")
+        note = getattr(info.cls, "hardware_note", None)
+        if note:
+            print(f"  {'':<12} {note.upper()}")
     try:
         chosen = select_backend(args.backend)
     except BackendError as e:
@@ -39,6 +42,14 @@ def _env(args: argparse.Namespace) -> int:
     device = args.device or chosen.cls.default_device()
     ops = create_ops(chosen, device)
     print(f"\nselected: {chosen.name} on {device}  (override: --backend or DSV32_BACKEND)")
+    p = ops.platform()
+    fp8 = str(p.fp8_dtype).replace("torch.", "") + f" (max {p.fp8_max:g})" if p.fp8_dtype else "none (FP8 checkpoints " \
+        "are dequantized at load)"
+    pages = p.page_sizes
+    pages = "any size" if (pages.multiple_of, pages.at_most) == (1, None) else \
+        f"a multiple of {pages.multiple_of} up to {pages.at_most}"
+    print(f"platform: fp8 {fp8}; KV latent layout {' / '.join(p.latent_layouts)}; pages of {pages}"
+          + (f"; fp8 KV cache: {p.fp8_kv_cache}" if p.fp8_kv_cache else ""))
     ctx = KernelContext(dtype=torch.bfloat16, kv_cache_fp8=args.kv_cache_dtype in ("fp8", "fp8_e4m3"),
                         fp8_weights=not args.bf16_weights)
     print(f"\nkernel choices (SGLang flags) for bf16 activations, {'bf16' if args.bf16_weights else 'FP8-block'} "
@@ -54,7 +65,7 @@ def _env(args: argparse.Namespace) -> int:
         note = notes.get(op)
         print(f"  {op:<22} {ops.kernel_sources.get(op, '?')}" + (f"  ({note})" if note else ""))
     why = ops.platform().graphs
-    print(f"\ndecode CUDA graphs: {'yes (--cuda-graph-max-bs, --disable-cuda-graph)' if not why else 'no: ' + why}")
+    print(f"\ndecode device graphs: {'yes (--cuda-graph-max-bs, --disable-cuda-graph)' if not why else 'no: ' + why}")
     print(f"overlap scheduler: {'on by default (--disable-overlap-schedule)' if ops.new_event() is not None else 'off: this device runs synchronously'}")
     print(f"collectives between ranks (--tp / --dp / --ep): torch.distributed, {ops.platform().collective_backend}")
     return 0

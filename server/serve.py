@@ -43,7 +43,9 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--served-model-name", default=None, help="model name clients send (default: the model path)")
     g.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32"])
     g.add_argument("--quantization", default=None,
-                   help="checkpoint quantization; 'fp8' (DeepSeek FP8 block) is read from config.json automatically")
+                   help="checkpoint quantization, read from the checkpoint automatically: 'fp8' (DeepSeek FP8 block, "
+                        "config.json) or 'modelslim' (msModelSlim W8A8-dynamic int8, quant_model_description.json; "
+                        "vLLM-Ascend calls it 'ascend')")
     g.add_argument("--load-format", default="auto", choices=["auto", "dummy"],
                    help="'dummy': random weights of the config's shapes (benchmarking without the checkpoint)")
     g.add_argument("--trust-remote-code", action="store_true",
@@ -147,8 +149,9 @@ def check_unsupported(args: argparse.Namespace) -> None:
                         "speculative_num_draft_tokens", "speculative_draft_model_path") if getattr(args, f) is not None]
     if spec:
         problems.append(f"--{spec[0].replace('_', '-')}: MTP speculative decoding is not implemented yet")
-    if args.quantization not in (None, "fp8"):
-        problems.append(f"--quantization {args.quantization}: only DeepSeek FP8-block ('fp8') checkpoints are supported")
+    if args.quantization not in (None, "fp8", "modelslim", "ascend"):
+        problems.append(f"--quantization {args.quantization}: only DeepSeek FP8-block ('fp8') and msModelSlim W8A8 "
+                        "('modelslim') checkpoints are supported")
     if problems:
         raise FlagError("cannot start:\n  " + "\n  ".join(problems))
 
@@ -225,6 +228,9 @@ def _checked_config(args: argparse.Namespace):
     cfg = ModelConfig.from_pretrained(model)
     if args.quantization == "fp8" and cfg.quant is None:
         raise FlagError("--quantization fp8: this checkpoint's config.json has no FP8 quantization_config")
+    if args.quantization in ("modelslim", "ascend") and not cfg.modelslim:
+        raise FlagError(f"--quantization {args.quantization}: this checkpoint has no quant_model_description.json "
+                        "(msModelSlim's W8A8 description)")
     if args.trust_remote_code:
         log.info("--trust-remote-code: accepted; dsv32 runs no checkpoint code, so it changes nothing")
     config = engine_config(args, model)

@@ -127,3 +127,51 @@ def convert_to_fp8_checkpoint(src: str, dst: str, dequant_dst: str, block: int =
     save_file({k: v.contiguous() for k, v in deq.items()}, os.path.join(dequant_dst, "model.safetensors"))
     with open(os.path.join(dequant_dst, "config.json"), "w") as f:
         json.dump(cfg, f, indent=2)
+
+
+def convert_to_modelslim_checkpoint(src: str, dst: str, dequant_dst: str) -> None:
+    """Rewrite `src` as an msModelSlim W8A8-dynamic checkpoint at `dst` (Ascend's format: int8 linears with a scale
+    and a zero offset per output channel, `quant_model_description.json` typing every tensor; kv_b_proj kept FLOAT as
+    a mixed description would) and the exact dequantized weights as a plain checkpoint at `dequant_dst`."""
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(os.path.join(src, "model.safetensors"))
+    out, deq, desc = {}, {}, {"model_quant_type": "W8A8_DYNAMIC"}
+    for name, t in tensors.items():
+        if t.dim() == 2 and not any(s in name for s in FP8_SKIP) and "kv_b_proj" not in name:
+            scale = t.float().abs().amax(-1, keepdim=True).clamp(min=1e-8) / 127
+            q = torch.round(t.float() / scale).clamp(-128, 127).to(torch.int8)
+            out[name], out[name + "_scale"], out[name + "_offset"] = q, scale, torch.zeros_like(scale)
+            desc.update({name: "W8A8_DYNAMIC", name + "_scale": "W8A8_DYNAMIC", name + "_offset": "W8A8_DYNAMIC"})
+            deq[name] = (q.float() * scale).to(t.dtype)
+        else:
+            out[name], deq[name] = t, t
+            desc[name] = "FLOAT"
+    with open(os.path.join(src, "config.json")) as f:
+        cfg = json.load(f)
+    for folder, weights in ((dst, out), (dequant_dst, deq)):
+        os.makedirs(folder, exist_ok=True)
+        save_file({k: v.contiguous() for k, v in weights.items()}, os.path.join(folder, "model.safetensors"))
+        with open(os.path.join(folder, "config.json"), "w") as f:
+            json.dump(cfg, f, indent=2)
+    with open(os.path.join(dst, "quant_model_description.json"), "w") as f:
+        json.dump(desc, f, indent=2)
+
+
+def decisive_routing(model_dir: str) -> str:
+    """Rewrite the router bias so every token picks the same experts. In bf16 a tiny random MoE is chaotic: a rounding
+    difference anywhere flips some token's top-2 of 8 experts, which changes its logits by up to ~80% (measured on an
+    H100), so token-level comparisons would measure the router, not the kernels (which the conformance tests and the
+    full-width layer test check with the flips identified)."""
+    from safetensors.torch import load_file, save_file
+
+    for name in os.listdir(model_dir):
+        if name.endswith(".safetensors"):
+            path = os.path.join(model_dir, name)
+            tensors = load_file(path)
+            for key, t in tensors.items():
+                if key.endswith("e_score_correction_bias"):
+                    tensors[key] = torch.zeros_like(t)
+                    tensors[key][:2] = 4.0
+            save_file(tensors, path, metadata={"format": "pt"})
+    return model_dir

@@ -42,7 +42,7 @@ def test_builtin_backends_found_without_entry_points(monkeypatch):
     exports BACKEND is found (core lists none by name)."""
     monkeypatch.setattr(registry, "entry_points", lambda group: [])
     found = registry.discover()
-    assert {"reference", "triton", "cuda", "rocm"} <= set(found), sorted(found)
+    assert {"reference", "triton", "cuda", "rocm", "ascend"} <= set(found), sorted(found)
     assert found["reference"].available
 
 

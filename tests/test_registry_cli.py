@@ -132,7 +132,9 @@ def test_cli_env():
     r = _cli("env")
     assert r.returncode == 0, r.stderr
     assert "selected: reference on cpu" in r.stdout and "indexer_topk" in r.stdout
-    assert "decode CUDA graphs: no: the reference backend runs eagerly" in r.stdout
+    assert "decode device graphs: no: the reference backend runs eagerly" in r.stdout
+    assert "platform: fp8 float8_e4m3fn (max 448); KV latent layout combined / split" in r.stdout
+    assert "NEVER RUN ON AMD HARDWARE" in r.stdout and "NEVER RUN ON ASCEND HARDWARE" in r.stdout
     r = _cli("env", "--backend", "nope")
     assert r.returncode == 2 and "unknown backend 'nope'" in r.stderr
 

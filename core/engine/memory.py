@@ -29,9 +29,10 @@ def _fp8_bytes(n: int, k: int, block: tuple[int, int]) -> int:
 
 
 def weight_bytes(cfg: ModelConfig, plan: ParallelPlan, include_mtp: bool = False, act_bytes: int = 2) -> int:
-    """Bytes of this rank's weights on the device."""
-    fp8 = cfg.quant is not None
-    block = (cfg.quant.block_n, cfg.quant.block_k) if fp8 else (128, 128)
+    """Bytes of this rank's weights on the device (msModelSlim W8A8: counted as int8 with a scale per row wherever the
+    FP8 checkpoint has FP8 blocks; its description may keep a few more in bf16)."""
+    fp8 = cfg.quant is not None or cfg.modelslim
+    block = (cfg.quant.block_n, cfg.quant.block_k) if cfg.quant is not None else (1, 1 << 30)
     keep_bf16 = ("lm_head.weight", "mlp.gate.weight", "indexer.weights_proj.weight")
     total = 0
     for name, spec in weight_specs(cfg, include_mtp).items():

@@ -9,6 +9,12 @@ come with `<name>_scale_inv` [ceil(N/bn), ceil(K/bk)]; the scale blocks covering
 backend's `prepare_linear` (the reference dequantizes). Every tensor is checked against `weight_specs` (headers only for the
 parts other ranks read): a missing, unexpected or mis-shaped tensor is a `CheckpointError` naming it and both shapes.
 The MTP layer (index ≥ num_hidden_layers) is skipped unless `include_mtp`.
+
+msModelSlim W8A8-dynamic checkpoints (Ascend's; `quant_model_description.json` names each tensor's type): a linear
+typed W8A8_DYNAMIC is int8 [N, K] with `<name>_scale` [N, 1] (one scale per output channel) and a zero
+`<name>_offset`; it becomes a LinearWeight with block (1, K) — W = int8 · scale, the same block-scale form as FP8, so
+every backend can dequantize it and a backend with int8 kernels keeps it. FLOAT tensors are read as usual; any other
+type (static W8A8, W4A8, ...) is refused naming the tensor.
 """
 
 from __future__ import annotations
@@ -115,8 +121,9 @@ def slice_linear(name: str, w: LinearWeight, shard: Shard | None) -> LinearWeigh
 class _Reader:
     """Opens each shard file once, reads tensors or parts of them by name, and reports progress on big checkpoints."""
 
-    def __init__(self, files: dict[str, str], progress: bool):
+    def __init__(self, files: dict[str, str], progress: bool, quant_types: dict[str, str] | None = None):
         self.files = files
+        self.quant_types = quant_types or {}  # msModelSlim: tensor name → quantization type
         self._handles = {}
         self.used: set[str] = set()
         self.total_bytes = sum(os.path.getsize(p) for p in set(files.values()))
@@ -178,7 +185,7 @@ def load_weights(model_dir: str, cfg: ModelConfig, ops: Ops, dtype: torch.dtype,
     spec, prepared by `ops`. `report` (optional) receives read_bytes (what this rank read) and checkpoint_bytes."""
     plan = plan or ParallelPlan(cfg, RankLayout())
     specs = weight_specs(cfg, include_mtp)
-    reader = _Reader(checkpoint_files(model_dir), progress)
+    reader = _Reader(checkpoint_files(model_dir), progress, modelslim_types(model_dir) if cfg.modelslim else None)
     device = torch.device(device)
     fp8 = ops.platform().fp8_dtype
     out: dict = {}
@@ -212,6 +219,21 @@ def load_weights(model_dir: str, cfg: ModelConfig, ops: Ops, dtype: torch.dtype,
     return out
 
 
+def modelslim_types(model_dir: str) -> dict[str, str]:
+    """quant_model_description.json: tensor name → msModelSlim quantization type (W8A8_DYNAMIC, FLOAT, ...)."""
+    from dsv32.core.config import MODELSLIM_DESCRIPTION
+
+    path = os.path.join(model_dir, MODELSLIM_DESCRIPTION)
+    try:
+        with open(path, encoding="utf-8") as f:
+            raw = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path}: {e}") from None
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{path}: expected an object mapping tensor names to quantization types")
+    return {k: str(v) for k, v in raw.items() if k != "model_quant_type"}
+
+
 def _check_shape(reader: _Reader, name: str, shape) -> None:
     got = reader.shape(name)
     if got != tuple(shape):
@@ -227,8 +249,32 @@ def _read_plain(reader: _Reader, name: str, shape: tuple[int, ...], shard: Shard
     return _pad_to(reader.get(name, shard.dim, start, end), shard.dim, shard.size(n))
 
 
+def _read_int8_linear(reader: _Reader, name: str, shape, device, shard: Shard | None) -> LinearWeight:
+    """A W8A8_DYNAMIC linear of an msModelSlim checkpoint: int8 weight, per-output-channel scale, zero offset."""
+    if reader.dtype_name(name) != "I8":
+        raise CheckpointError(f"tensor '{name}' is typed W8A8_DYNAMIC but holds {reader.dtype_name(name)}, not int8")
+    scale_name, offset_name = name + "_scale", name + "_offset"
+    if not reader.has(scale_name):
+        raise CheckpointError(f"missing tensor '{scale_name}' (expected shape {[shape[0], 1]}) for int8 '{name}'")
+    _check_shape(reader, scale_name, (shape[0], 1))
+    weight = _read_plain(reader, name, shape, shard)
+    rows = None if shard is None or shard.dim != 0 else shard
+    scale = _read_plain(reader, scale_name, (shape[0], 1), rows).float()
+    if reader.has(offset_name):
+        _check_shape(reader, offset_name, (shape[0], 1))
+        if torch.count_nonzero(_read_plain(reader, offset_name, (shape[0], 1), rows)):
+            raise CheckpointError(f"tensor '{offset_name}' is not zero: asymmetric int8 weights are not supported")
+    return LinearWeight(weight.to(device), scale.to(device), (1, shape[1]))
+
+
 def _read_linear(reader: _Reader, name: str, shape, cfg: ModelConfig, device, shard: Shard | None = None) -> LinearWeight:
     _check_shape(reader, name, shape)
+    kind = reader.quant_types.get(name, "FLOAT")
+    if kind == "W8A8_DYNAMIC":
+        return _read_int8_linear(reader, name, shape, device, shard)
+    if kind != "FLOAT":
+        raise CheckpointError(f"tensor '{name}' is {kind} in quant_model_description.json: only W8A8_DYNAMIC and "
+                              "FLOAT msModelSlim tensors are supported")
     scale_name = name + "_scale_inv"
     if reader.has(scale_name) and reader.dtype_name(name) == "F8_E4M3":
         block = (cfg.quant.block_n, cfg.quant.block_k) if cfg.quant else (128, 128)
@@ -261,8 +307,8 @@ def to_platform_fp8(w: LinearWeight, fp8_dtype: torch.dtype | None, dtype: torch
     - e4m3fnuz (exponent bias 8: the same bits are worth half): bits kept, −0 (0x80, NaN in fnuz) → 0, scale_inv ×2,
       so weight · scale_inv is exactly the checkpoint's value;
     - None (no fp8): dequantized to dtype (the model's), in slices of the leading dim to bound the fp32 temporary.
-    Non-FP8 weights are returned unchanged."""
-    if not w.is_fp8 or w.weight.dtype == fp8_dtype:
+    Other weights (bf16, int8) are returned unchanged."""
+    if not w.is_fp8 or w.weight.dtype == fp8_dtype or w.weight.dtype == torch.int8:
         return w
     if w.weight.dtype != torch.float8_e4m3fn:
         raise CheckpointError(f"FP8 weights must be float8_e4m3fn (the checkpoint format), got {w.weight.dtype}")
@@ -312,7 +358,7 @@ def _read_experts(reader: _Reader, name: str, spec: WeightSpec, cfg: ModelConfig
                 parts.append(_read_linear(reader, tname, shape, cfg, device, plan.expert_shard(pname)))
             else:  # another rank's expert: checked, not read
                 _check_shape(reader, tname, shape)
-                reader.used.update((tname, tname + "_scale_inv"))
+                reader.used.update((tname, tname + "_scale_inv", tname + "_scale", tname + "_offset"))
         stacks[pname] = _stack(parts)
     return ExpertWeights(stacks["gate_proj"], stacks["up_proj"], stacks["down_proj"])
 

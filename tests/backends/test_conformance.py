@@ -11,11 +11,11 @@ compared (fallbacks *are* the reference). Tolerances per dtype: fp32 1e-4 abs (i
 from __future__ import annotations
 
 import math
-import os
 
 import pytest
 import torch
 
+from _tiny import decisive_routing
 from _variants import backend_info, reference_for, variants, with_variants
 from dsv32.backends.reference.ops import ReferenceOps
 from dsv32.core import envs, registry
@@ -284,25 +284,6 @@ def _greedy(model_dir, backend, dtype, kv, prompts, n):
     return [o.outputs[0] for o in llm.generate(prompt_token_ids=prompts, sampling_params=sp)]
 
 
-def _decisive_routing(model_dir: str) -> str:
-    """Rewrite the router bias so every token picks the same experts. In bf16 a tiny random MoE is chaotic: a rounding
-    difference anywhere flips some token's top-2 of 8 experts, which changes its logits by up to ~80% (measured on an
-    H100), so token-level comparisons would measure the router, not the kernels (which the conformance tests and the
-    full-width layer test check with the flips identified)."""
-    from safetensors.torch import load_file, save_file
-
-    for name in os.listdir(model_dir):
-        if name.endswith(".safetensors"):
-            path = os.path.join(model_dir, name)
-            tensors = load_file(path)
-            for key, t in tensors.items():
-                if key.endswith("e_score_correction_bias"):
-                    tensors[key] = torch.zeros_like(t)
-                    tensors[key][:2] = 4.0
-            save_file(tensors, path, metadata={"format": "pt"})
-    return model_dir
-
-
 def _near_tie_gap(got, want) -> float:
     """Largest log-probability gap, under the reference, between the reference's greedy token and the fast backend's
     token, over the steps where both have generated the same prefix (after the first differing token the two
@@ -333,7 +314,7 @@ def test_engine_formats_on_gpu(backend, dtype, kv, max_gap, tmp_path, monkeypatc
 
     with_variants(monkeypatch)
     make_checkpoint(str(tmp_path), seed=1)
-    model = _decisive_routing(str(tmp_path))
+    model = decisive_routing(str(tmp_path))
     g = torch.Generator().manual_seed(11)
     prompts = [torch.randint(3, 300, (n,), generator=g).tolist() for n in (5, 37, 100, 64)]
     got = _greedy(model, backend, dtype, kv, prompts, 8)
@@ -359,7 +340,7 @@ def test_engine_fp8_checkpoint_on_gpu(backend, tmp_path, monkeypatch):
 
     with_variants(monkeypatch)
     make_checkpoint(str(tmp_path / "src"), seed=3, moe_intermediate_size=128, intermediate_size=256)
-    _decisive_routing(str(tmp_path / "src"))
+    decisive_routing(str(tmp_path / "src"))
     convert_to_fp8_checkpoint(str(tmp_path / "src"), str(tmp_path / "fp8"), str(tmp_path / "deq"))
     g = torch.Generator().manual_seed(5)
     prompts = [torch.randint(3, 300, (n,), generator=g).tolist() for n in (6, 40, 90, 20)]
