@@ -92,3 +92,16 @@ def with_variants(monkeypatch) -> None:
     original = registry.discover
     extra = {**variants(), "reference-e4m3fnuz": _reference_fnuz()}
     monkeypatch.setattr(registry, "discover", lambda: {**original(), **extra})
+
+
+def skip_without_fnuz_kernels() -> None:
+    """Triton's e4m3fnuz type (fp8e4b8) exists on AMD GPUs and in the CPU interpreter, not on NVIDIA GPUs: there the
+    fnuz fp8 kernels cannot compile. They are checked on the interpreter against the reference in e4m3fnuz (CPU CI)
+    and compiled for gfx942 (`python -m dsv32.backends.triton.aot`)."""
+    import pytest
+    import torch
+
+    if envs.triton_interpret() or torch.version.hip or not torch.cuda.is_available():
+        return
+    pytest.skip("e4m3fnuz kernels do not exist on NVIDIA GPUs (Triton's fp8e4b8 is AMD-only); checked on the CPU "
+                "interpreter and by the gfx942 AOT compilation instead")

@@ -20,6 +20,7 @@ from dsv32.core.ops import ExpertWeights, KernelContext, LinearWeight
 log = logging.getLogger("dsv32.rocm")
 
 _UNVERIFIED = "never run on AMD hardware: opt-in only"
+LDS_BYTES = {"gfx942": 64 * 1024, "gfx950": 160 * 1024}  # per workgroup (MI300 / MI350 ISA guides)
 _TILELANG = "not in dsv32 (TileLang kernels are not integrated)"
 
 
@@ -47,6 +48,18 @@ class RocmOps(TritonOps):
         if self._arch:
             return fp8_of_amd_arch(self._arch)
         return super().gpu_fp8()
+
+    def max_shared_bytes(self):
+        if self._arch and self.device.type != "cuda":  # an arch named off its GPU (AOT, tests): that arch's LDS
+            return LDS_BYTES.get(self._arch, 64 * 1024)
+        return super().max_shared_bytes()
+
+    def mla_tiles(self, fp8_cache):
+        """16 keys per block in 4 waves of 64, and 32 heads per program over an fp8 cache (its dequantization needs
+        registers): the NVIDIA tiling (64 heads × 32 keys, 8 warps) spills 140-630 VGPRs per thread on gfx942/gfx950
+        in the AOT compile; these spill none and fit gfx942's 64 KB LDS. Chosen from the compiler's resource report,
+        not timed on AMD hardware."""
+        return {"block_h": 32 if fp8_cache else 64, "block_k": 16, "num_warps": 4}
 
     # ---- kernel choices ---------------------------------------------------------------------------------------
     def kernel_options(self, ctx: KernelContext) -> dict[str, dict[str, str]]:

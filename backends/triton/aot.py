@@ -2,14 +2,19 @@
 
     python -m dsv32.backends.triton.aot [--targets gfx942,gfx950,sm80,sm90,sm100,sm120] [--json out.json]
 
-How the kernels and their meta-parameters are found: the real host code runs — TritonOps driving a full-width
-DeepSeek-V3.2 model (one dense and one MoE layer) through prefill, mixed and decode steps, with bf16 and fp8 KV
-caches, bf16 and FP8-block weights, batch sizes that select every tile configuration — on *meta* tensors (shapes and
-dtypes only), with Triton's launch replaced by a recorder. Each distinct launch (kernel, argument types, constexprs,
+How the kernels and their meta-parameters are found: the real host code runs — the ops of the backend that runs on
+each target driving a full-width DeepSeek-V3.2 model (one dense and one MoE layer) through prefill, mixed and decode
+steps, with bf16 and fp8 KV caches, bf16 and FP8-block weights, batch sizes that select every tile configuration — on
+*meta* tensors (shapes and dtypes only), with Triton's launch replaced by a recorder. Each target has its profile,
+what its platform declares (core/platform.py) and the tiles its shared memory allows: NVIDIA sm_90/100/120 —
+TritonOps, e4m3fn (sm_120 with 99 KB of shared memory per block: smaller attention and MoE tiles); sm_80 — no fp8 (FP8
+checkpoints dequantized at load, bf16 KV cache, exact indexer: Triton has no e4m3 there); AMD gfx942 — RocmOps,
+e4m3fnuz, 64 KB LDS; gfx950 — RocmOps, e4m3fn, 160 KB LDS. Each distinct launch (kernel, argument types, constexprs,
 num_warps, num_stages) is then compiled with `triton.compile` for each target (AMD: HIP, warp size 64, down to
 hsaco; NVIDIA: CUDA, warp 32, down to cubin). Printed per kernel and target: compiled or the error, registers and
 spills (from the AMD assembly, or from ptxas -v for NVIDIA) and shared memory / LDS bytes. Exit status 1 when any
-launch fails to compile for any target, so CI fails when a target stops compiling.
+launch fails to compile for any target or needs more shared memory than the target has (it would fail at launch),
+so CI fails when a target stops compiling.
 
 This proves the kernels build for those chips, not that they run correctly there (nothing executes).
 """
@@ -29,6 +34,12 @@ from dataclasses import dataclass, field
 
 TARGETS = {"gfx942": ("hip", "gfx942", 64), "gfx950": ("hip", "gfx950", 64), "sm80": ("cuda", 80, 32),
            "sm90": ("cuda", 90, 32), "sm100": ("cuda", 100, 32), "sm120": ("cuda", 120, 32)}
+# target → the ops profile whose launches it compiles (see _ops)
+PROFILES = {"gfx942": "rocm-gfx942", "gfx950": "rocm-gfx950", "sm80": "nvidia-no-fp8", "sm90": "nvidia",
+            "sm100": "nvidia", "sm120": "nvidia-sm120"}
+# shared memory (LDS) one program may use: a launch compiled above it fails on that GPU at run time
+SHARED_LIMIT = {"gfx942": 64 * 1024, "gfx950": 160 * 1024, "sm80": 163 * 1024, "sm90": 227 * 1024,
+                "sm100": 227 * 1024, "sm120": 99 * 1024}
 
 
 @dataclass
@@ -84,12 +95,34 @@ def recording(launches: dict, scenario: list[str]):
         jit.JITFunction.run = original
 
 
-def _scenarios(launches: dict) -> None:
-    """Drives TritonOps over meta tensors at DeepSeek-V3.2 dimensions."""
+def _ops(profile: str, device):
+    """The ops a target's backend would use, on `device` (meta), with reference fallbacks bound."""
+    from dsv32.backends.triton.ops import TritonOps
+    from dsv32.core.registry import BackendInfo, create_ops
+
+    if profile.startswith("rocm-"):
+        from dsv32.backends.rocm.ops import RocmOps
+
+        arch = profile.split("-", 1)[1]
+        cls = type("Rocm", (), {"create": staticmethod(lambda d: RocmOps(d, arch=arch))})
+    else:
+        target = {"nvidia": "sm90", "nvidia-no-fp8": "sm80", "nvidia-sm120": "sm120"}[profile]
+
+        class Nvidia(TritonOps):
+            def gpu_fp8(self):
+                return (None, "sm_80: no fp8") if target == "sm80" else super().gpu_fp8()
+
+            def max_shared_bytes(self):
+                return SHARED_LIMIT[target]
+
+        cls = type("Nvidia", (), {"create": staticmethod(Nvidia)})
+    return create_ops(BackendInfo(profile, cls, True, ""), device)
+
+
+def _scenarios(launches: dict, profile: str = "nvidia") -> None:
+    """Drives the profile's ops over meta tensors at DeepSeek-V3.2 dimensions."""
     import torch
 
-    from dsv32.backends.triton import TritonBackend
-    from dsv32.core.registry import BackendInfo, create_ops
     from dsv32.core.config import ModelConfig, deepseek_v32_config
     from dsv32.core.forward_batch import ForwardBatch
     from dsv32.core.kv_cache import KVCache, KVCacheSpec
@@ -104,13 +137,17 @@ def _scenarios(launches: dict) -> None:
             raw = deepseek_v32_config(num_hidden_layers=2, first_k_dense_replace=1,
                                       **({} if fp8_weights else {"quantization_config": None}))
             cfg = ModelConfig.from_dict(raw)
-            ops = create_ops(BackendInfo("triton", TritonBackend, True, ""), dev)  # + reference fallbacks
-            weights = dummy_weights(cfg, ops, torch.bfloat16, dev)
-            model = DeepseekV32(cfg, weights, ops, torch.bfloat16, dev, indexer_fp8=fp8_weights,
+            ops = _ops(profile, dev)
+            platform = ops.platform()
+            indexer_fp8 = fp8_weights and not platform.fp8_indexer  # as fit_platform decides
+            weights = dummy_weights(cfg, ops, torch.bfloat16, dev)  # FP8 converted as the platform says
+            model = DeepseekV32(cfg, weights, ops, torch.bfloat16, dev, indexer_fp8=indexer_fp8,
                                 max_positions=16384)
             for kv in ("fp8_e4m3", torch.bfloat16):
+                if kv == "fp8_e4m3" and platform.fp8_kv_cache:
+                    continue
                 spec = KVCacheSpec(cfg.num_hidden_layers, 512, 64, cfg.kv_lora_rank, cfg.qk_rope_head_dim,
-                                   cfg.index_head_dim, kv, fp8_weights, torch.bfloat16)
+                                   cfg.index_head_dim, kv, indexer_fp8, torch.bfloat16)
                 cache = KVCache(spec, dev)
                 tag = f"{'fp8' if fp8_weights else 'bf16'} weights, {kv if isinstance(kv, str) else 'bf16'} kv"
                 pages = list(range(128))
@@ -187,6 +224,8 @@ def compile_all(launches: dict, targets: list[str]) -> list[dict]:
                                           target=GPUTarget(backend, arch, warp),
                                           options={**launch.options, "enable_fp_fusion": True})
                 row.update(ok=True, **_resources(compiled, backend, arch))
+                if row["shared"] > SHARED_LIMIT[t]:
+                    row.update(ok=False, error=f"needs {row['shared']} B of shared memory, {t} has {SHARED_LIMIT[t]}")
             except Exception as e:  # noqa: BLE001 - every failure is reported
                 row.update(ok=False, error=f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}")
             row["seconds"] = round(time.monotonic() - t0, 2)
@@ -205,12 +244,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: unknown target(s) {unknown}; known: {', '.join(TARGETS)}", file=sys.stderr)
         return 2
     os.environ.pop("TRITON_INTERPRET", None)  # the interpreter's kernels are not compilable objects
-    launches: dict = {}
-    t0 = time.monotonic()
-    _scenarios(launches)
-    print(f"{len(launches)} distinct kernel launches found in {time.monotonic() - t0:.1f} s; compiling for "
-          f"{', '.join(targets)}", flush=True)
-    rows = compile_all(launches, targets)
+    rows, counts = [], {}
+    for profile in dict.fromkeys(PROFILES[t] for t in targets):
+        launches: dict = {}
+        t0 = time.monotonic()
+        _scenarios(launches, profile)
+        mine = [t for t in targets if PROFILES[t] == profile]
+        counts[profile] = len(launches)
+        print(f"{profile}: {len(launches)} distinct kernel launches found in {time.monotonic() - t0:.1f} s; compiling "
+              f"for {', '.join(mine)}", flush=True)
+        rows += compile_all(launches, mine)
     failed = [r for r in rows if not r["ok"]]
     width = max(len(r["kernel"]) for r in rows)
     for r in rows:
@@ -222,7 +265,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1, default=str)
-    print(f"\n{len(rows) - len(failed)}/{len(rows)} compiled ({len(launches)} launches × {len(targets)} targets)")
+    launches_text = ", ".join(f"{p} {n}" for p, n in counts.items())
+    print(f"\n{len(rows) - len(failed)}/{len(rows)} compiled (launches per profile: {launches_text})")
     return 1 if failed else 0
 
 

@@ -28,6 +28,32 @@ class TritonOps(Ops):
     def __init__(self, device="cpu"):
         super().__init__(device)
         self.fnuz = self.fp8_format()[0] == torch.float8_e4m3fnuz
+        self.max_shared = self.max_shared_bytes()
+
+    def max_shared_bytes(self) -> int | None:
+        """Shared memory (LDS) one program may use on this device; None: no limit (the CPU interpreter). Tile choices
+        that need more take smaller tiles (`python -m dsv32.backends.triton.aot` checks every launch against each
+        target's limit)."""
+        if self.device.type != "cuda":
+            return None
+        return torch.cuda.get_device_properties(self.device).shared_memory_per_block_optin
+
+    # ---- tiles per target: the defaults are tuned on H100/H200; smaller GPUs and AMD override ---------------------
+    def mla_tiles(self, fp8_cache: bool) -> dict:
+        """Tiling of the sparse MLA kernel (backends/triton/attention.py). The default 64 heads × 32 keys with a bf16
+        cache needs 120 KB of shared memory: GPUs with less per block (sm_120: 99 KB; sm_86/89: 99/100 KB) take 16
+        keys per block (96 KB there, compiled for sm_120 by the AOT check)."""
+        if not fp8_cache and self.max_shared is not None and self.max_shared < 120 * 1024:
+            return {"block_k": 16}
+        return {}
+
+    def moe_tiles(self, n_pairs: int, fp8: bool) -> dict | None:
+        """Overrides of the MoE kernels' tiles (backends/triton/moe.py: block_m, bn1, bn2, warps, stages); None: its
+        defaults. The fp8 default for ≥ 4096 token-expert pairs is 256-wide N tiles in 3 stages (H100 sweep), which
+        need ~216 KB of shared memory: GPUs with less take 128-wide tiles for gate/up."""
+        if fp8 and n_pairs >= 4096 and self.max_shared is not None and self.max_shared < 224 * 1024:
+            return {"bn1": 128}
+        return None
 
     # ---- weights and linear layers: bf16 through torch (cuBLAS / hipBLASLt), FP8-block through the Triton GEMM ----
     def prepare_linear(self, w, dtype):
@@ -89,7 +115,8 @@ class TritonOps(Ops):
     def sparse_mla_attention(self, q, latent_cache, topk_slots, softmax_scale, kv_lora_rank, batch=None):
         from dsv32.backends.triton.attention import sparse_mla_attention
 
-        return sparse_mla_attention(q, latent_cache, topk_slots, softmax_scale, kv_lora_rank, fnuz=self.fnuz)
+        return sparse_mla_attention(q, latent_cache, topk_slots, softmax_scale, kv_lora_rank, fnuz=self.fnuz,
+                                    **self.mla_tiles(latent_cache.dtype == torch.uint8))
 
     def dense_mla_attention(self, q, latent_cache, batch, softmax_scale, kv_lora_rank):
         return self.sparse_mla_attention(q, latent_cache, causal_slots(batch), softmax_scale, kv_lora_rank, batch)
@@ -128,7 +155,8 @@ class TritonOps(Ops):
     def moe_experts(self, x, experts, topk_weights, topk_ids):
         from dsv32.backends.triton.moe import moe_experts
 
-        return moe_experts(x, experts, topk_weights, topk_ids)
+        return moe_experts(x, experts, topk_weights, topk_ids,
+                           self.moe_tiles(topk_ids.numel(), experts.down.scale_inv is not None))
 
     def sample(self, logits, temperatures, top_ps, top_ks, min_ps, generators):
         from dsv32.backends.triton.sampling import sample

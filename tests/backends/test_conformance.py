@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from _tiny import decisive_routing
-from _variants import backend_info, reference_for, variants, with_variants
+from _variants import backend_info, reference_for, skip_without_fnuz_kernels, variants, with_variants
 from dsv32.backends.reference.ops import ReferenceOps
 from dsv32.core import envs, registry
 from dsv32.core.kv_cache import KVCache, KVCacheSpec
@@ -99,6 +99,8 @@ def _latent_setup(dev, dtype, n_tokens, L, R, page, fp8, seed, ref=None):
 
 
 def _check_attention(backend, dtype, fp8, T, H, L, R, K, n_tokens, page, seed):
+    if fp8 and backend == "rocm-gfx942":
+        skip_without_fnuz_kernels()
     dev = device_for(backend)
     ops, ref = make_ops(backend, dev)
     implemented(ops, "sparse_mla_attention")
@@ -312,6 +314,8 @@ def test_engine_formats_on_gpu(backend, dtype, kv, max_gap, tmp_path, monkeypatc
     64-wide dot products average little rounding away; a wrong kernel gives gaps of several nats)."""
     from _tiny import make_checkpoint
 
+    if backend == "rocm-gfx942" and kv == "fp8_e4m3":
+        skip_without_fnuz_kernels()
     with_variants(monkeypatch)
     make_checkpoint(str(tmp_path), seed=1)
     model = decisive_routing(str(tmp_path))
@@ -338,6 +342,8 @@ def test_engine_fp8_checkpoint_on_gpu(backend, tmp_path, monkeypatch):
     in test_full_layer.py."""
     from _tiny import convert_to_fp8_checkpoint, make_checkpoint
 
+    if backend == "rocm-gfx942":
+        skip_without_fnuz_kernels()
     with_variants(monkeypatch)
     make_checkpoint(str(tmp_path / "src"), seed=3, moe_intermediate_size=128, intermediate_size=256)
     decisive_routing(str(tmp_path / "src"))

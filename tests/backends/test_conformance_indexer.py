@@ -30,6 +30,7 @@ from dsv32.backends.triton import indexer as ix
 from dsv32.backends.triton.quant import e4m3_bits
 from dsv32.backends.triton.topk import topk_indices, topk_into
 from dsv32.core.ops import AttnMetadata
+from _variants import skip_without_fnuz_kernels
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 FP8 = torch.float8_e4m3fn
@@ -361,6 +362,7 @@ def test_indexer_topk_decode_rows(pool):
 @pytest.mark.parametrize("decode", [False, True], ids=["ragged", "decode"])
 def test_indexer_topk_fnuz(decode):
     """fp8 keys and queries in e4m3fnuz (the ROCm backend on gfx942)."""
+    skip_without_fnuz_kernels()
     reqs = [(70, 1), (9, 1), (131, 1), (40, 1)] if decode else _REQS
     _check_indexer_topk(reqs, 16, True, torch.bfloat16, H=4, D=32, topk=16, seed=12, tol_rel=1e-5, decode=decode,
                         fmt=FNUZ)

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from dsv32.backends.reference.ops import ReferenceOps
 from dsv32.backends.triton.moe import _align, moe_experts, moe_route, prepare_experts
 from dsv32.core.ops import ExpertWeights, LinearWeight
+from _variants import skip_without_fnuz_kernels
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 FP8 = torch.float8_e4m3fn
@@ -257,6 +258,7 @@ def test_experts_fp8(T, I, K, dtype):
 @pytest.mark.parametrize("T,I", [(5, 128), (3, 160)])
 def test_experts_fp8_fnuz(T, I):
     """e4m3fnuz experts (converted from e4m3fn as the loader does on AMD MI300) with fnuz activations."""
+    skip_without_fnuz_kernels()
     from dsv32.core.model.checkpoint import to_platform_fp8
 
     E, top_k, K = 8, 2, 192

@@ -9,15 +9,21 @@ import torch
 
 from dsv32 import LLM, SamplingParams
 from dsv32.core import registry
+from _variants import variants, with_variants
 
 pytestmark = pytest.mark.cuda
 
 
 def backends_under_test():
-    """The GPU backends that have device graphs (today: cuda)."""
-    found = [n for n, info in sorted(registry.discover().items())
-             if info.cls is not None and getattr(info.cls, "device_type", "") == "cuda"]
-    return found or [pytest.param("none", marks=pytest.mark.skip(reason="no GPU backend registered"))]
+    """The GPU backends with device graphs (registered ones of device type "cuda": NVIDIA and ROCm), plus the ROCm
+    backend's ops as "rocm-gfx950" (OCP fp8; tests/_variants.py) where no AMD GPU is. One that cannot run here is
+    skipped with the reason."""
+    found = {n: info for n, info in registry.discover().items()
+             if info.cls is not None and getattr(info.cls, "device_type", "") == "cuda"}
+    found.update({n: info for n, info in variants().items() if n == "rocm-gfx950"})
+    return [pytest.param(n, marks=[] if info.available else pytest.mark.skip(reason=f"{n}: {info.reason}"))
+            for n, info in sorted(found.items())] or [
+        pytest.param("none", marks=pytest.mark.skip(reason="no GPU backend registered"))]
 
 
 def _gen(llm, prompts, n=24):
@@ -33,10 +39,11 @@ def _prompts(lengths, seed=3):
 
 @pytest.mark.parametrize("backend", backends_under_test())
 @pytest.mark.parametrize("dtype,kv", [("bfloat16", "auto"), ("bfloat16", "fp8_e4m3"), ("float32", "auto")])
-def test_graphs_and_overlap_equal_eager(backend, dtype, kv, tiny_dir):
+def test_graphs_and_overlap_equal_eager(backend, dtype, kv, tiny_dir, monkeypatch):
     """Batches of exactly a captured size (4, 2, 1) replay graphs whose kernels see the same shapes as the eager
     step: identical tokens and bit-identical logprobs. Contexts start below index_topk (16, dense path) and grow
     past it (indexer + top-k + sparse attention, all inside the graph)."""
+    with_variants(monkeypatch)
     kw = dict(model=tiny_dir, dtype=dtype, device="cuda", backend=backend, kv_cache_dtype=kv, page_size=8)
     eager = LLM(**kw, disable_graphs=True, disable_overlap_schedule=True)
     fast = LLM(**kw, graph_max_bs=4)
@@ -48,8 +55,9 @@ def test_graphs_and_overlap_equal_eager(backend, dtype, kv, tiny_dir):
 
 
 @pytest.mark.parametrize("backend", backends_under_test())
-def test_padded_graph_batches_equal_eager_fp32(backend, tiny_dir):
+def test_padded_graph_batches_equal_eager_fp32(backend, tiny_dir, monkeypatch):
     """3 requests replay the graph of 4 (one padding row on the scratch page): same tokens (fp32)."""
+    with_variants(monkeypatch)
     kw = dict(model=tiny_dir, dtype="float32", device="cuda", backend=backend, page_size=8)
     prompts = _prompts((6, 20, 33), seed=5)
     got = [t for t, _ in _gen(LLM(**kw, graph_max_bs=4), prompts)]
@@ -58,10 +66,11 @@ def test_padded_graph_batches_equal_eager_fp32(backend, tiny_dir):
 
 @pytest.mark.parametrize("backend", backends_under_test())
 @pytest.mark.parametrize("graphs", [True, False], ids=["graphs", "eager"])
-def test_decode_step_never_waits_for_the_device(backend, graphs, tiny_dir):
+def test_decode_step_never_waits_for_the_device(backend, graphs, tiny_dir, monkeypatch):
     """A steady decode step (schedule, build, forward, sample, read back the previous step) makes no synchronizing
     call: torch's sync debug mode turns any into an error. Reading the previous step's tokens waits on its event
     only, never on the batch just launched."""
+    with_variants(monkeypatch)
     llm = LLM(model=tiny_dir, dtype="bfloat16", device="cuda", backend=backend, page_size=8,
               disable_graphs=not graphs)
     eng = llm.engine
