@@ -358,6 +358,7 @@ class SchedulerConfig:
     graph_max_bs: int | None = None
     disable_graphs: bool = False
     isolate_failures: bool = True  # a failed step aborts only the request it can attribute (one process per group)
+    max_prefill_tokens: int | None = None  # prompt tokens of newly admitted requests per step (None: no extra cap)
 
 
 @dataclass(frozen=True)
@@ -378,3 +379,4 @@ class EngineConfig:
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    seed: int | None = None  # each rank's sampling RNG (torch.manual_seed) at startup; requests' own seeds win

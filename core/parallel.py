@@ -35,6 +35,11 @@ class ParallelConfig:
     node_rank: int = 0
     dist_init_addr: str | None = None  # host:port of rank 0's rendezvous (default on one node: a free local port)
     dist_timeout_s: float = 600.0  # a collective or a rank that makes no progress this long ends the run
+    watchdog_timeout_s: float | None = None  # a rank that makes no progress this long ends the run (None: the above)
+
+    @property
+    def progress_timeout_s(self) -> float:
+        return self.watchdog_timeout_s if self.watchdog_timeout_s is not None else self.dist_timeout_s
 
     @property
     def world_size(self) -> int:

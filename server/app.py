@@ -56,6 +56,9 @@ class ServerConfig:
     gen_defaults: dict = field(default_factory=dict)
     allow_special_tokens_in_messages: bool = False  # text spelling a special token in a message becomes that token
     health_timeout_s: float = 20.0  # /health fails after this long without engine progress; /health_generate's limit
+    allow_auto_truncate: bool = False  # too-long prompts keep their head, max_tokens cut to fit (SGLang's flag)
+    tokenizer_workers: int = 1  # processes tokenizing big prompts
+    collect_tokens_histogram: bool = False  # /metrics: prompt and generation tokens per request as histograms
 
 
 class ClientGone(Exception):
@@ -67,12 +70,12 @@ class ServerState:
         from dsv32.server.tokenization import Tokenization
 
         self.engine, self.tokenizer, self.cfg = engine, tokenizer, cfg
-        self.metrics = Metrics(cfg.served_model_name)
+        self.metrics = Metrics(cfg.served_model_name, cfg.collect_tokens_histogram)
         self.created = int(time.time())
         self.max_model_len = engine.info["max_model_len"]
         self.vocab_size = engine.info["vocab_size"]
-        self.tokens = (Tokenization(tokenizer, self.max_model_len, cfg.allow_special_tokens_in_messages)
-                       if tokenizer is not None else None)
+        self.tokens = (Tokenization(tokenizer, self.max_model_len, cfg.allow_special_tokens_in_messages,
+                                    cfg.tokenizer_workers) if tokenizer is not None else None)
         self.think_end_id = tokenizer.token_to_id("</think>") if tokenizer is not None else None
         self.in_flight = 0  # engine requests not finished
         self.draining = False  # shutting down: no new requests
@@ -83,11 +86,19 @@ class ServerState:
         before any tokenization and off the event loop when big."""
         if self.tokens is None:
             raise RequestError("this model has no tokenizer.json: send token ids", field_name)
-        try:
-            self.tokens.check_length(text, field_name)
-        except ValueError as e:
-            raise RequestError(str(e), field_name) from None
-        return await self.tokens.encode(text, pieces, marker)
+        if not self.cfg.allow_auto_truncate:
+            try:
+                self.tokens.check_length(text, field_name)
+            except ValueError as e:
+                raise RequestError(str(e), field_name) from None
+        return self.fit(await self.tokens.encode(text, pieces, marker))
+
+    def fit(self, ids: list[int]) -> list[int]:
+        """--allow-auto-truncate: a prompt that leaves no room to generate keeps its first max_model_len-1 tokens."""
+        if self.cfg.allow_auto_truncate and len(ids) >= self.max_model_len:
+            log.warning("prompt of %d tokens truncated to %d (--allow-auto-truncate)", len(ids), self.max_model_len - 1)
+            return ids[:self.max_model_len - 1]
+        return ids
 
     def check_model(self, body: dict) -> None:
         name = body.get("model")
@@ -434,11 +445,11 @@ def create_app(state: ServerState) -> FastAPI:
         if isinstance(prompt, str) and prompt:
             ids = await state.encode(prompt, "prompt")
         elif isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
-            ids = token_id_list(prompt, "prompt", state.vocab_size)
+            ids = state.fit(token_id_list(prompt, "prompt", state.vocab_size))
         else:
             raise RequestError("'prompt' must be a non-empty string or a list of token ids (one prompt per request)", "prompt")
         params = sampling_from_openai(body, len(ids), state.max_model_len, state.cfg.gen_defaults, chat=False,
-                                      vocab_size=state.vocab_size)
+                                      vocab_size=state.vocab_size, clamp=state.cfg.allow_auto_truncate)
         include_usage = stream_options(body)
         stream = flag(body, "stream", False)
         echo = flag(body, "echo", False)
@@ -499,11 +510,11 @@ def create_app(state: ServerState) -> FastAPI:
         if isinstance(body.get("text"), str) and body["text"]:
             ids = await state.encode(body["text"], "text")
         elif isinstance(body.get("input_ids"), list) and body["input_ids"]:
-            ids = token_id_list(body["input_ids"], "input_ids", state.vocab_size)
+            ids = state.fit(token_id_list(body["input_ids"], "input_ids", state.vocab_size))
         else:
             raise RequestError("give 'text' (a string) or 'input_ids' (a list of token ids)", "text")
         params = sampling_from_native(body.get("sampling_params"), len(ids), state.max_model_len,
-                                      state.cfg.gen_defaults, state.vocab_size)
+                                      state.cfg.gen_defaults, state.vocab_size, clamp=state.cfg.allow_auto_truncate)
         if params.n != 1:
             raise RequestError("'sampling_params.n' > 1 is served by /v1/completions", "sampling_params.n")
         return_logprob = body.get("return_logprob", False)

@@ -131,7 +131,7 @@ def register_chat(app: FastAPI, state: ServerState) -> None:
             prompt += "</think>"  # no reasoning before a forced call
         ids = await state.encode(prompt + forced, "messages", pieces, marker)
         params = sampling_from_openai(body, len(ids), state.max_model_len, state.cfg.gen_defaults, chat=True,
-                                      vocab_size=state.vocab_size)
+                                      vocab_size=state.vocab_size, clamp=state.cfg.allow_auto_truncate)
         separate = flag(body, "separate_reasoning", True)
         stream_reasoning = flag(body, "stream_reasoning", True)
         reasoning_on = bool(state.cfg.reasoning_parser) and separate and not forced

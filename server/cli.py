@@ -220,9 +220,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="[dsv32] %(message)s", stream=sys.stderr)
-    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per HTTP request would drown the bench output
     args = build_parser().parse_args(argv)
+    level = getattr(args, "log_level", "info")  # serve's --log-level
+    logging.basicConfig(level=getattr(logging, level.upper()), format="[dsv32] %(message)s", stream=sys.stderr)
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per HTTP request would drown the bench output
     try:
         return args.func(args)
     except (ValueError, RuntimeError) as e:  # user-facing errors: one clear line, no traceback

@@ -6,6 +6,7 @@ EngineDead naming the rank and the cause, and `on_failure` is called (the server
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
 import logging
 import threading
@@ -24,10 +25,17 @@ class EngineDead(RuntimeError):
     pass
 
 
+def _merged(a, b):
+    """Two consecutive outputs of one request as one (tokens, text and logprobs joined; b's state and counts)."""
+    return dataclasses.replace(b, new_token_ids=a.new_token_ids + b.new_token_ids, text_delta=a.text_delta + b.text_delta,
+                               logprobs=a.logprobs + b.logprobs)
+
+
 class EngineClient:
     """Starts the engine's rank processes and multiplexes requests over rank 0's pipe."""
 
-    def __init__(self, config, on_failure=None, startup_timeout_s: float = 3600.0):
+    def __init__(self, config, on_failure=None, startup_timeout_s: float = 3600.0, stream_interval: int = 1):
+        self.stream_interval = stream_interval  # tokens per yielded output (the first and the last always yielded)
         try:
             self.ranks = RankProcesses(config, logging.getLogger().level, startup_timeout_s)
         except RankFailure as e:
@@ -113,7 +121,7 @@ class EngineClient:
             raise EngineRejected(f"request id '{rid}' is already in use by a running request")
         queue: asyncio.Queue = asyncio.Queue()
         self._queues[rid] = (asyncio.get_running_loop(), queue)
-        finished = False
+        finished, held, first = False, None, True
         try:
             self._send(("add", rid, prompt_ids, params))
             while True:
@@ -121,8 +129,12 @@ class EngineClient:
                 if isinstance(item, Exception):
                     finished = True
                     raise item
-                yield item
-                if item.finished:
+                held = item if held is None else _merged(held, item)
+                if not (first or held.finished or len(held.new_token_ids) >= self.stream_interval):
+                    continue  # --stream-interval: hold the tokens until there are enough
+                out, held, first = held, None, False
+                yield out
+                if out.finished:
                     finished = True
                     return
         finally:

@@ -10,6 +10,9 @@ from __future__ import annotations
 import bisect
 import threading
 
+# request sizes (--collect-tokens-histogram), SGLang's buckets
+_TOKEN_BUCKETS = (100, 300, 500, 700, 1000, 1500, 2000, *range(3000, 10001, 1000), 12500, 15000, 20000, 25000, 30000,
+                  35000, 40000, 66000, 99000, 132000, 300000, 600000, 900000, 1100000)
 _LATENCY_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
 
@@ -36,8 +39,11 @@ class _Histogram:
 
 
 class Metrics:
-    def __init__(self, model_name: str):
+    def __init__(self, model_name: str, token_histograms: bool = False):
         self.labels = f'model_name="{model_name}"'
+        self.token_histograms = token_histograms
+        self.prompt_hist = _Histogram(_TOKEN_BUCKETS)
+        self.generation_hist = _Histogram(_TOKEN_BUCKETS)
         self._lock = threading.Lock()
         self.prompt_tokens = 0
         self.generation_tokens = 0
@@ -58,6 +64,8 @@ class Metrics:
         with self._lock:
             self.prompt_tokens += prompt_tokens
             self.generation_tokens += completion_tokens
+            self.prompt_hist.observe(prompt_tokens)
+            self.generation_hist.observe(completion_tokens)
             self.finished[reason or "unknown"] = self.finished.get(reason or "unknown", 0) + 1
             self.e2e.observe(e2e_s)
 
@@ -75,6 +83,11 @@ class Metrics:
                                    ("dsv32_inter_token_latency_seconds", self.itl, "gap between streamed tokens"),
                                    ("dsv32_e2e_request_latency_seconds", self.e2e, "end-to-end request latency")):
                 lines += [f"# HELP {name} {help_}", f"# TYPE {name} histogram"] + h.render(name, L)
+            if self.token_histograms:
+                for name, h, help_ in (("dsv32_request_prompt_tokens", self.prompt_hist, "prompt tokens per request"),
+                                       ("dsv32_request_generation_tokens", self.generation_hist,
+                                        "generated tokens per request")):
+                    lines += [f"# HELP {name} {help_}", f"# TYPE {name} histogram"] + h.render(name, L)
         hits, queries = stats.get("prefix_hit_tokens", 0), stats.get("prefix_query_tokens", 0)
         lines += [
             "# TYPE dsv32_num_requests_running gauge", f"dsv32_num_requests_running{{{L}}} {stats.get('running', 0)}",

@@ -118,7 +118,7 @@ def parse_stop(v: Any) -> list[str]:
 
 
 def sampling_from_openai(body: dict, prompt_tokens: int, max_model_len: int, gen_defaults: dict,
-                         chat: bool, vocab_size: int) -> SamplingParams:
+                         chat: bool, vocab_size: int, clamp: bool = False) -> SamplingParams:
     """SamplingParams for a /v1/chat/completions or /v1/completions body, every field checked (finite, in range,
     token ids inside the vocabulary). Fields the request omits take the model's generation_config values (as SGLang
     does), then the engine defaults. Fields this server cannot honour are refused, never ignored."""
@@ -136,6 +136,8 @@ def sampling_from_openai(body: dict, prompt_tokens: int, max_model_len: int, gen
         max_tokens = _num(body, "max_tokens", None, lo=1, integer=True)
     if max_tokens is None:
         max_tokens = room if chat else min(16, room)  # OpenAI's (and vLLM's, SGLang's) completions default is 16
+    elif max_tokens > room and clamp:  # --allow-auto-truncate
+        max_tokens = room
     elif max_tokens > room:
         raise RequestError(f"This model's maximum context length is {max_model_len} tokens. You requested "
                            f"{prompt_tokens + max_tokens} tokens ({prompt_tokens} in the prompt, {max_tokens} for "
@@ -193,7 +195,7 @@ _NATIVE_UNSUPPORTED = ("json_schema", "regex", "ebnf", "structural_tag", "custom
 
 
 def sampling_from_native(sp: Any, prompt_tokens: int, max_model_len: int, gen_defaults: dict,
-                         vocab_size: int) -> SamplingParams:
+                         vocab_size: int, clamp: bool = False) -> SamplingParams:
     """SGLang's /generate `sampling_params` (max_new_tokens, min_new_tokens, ...) → SamplingParams."""
     if sp is None:
         sp = {}
@@ -212,7 +214,7 @@ def sampling_from_native(sp: Any, prompt_tokens: int, max_model_len: int, gen_de
         body["min_tokens"] = body.pop("min_new_tokens")
     try:
         return sampling_from_openai(body, prompt_tokens, max_model_len, gen_defaults, chat=False,
-                                    vocab_size=vocab_size)
+                                    vocab_size=vocab_size, clamp=clamp)
     except RequestError as e:
         e.param = f"sampling_params.{e.param}" if e.param else "sampling_params"
         raise

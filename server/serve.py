@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import sys
+import time
 
 log = logging.getLogger("dsv32.server")
 
@@ -130,9 +131,63 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
                    help="seconds a collective may wait, or a rank may make no progress, before the server stops "
                         "naming the rank")
 
+    g.add_argument("--watchdog-timeout", type=float, default=None,
+                   help="seconds an engine rank may make no progress (a step that hangs) before the server stops "
+                        "naming the rank (default: --dist-timeout)")
+
+    g = p.add_argument_group("SGLang's serving options")
+    g.add_argument("--allow-auto-truncate", action="store_true",
+                   help="a prompt longer than the context keeps its first context-1 tokens and max_tokens is cut to "
+                        "what fits (default: such requests get a 400)")
+    g.add_argument("--random-seed", type=int, default=None,
+                   help="seed of every rank's sampling RNG (requests without their own 'seed' draw from it)")
+    g.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error", "critical"],
+                   help="log level of the server and the rank processes")
+    g.add_argument("--skip-server-warmup", action="store_true",
+                   help="skip the warm-up generation (8 tokens) that runs before the server announces it is ready")
+    g.add_argument("--max-total-tokens", type=int, default=None,
+                   help="KV cache size in tokens (rounded up to whole pages; overrides --mem-fraction-static)")
+    g.add_argument("--tokenizer-path", default=None,
+                   help="directory with tokenizer.json (default: the model directory)")
+    g.add_argument("--tokenizer-worker-num", type=int, default=1,
+                   help="processes that tokenize big prompts off the event loop")
+    g.add_argument("--schedule-policy", default="fcfs",
+                   help="order of admission of waiting requests: fcfs (first come, first served)")
+    g.add_argument("--max-prefill-tokens", type=int, default=None,
+                   help="max prompt tokens of newly admitted requests per step (default: --chunked-prefill-size)")
+    g.add_argument("--enable-cache-report", action="store_true",
+                   help="report cached prompt tokens in usage.prompt_tokens_details.cached_tokens (dsv32 always "
+                        "does; accepted for SGLang's command lines)")
+    g.add_argument("--collect-tokens-histogram", action="store_true",
+                   help="/metrics (with --enable-metrics): histograms of prompt and generated tokens per request")
+    g.add_argument("--stream-interval", type=int, default=1,
+                   help="tokens per streamed chunk (1: every token)")
+    g.add_argument("--grammar-backend", default=None,
+                   help="structured output (json_schema / regex / ebnf): 'none' only for now")
+
     g = p.add_argument_group("not available yet (exit with an error when set)")
-    g.add_argument("--attention-backend", default=None, help="'nsa' (DeepSeek sparse attention) is the only one")
+    g.add_argument("--attention-backend", default=None,
+                   help="'nsa' / 'dsa' (DeepSeek sparse attention) is the only one")
     g.add_argument("--disaggregation-mode", default="null", help="'null' only for now")
+    g.add_argument("--disaggregation-bootstrap-port", type=int, default=None, help="prefill/decode disaggregation")
+    g.add_argument("--disaggregation-ib-device", default=None, help="prefill/decode disaggregation")
+    g.add_argument("--disaggregation-transfer-backend", default=None, help="prefill/decode disaggregation")
+    g.add_argument("--pp-size", "--pipeline-parallel-size", dest="pp_size", type=int, default=1,
+                   help="pipeline parallelism: 1 only")
+    g.add_argument("--pp-async-batch-depth", type=int, default=None, help="pipeline parallelism")
+    g.add_argument("--moe-a2a-backend", default="none",
+                   help="'none' only: experts' partial sums are all-reduced (no DeepEP / all-to-all dispatch yet)")
+    g.add_argument("--moe-dense-tp-size", type=int, default=None,
+                   help="dense MLPs are split over all --tp ranks; another split is not implemented")
+    for flag in ("--enable-dsa-prefill-context-parallel", "--enable-nsa-prefill-context-parallel",
+                 "--enable-prefill-cp"):
+        g.add_argument(flag, action="store_true", help="context-parallel prefill (not yet)")
+    g.add_argument("--attn-cp-size", "--attention-context-parallel-size", dest="attn_cp_size", type=int, default=1,
+                   help="context-parallel attention: 1 only")
+    for flag in ("--dsa-prefill-cp-mode", "--nsa-prefill-cp-mode", "--cp-strategy"):
+        g.add_argument(flag, default=None, help="context-parallel prefill (not yet)")
+    g.add_argument("--enable-torch-compile", action="store_true",
+                   help="not implemented: decode steps replay CUDA graphs of dsv32's own kernels instead")
     for flag in ("--speculative-algorithm", "--speculative-num-steps", "--speculative-eagle-topk",
                  "--speculative-num-draft-tokens", "--speculative-draft-model-path"):
         g.add_argument(flag, default=None, help="MTP speculative decoding (not yet)")
@@ -141,10 +196,49 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
 def check_unsupported(args: argparse.Namespace) -> None:
     """Exit with a clear message for any flag asking for what does not exist yet."""
     problems = parallel_config(args).problems()
-    if args.attention_backend not in (None, "nsa"):
-        problems.append(f"--attention-backend {args.attention_backend}: only 'nsa' (DeepSeek sparse attention) exists")
+    if args.attention_backend not in (None, "nsa", "dsa"):
+        problems.append(f"--attention-backend {args.attention_backend}: only 'nsa' / 'dsa' (DeepSeek sparse "
+                        "attention) exists for this model")
     if args.disaggregation_mode not in ("null", None):
         problems.append(f"--disaggregation-mode {args.disaggregation_mode}: prefill/decode disaggregation is not implemented")
+    for flag in ("disaggregation_bootstrap_port", "disaggregation_ib_device", "disaggregation_transfer_backend"):
+        if getattr(args, flag) is not None:
+            problems.append(f"--{flag.replace('_', '-')}: prefill/decode disaggregation is not implemented")
+    if args.pp_size != 1:
+        problems.append(f"--pp-size {args.pp_size}: pipeline parallelism is not implemented (use --tp over all GPUs, "
+                        "with --nnodes across nodes)")
+    if args.pp_async_batch_depth is not None:
+        problems.append("--pp-async-batch-depth: pipeline parallelism is not implemented")
+    if args.moe_a2a_backend != "none":
+        problems.append(f"--moe-a2a-backend {args.moe_a2a_backend}: not implemented; experts' partial sums are "
+                        "all-reduced ('none')")
+    if args.moe_dense_tp_size not in (None, args.tp):
+        problems.append(f"--moe-dense-tp-size {args.moe_dense_tp_size}: dense MLPs are split over all --tp ranks "
+                        "(other splits are not implemented)")
+    for flag in ("enable_dsa_prefill_context_parallel", "enable_nsa_prefill_context_parallel", "enable_prefill_cp"):
+        if getattr(args, flag):
+            problems.append(f"--{flag.replace('_', '-')}: context-parallel prefill is not implemented")
+    for flag in ("dsa_prefill_cp_mode", "nsa_prefill_cp_mode", "cp_strategy"):
+        if getattr(args, flag) is not None:
+            problems.append(f"--{flag.replace('_', '-')}: context-parallel prefill is not implemented")
+    if args.attn_cp_size != 1:
+        problems.append(f"--attn-cp-size {args.attn_cp_size}: context-parallel attention is not implemented")
+    if args.enable_torch_compile:
+        problems.append("--enable-torch-compile: not implemented (decode steps replay CUDA graphs of dsv32's own "
+                        "kernels; drop the flag)")
+    if args.schedule_policy != "fcfs":
+        problems.append(f"--schedule-policy {args.schedule_policy}: only 'fcfs' is implemented")
+    if args.grammar_backend not in (None, "none"):
+        problems.append(f"--grammar-backend {args.grammar_backend}: structured output (json_schema / regex / ebnf) "
+                        "is not implemented yet; 'none' refuses such requests")
+    if args.stream_interval < 1:
+        problems.append(f"--stream-interval {args.stream_interval}: must be ≥ 1")
+    if args.tokenizer_worker_num < 1:
+        problems.append(f"--tokenizer-worker-num {args.tokenizer_worker_num}: must be ≥ 1")
+    if args.max_total_tokens is not None and (args.max_total_tokens < 1 or args.num_kv_pages is not None):
+        problems.append("--max-total-tokens: must be ≥ 1, and not given with --num-kv-pages")
+    if args.max_prefill_tokens is not None and args.max_prefill_tokens < 1:
+        problems.append(f"--max-prefill-tokens {args.max_prefill_tokens}: must be ≥ 1")
     spec = [f for f in ("speculative_algorithm", "speculative_num_steps", "speculative_eagle_topk",
                         "speculative_num_draft_tokens", "speculative_draft_model_path") if getattr(args, f) is not None]
     if spec:
@@ -161,7 +255,7 @@ def parallel_config(args: argparse.Namespace):
 
     return ParallelConfig(tp_size=args.tp, dp_size=args.dp, ep_size=args.ep, enable_dp_attention=args.enable_dp_attention,
                           nnodes=args.nnodes, node_rank=args.node_rank, dist_init_addr=args.dist_init_addr,
-                          dist_timeout_s=args.dist_timeout)
+                          dist_timeout_s=args.dist_timeout, watchdog_timeout_s=getattr(args, "watchdog_timeout", None))
 
 
 def engine_config(args: argparse.Namespace, model: str):
@@ -170,17 +264,22 @@ def engine_config(args: argparse.Namespace, model: str):
 
     if args.mem_fraction_static is not None and not 0 < args.mem_fraction_static < 1:
         raise FlagError("--mem-fraction-static must be in (0, 1)")
+    num_kv_pages = args.num_kv_pages
+    if getattr(args, "max_total_tokens", None) is not None:
+        num_kv_pages = -(-args.max_total_tokens // args.page_size)
     return EngineConfig(
         model=model, dtype=args.dtype, device=args.device, backend=args.backend, load_format=args.load_format,
-        kernels=tuple(kernel_requests(args).items()),
+        kernels=tuple(kernel_requests(args).items()), seed=getattr(args, "random_seed", None),
+        tokenizer=getattr(args, "tokenizer_path", None),
         cache=CacheConfig(kv_cache_dtype=args.kv_cache_dtype, indexer_precision=args.indexer_precision,
-                          page_size=args.page_size, num_kv_pages=args.num_kv_pages, kv_cache_memory_gib=args.kv_cache_gib,
+                          page_size=args.page_size, num_kv_pages=num_kv_pages, kv_cache_memory_gib=args.kv_cache_gib,
                           mem_fraction_static=args.mem_fraction_static),
         scheduler=SchedulerConfig(max_model_len=args.context_length, max_running_requests=args.max_running_requests,
                                   chunked_prefill_size=args.chunked_prefill_size,
                                   enable_prefix_cache=not args.disable_radix_cache,
                                   overlap=not args.disable_overlap_schedule, graph_max_bs=args.cuda_graph_max_bs,
-                                  disable_graphs=args.disable_cuda_graph),
+                                  disable_graphs=args.disable_cuda_graph,
+                                  max_prefill_tokens=getattr(args, "max_prefill_tokens", None)),
         parallel=parallel_config(args))
 
 
@@ -194,8 +293,18 @@ def kernel_requests(args: argparse.Namespace) -> dict[str, str | None]:
     return {slot: getattr(args, slot, None) for slot in KERNEL_FLAGS}
 
 
+# The chat templates SGLang ships for this family (examples/chat_template/): dsv32 has them built in
+SGLANG_TEMPLATES = {"tool_chat_template_deepseekv32.jinja": "dsv32", "tool_chat_template_deepseekv31.jinja": "v31",
+                    "tool_chat_template_deepseekv3.jinja": "v31"}
+
+
 def _auto_chat_template(args, model_dir: str) -> str:
     if args.chat_template:
+        builtin = SGLANG_TEMPLATES.get(os.path.basename(args.chat_template))
+        if builtin is not None:
+            log.info("--chat-template %s: SGLang's template for this family; dsv32's built-in '%s' encoder "
+                     "renders the same prompts", args.chat_template, builtin)
+            return builtin
         return args.chat_template
     if args.tool_call_parser == "deepseekv32":
         return "dsv32"
@@ -212,6 +321,10 @@ def _model_dir(args: argparse.Namespace) -> str:
     from dsv32.core.demo import make_demo_checkpoint
 
     if args.model is not None:
+        if not os.path.isfile(os.path.join(args.model, "config.json")):
+            hint = (f"; dsv32 does not download checkpoints: fetch it first (e.g. `huggingface-cli download "
+                    f"{args.model} --local-dir DIR`) and pass --model DIR") if not os.path.exists(args.model) else ""
+            raise FlagError(f"--model {args.model}: no config.json in that directory{hint}")
         return args.model
     model = make_demo_checkpoint(os.path.join(envs.cache_dir(), "demo-model"))
     log.info("no --model given: serving the built-in tiny demo model (random weights) from %s", model)
@@ -233,6 +346,16 @@ def _checked_config(args: argparse.Namespace):
                         "(msModelSlim's W8A8 description)")
     if args.trust_remote_code:
         log.info("--trust-remote-code: accepted; dsv32 runs no checkpoint code, so it changes nothing")
+    if args.tokenizer_path is not None and not os.path.isfile(os.path.join(args.tokenizer_path, "tokenizer.json")):
+        raise FlagError(f"--tokenizer-path {args.tokenizer_path}: no tokenizer.json there")
+    try:  # a template that cannot be read fails now, not at the first chat request
+        from dsv32.server.encoding import get_chat_encoder
+
+        get_chat_encoder(_auto_chat_template(args, model))
+    except ValueError as e:
+        raise FlagError(f"--chat-template {args.chat_template}: {e}") from None
+    if args.enable_cache_report:
+        log.info("--enable-cache-report: cached prompt tokens are always in usage.prompt_tokens_details")
     config = engine_config(args, model)
     try:
         resolve(config, cfg)
@@ -249,19 +372,43 @@ def build_server(args: argparse.Namespace, on_failure=None):
 
     config = _checked_config(args)
     model = config.model
-    engine = EngineClient(config, on_failure)
+    engine = EngineClient(config, on_failure, stream_interval=args.stream_interval)
     tokenizer = None
-    if os.path.isfile(os.path.join(model, "tokenizer.json")):
+    tokenizer_dir = args.tokenizer_path or model
+    if os.path.isfile(os.path.join(tokenizer_dir, "tokenizer.json")):
         from tokenizers import Tokenizer
 
-        tokenizer = Tokenizer.from_file(os.path.join(model, "tokenizer.json"))
+        tokenizer = Tokenizer.from_file(os.path.join(tokenizer_dir, "tokenizer.json"))
     state = ServerState(engine, tokenizer, ServerConfig(
         served_model_name=args.served_model_name or (args.model or "dsv32-demo"), model_path=model,
         api_key=args.api_key, enable_metrics=args.enable_metrics, log_requests=args.log_requests,
         reasoning_parser=args.reasoning_parser, tool_call_parser=args.tool_call_parser,
         chat_template=_auto_chat_template(args, model), gen_defaults=load_generation_defaults(model),
-        allow_special_tokens_in_messages=args.allow_special_tokens_in_messages, health_timeout_s=args.health_timeout))
+        allow_special_tokens_in_messages=args.allow_special_tokens_in_messages, health_timeout_s=args.health_timeout,
+        allow_auto_truncate=args.allow_auto_truncate, tokenizer_workers=args.tokenizer_worker_num,
+        collect_tokens_histogram=args.collect_tokens_histogram))
     return create_app(state), engine
+
+
+def warm_up(state) -> None:
+    """SGLang's warm-up: 8 greedy tokens of "The capital city of France is" before the server says it is ready (the
+    first request does not pay for lazy initialisation; a server that cannot generate stops here)."""
+    import asyncio
+
+    from dsv32.core.sampling import SamplingParams
+
+    ids = state.tokenizer.encode("The capital city of France is", add_special_tokens=False).ids if state.tokenizer \
+        else [0]
+
+    async def run():
+        async for out in state.engine.generate(state.engine.new_request_id("warmup"), ids,
+                                               SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)):
+            if out.error:
+                raise RuntimeError(out.error)
+
+    t0 = time.monotonic()
+    asyncio.run(run())
+    log.info("warm-up generation done in %.2f s (--skip-server-warmup skips it)", time.monotonic() - t0)
 
 
 def _serve_other_node(args: argparse.Namespace) -> int:
@@ -293,7 +440,8 @@ def _serve_other_node(args: argparse.Namespace) -> int:
 
 # EngineConfig settings whose serve flag is named differently (engine errors name the setting; the server says the flag)
 SETTING_FLAGS = {"graph_max_bs": "--cuda-graph-max-bs", "disable_graphs": "--disable-cuda-graph",
-                 "chunked_prefill_size": "--chunked-prefill-size", "max_model_len": "--context-length"}
+                 "chunked_prefill_size": "--chunked-prefill-size", "max_model_len": "--context-length",
+                 "num_kv_pages": "--num-kv-pages / --max-total-tokens"}
 
 
 def as_flags(message: str) -> str:
@@ -321,6 +469,13 @@ def serve(args: argparse.Namespace) -> int:
     except (FlagError, ListenError, EngineDead) as e:
         print(f"error: {as_flags(getattr(e, 'message', e))}", file=sys.stderr)
         return 2
+    if not args.skip_server_warmup:
+        try:
+            warm_up(app.state.dsv32)
+        except Exception as e:  # noqa: BLE001 - a server that cannot generate must not announce itself
+            print(f"error: the warm-up generation failed: {as_flags(getattr(e, 'message', e))}", file=sys.stderr)
+            engine.shutdown()
+            return 1
     info = engine.info
     ranks = f", {info['world_size']} ranks" if info["world_size"] > 1 else ""
     print(f"[dsv32] serving {app.state.dsv32.cfg.served_model_name} on http://{args.host}:{args.port} "
@@ -345,5 +500,6 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="dsv32 serve", description="OpenAI-compatible server for DeepSeek-V3.2 "
                                 "(SGLang's flag names).")
     add_serve_args(p)
-    logging.basicConfig(level=logging.INFO, format="[dsv32] %(message)s", stream=sys.stderr)
-    return serve(p.parse_args(argv))
+    args = p.parse_args(argv)
+    logging.basicConfig(level=getattr(logging, args.log_level.upper()), format="[dsv32] %(message)s", stream=sys.stderr)
+    return serve(args)

@@ -66,7 +66,8 @@ def encode_pieces(tok, plain, text: str, pieces: list[str], marker: str | None) 
 
 
 class Tokenization:
-    def __init__(self, tokenizer, max_model_len: int, allow_special_in_messages: bool = False):
+    def __init__(self, tokenizer, max_model_len: int, allow_special_in_messages: bool = False, workers: int = 1):
+        self.workers = workers
         self.tok, self.plain = tokenizer, plain_twin(tokenizer)
         self.max_model_len = max_model_len
         self.allow_special = allow_special_in_messages
@@ -80,7 +81,7 @@ class Tokenization:
 
     def _get_pool(self) -> ProcessPoolExecutor:
         if self._pool is None:
-            self._pool = ProcessPoolExecutor(1, mp_context=mp.get_context("spawn"), initializer=_init_worker,
+            self._pool = ProcessPoolExecutor(self.workers, mp_context=mp.get_context("spawn"), initializer=_init_worker,
                                              initargs=(self.tok.to_str(),), max_tasks_per_child=1)
         return self._pool
 

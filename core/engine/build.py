@@ -165,6 +165,8 @@ def build_engine_core(config: EngineConfig, groups: ProcessGroups | None = None,
     t0 = time.monotonic()
     groups = groups or single_process()
     layout = groups.layout
+    if config.seed is not None:  # the sampling RNG of requests without their own seed
+        torch.manual_seed(config.seed)
     cfg = ModelConfig.from_pretrained(config.model)
     r = resolve(config, cfg)
     if ops is None:

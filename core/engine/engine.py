@@ -358,7 +358,8 @@ class Engine:
                 continue
             work.append((req, n))
             budget -= n
-        while self.waiting and budget > 0 and len(self.running) < self.cfg.max_running_requests:
+        admit = self.cfg.max_prefill_tokens or 1 << 62  # prompt tokens newly admitted requests may take this step
+        while self.waiting and budget > 0 and admit > 0 and len(self.running) < self.cfg.max_running_requests:
             req = self.waiting[0]
             if alone is not None and (req is not alone or work):
                 break  # only the suspect, and alone
@@ -366,10 +367,11 @@ class Engine:
                 break
             self.waiting.popleft()
             self.running.append(req)
-            n = min(len(req.all_ids) - req.num_cached, budget)
+            n = min(len(req.all_ids) - req.num_cached, budget, admit)
             self.cache.grow(req.pages, req.num_cached + n)
             work.append((req, n))
             budget -= n
+            admit -= n
         return work
 
     def _free_pages(self) -> int:

@@ -128,7 +128,7 @@ class RankProcesses:
         self._drain_errors()
         dead = [(r, proc) for r, proc in zip(self.ranks, self.procs) if not proc.is_alive()]
         now = time.monotonic()
-        stale = [r for i, r in enumerate(self.ranks) if now - self.heartbeat[i] > self.parallel.dist_timeout_s]
+        stale = [r for i, r in enumerate(self.ranks) if now - self.heartbeat[i] > self.parallel.progress_timeout_s]
         if not dead and not stale:
             return None
         parts = []
@@ -138,12 +138,13 @@ class RankProcesses:
         # A rank that is alive but has not beaten for a while is the likely cause when others died waiting on it
         # (their collectives time out at about the same moment its heartbeat goes stale): name it too.
         dead_ranks = {r for r, _ in dead}
-        threshold = self.parallel.dist_timeout_s if not dead else min(self.parallel.dist_timeout_s / 2, 30.0)
+        limit = self.parallel.progress_timeout_s
+        threshold = limit if not dead else min(limit / 2, 30.0)
         for i, r in enumerate(self.ranks):
             age = now - self.heartbeat[i]
             if r not in dead_ranks and age > threshold:
-                parts.append(f"rank {r} stopped answering (no progress for {age:.0f} s, --dist-timeout "
-                             f"{self.parallel.dist_timeout_s:.0f} s)")
+                which = "--dist-timeout" if self.parallel.watchdog_timeout_s is None else "--watchdog-timeout"
+                parts.append(f"rank {r} stopped answering (no progress for {age:.0f} s, {which} {limit:.0f} s)")
         self.failure = "; ".join(parts)
         return self.failure
 
