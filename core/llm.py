@@ -102,10 +102,11 @@ class LLM:
                  mem_fraction_static: float | None = None, kernels: dict[str, str | None] | None = None,
                  load_format: str = "auto", graph_max_bs: int | None = None, disable_graphs: bool = False,
                  disable_overlap_schedule: bool = False, graph_factory=None, tp_size: int = 1, dp_size: int = 1,
-                 ep_size: int = 1, enable_dp_attention: bool = False, dist_timeout_s: float = 600.0):
+                 ep_size: int = 1, enable_dp_attention: bool = False, dist_timeout_s: float = 600.0,
+                 max_prefill_tokens: int | None = None, seed: int | None = None):
         self.engine_config = EngineConfig(
             model=model, tokenizer=tokenizer, dtype=dtype, device=device, backend=backend, load_format=load_format,
-            load_mtp=load_mtp, kernels=tuple((kernels or {}).items()),
+            load_mtp=load_mtp, kernels=tuple((kernels or {}).items()), seed=seed,
             cache=CacheConfig(kv_cache_dtype=kv_cache_dtype, indexer_precision=indexer_precision, page_size=page_size,
                               num_kv_pages=num_kv_pages, kv_cache_memory_gib=kv_cache_memory_gib,
                               mem_fraction_static=mem_fraction_static),
@@ -113,7 +114,7 @@ class LLM:
                                       chunked_prefill_size=chunked_prefill_size,
                                       enable_prefix_cache=enable_prefix_caching,
                                       overlap=not disable_overlap_schedule, graph_max_bs=graph_max_bs,
-                                      disable_graphs=disable_graphs),
+                                      disable_graphs=disable_graphs, max_prefill_tokens=max_prefill_tokens),
             parallel=ParallelConfig(tp_size=tp_size, dp_size=dp_size, ep_size=ep_size,
                                     enable_dp_attention=enable_dp_attention, dist_timeout_s=dist_timeout_s))
         self.config = ModelConfig.from_pretrained(model)

@@ -36,6 +36,31 @@ def test_chunked_prefill_matches_whole_prefill(tiny_dir):
     assert any(n not in (1,) and n < len(r.prompt_ids) for w in steps for r, n in w)  # prompts were split
 
 
+def test_max_prefill_tokens_caps_admitted_prompt_tokens(tiny_dir):
+    """--max-prefill-tokens (SGLang's): newly admitted requests take at most that many prompt tokens per step (the
+    rest of a prompt continues as a running request's chunk); outputs unchanged."""
+    prompts = prompts_of([45, 30, 7, 60], seed=22)
+    sp = SamplingParams(max_tokens=6, **GREEDY)
+    free = run(LLM(model=tiny_dir, dtype="float32", enable_prefix_caching=False), prompts, sp)
+    capped = LLM(model=tiny_dir, dtype="float32", enable_prefix_caching=False, max_prefill_tokens=20, page_size=8)
+    steps, orig = [], capped.engine._schedule
+    capped.engine._schedule = lambda **kw: steps.append([(r, n, r.num_cached) for r, n in orig(**kw)]) or \
+        [(r, n) for r, n, _ in steps[-1]]
+    assert run(capped, prompts, sp) == free
+    admitted = [sum(n for _, n, cached in w if cached == 0 and n > 1) for w in steps]
+    assert max(admitted) <= 20 and any(n == 20 for n in admitted)
+
+
+def test_seed_makes_unseeded_sampling_reproducible(tiny_dir):
+    """LLM(seed=...) / --random-seed: requests without their own seed draw from a seeded RNG."""
+    sp = SamplingParams(max_tokens=8, temperature=1.0, ignore_eos=True)
+    prompts = prompts_of([9, 14], seed=5)
+    a = run(LLM(model=tiny_dir, dtype="float32", seed=11), prompts, sp)
+    b = run(LLM(model=tiny_dir, dtype="float32", seed=11), prompts, sp)
+    c = run(LLM(model=tiny_dir, dtype="float32", seed=12), prompts, sp)
+    assert a == b and a != c  # 16 tokens at temperature 1 over 320: another seed draws others
+
+
 def test_prefix_cache_hit_equals_miss(tiny_dir):
     shared = prompts_of([40], seed=3)[0]
     a, b = shared + [5, 6, 7], shared + [9, 10]
