@@ -300,12 +300,7 @@ SGLANG_TEMPLATES = {"tool_chat_template_deepseekv32.jinja": "dsv32", "tool_chat_
 
 def _auto_chat_template(args, model_dir: str) -> str:
     if args.chat_template:
-        builtin = SGLANG_TEMPLATES.get(os.path.basename(args.chat_template))
-        if builtin is not None:
-            log.info("--chat-template %s: SGLang's template for this family; dsv32's built-in '%s' encoder "
-                     "renders the same prompts", args.chat_template, builtin)
-            return builtin
-        return args.chat_template
+        return SGLANG_TEMPLATES.get(os.path.basename(args.chat_template), args.chat_template)
     if args.tool_call_parser == "deepseekv32":
         return "dsv32"
     cfg_path = os.path.join(model_dir, "tokenizer_config.json")
@@ -348,10 +343,14 @@ def _checked_config(args: argparse.Namespace):
         log.info("--trust-remote-code: accepted; dsv32 runs no checkpoint code, so it changes nothing")
     if args.tokenizer_path is not None and not os.path.isfile(os.path.join(args.tokenizer_path, "tokenizer.json")):
         raise FlagError(f"--tokenizer-path {args.tokenizer_path}: no tokenizer.json there")
+    template = _auto_chat_template(args, model)
+    if args.chat_template and template != args.chat_template:
+        log.info("--chat-template %s: SGLang's template for this family; dsv32's built-in '%s' encoder renders the "
+                 "same prompts", args.chat_template, template)
     try:  # a template that cannot be read fails now, not at the first chat request
         from dsv32.server.encoding import get_chat_encoder
 
-        get_chat_encoder(_auto_chat_template(args, model))
+        get_chat_encoder(template)
     except ValueError as e:
         raise FlagError(f"--chat-template {args.chat_template}: {e}") from None
     if args.enable_cache_report:

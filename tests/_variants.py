@@ -12,33 +12,16 @@ ARCHS = ("gfx942", "gfx950")
 
 
 def _variant(arch: str):
-    import torch
-
     from dsv32.backends.rocm import RocmBackend
+    from dsv32.backends.triton import TritonBackend
 
     class RocmAs(RocmBackend):
         name = f"rocm-{arch}"
         priority = None
 
-        @classmethod
-        def is_available(cls):
-            try:
-                import triton  # noqa: F401
-            except ImportError:
-                return False, "triton is not installed"
-            if torch.cuda.is_available() or envs.triton_interpret():
-                return True, ""
-            return False, "no GPU and no TRITON_INTERPRET"
-
-        @classmethod
-        def default_device(cls):
-            return "cuda" if torch.cuda.is_available() else "cpu"
-
-        @classmethod
-        def total_memory_bytes(cls, device):
-            from dsv32.backends.reference import ReferenceBackend
-
-            return ReferenceBackend.total_memory_bytes(device)
+        # wherever the shared Triton kernels run: a GPU, or the CPU interpreter
+        is_available = TritonBackend.is_available
+        default_device = TritonBackend.default_device
 
         @classmethod
         def create(cls, device):

@@ -48,9 +48,9 @@ class RocmBackend:
 
     @classmethod
     def total_memory_bytes(cls, device) -> int:
-        import torch
+        from dsv32.backends.reference import ReferenceBackend
 
-        return torch.cuda.mem_get_info(torch.device(device))[1]
+        return ReferenceBackend.total_memory_bytes(device)
 
     @classmethod
     def create(cls, device):

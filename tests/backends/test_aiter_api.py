@@ -9,31 +9,21 @@ is checked as soon as users would get it); without network and without a cached 
 from __future__ import annotations
 
 import ast
-import glob
 import os
 import re
-import subprocess
-import sys
 import zipfile
 
 import pytest
 
 from dsv32.backends.rocm.aiter_kernels import AITER_CALLS, AITER_ENUMS
-from dsv32.core import envs
+from _pypi import newest_wheel
 
 FAKES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "fakes")
 
 
 @pytest.fixture(scope="module")
 def wheel():
-    folder = os.path.join(envs.cache_dir(), "wheels")
-    os.makedirs(folder, exist_ok=True)
-    r = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check", "-q",
-                        "-d", folder, "amd-aiter"], capture_output=True, text=True, timeout=600)
-    found = sorted(glob.glob(os.path.join(folder, "amd_aiter-*.whl")), key=os.path.getmtime)
-    if not found:
-        pytest.skip(f"no amd-aiter wheel: pip download failed ({r.stderr.strip()[-300:]}) and none is cached in {folder}")
-    return zipfile.ZipFile(found[-1])
+    return newest_wheel("amd-aiter")
 
 
 def _module_path(module: str) -> list[str]:

@@ -9,18 +9,15 @@ without a cached wheel the test skips, saying so."""
 
 from __future__ import annotations
 
-import glob
 import inspect
 import os
 import re
-import subprocess
 import sys
-import zipfile
 
 import pytest
 
 from dsv32.backends.ascend.npu_kernels import NPU_CALLS
-from dsv32.core import envs
+from _pypi import newest_wheel
 
 FAKES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "fakes")
 SCHEMAS = "torch_npu/csrc/aten/npu_native_functions_by_codegen.yaml"
@@ -28,14 +25,7 @@ SCHEMAS = "torch_npu/csrc/aten/npu_native_functions_by_codegen.yaml"
 
 @pytest.fixture(scope="module")
 def schemas():
-    folder = os.path.join(envs.cache_dir(), "wheels")
-    os.makedirs(folder, exist_ok=True)
-    r = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check", "-q",
-                        "-d", folder, "torch-npu"], capture_output=True, text=True, timeout=900)
-    found = sorted(glob.glob(os.path.join(folder, "torch_npu-*.whl")), key=os.path.getmtime)
-    if not found:
-        pytest.skip(f"no torch-npu wheel: pip download failed ({r.stderr.strip()[-300:]}) and none is cached in {folder}")
-    with zipfile.ZipFile(found[-1]) as wheel:
+    with newest_wheel("torch-npu", timeout=900) as wheel:
         text = wheel.read(SCHEMAS).decode()
     out = {}
     for m in re.finditer(r"func:\s*(\w+)\((.*)\)\s*->", text):
