@@ -146,13 +146,15 @@ def test_unrecognized_flags_say_what_to_do(model):
         _check(["--model", model, "--no-such-flag"])
 
 
-@pytest.mark.parametrize("line", [
-    "--model-path deepseek-ai/DeepSeek-V3.2 --trust-remote-code --tp-size 8 --dp-size 8 --enable-dp-attention "
-    "--tool-call-parser deepseekv32 --reasoning-parser deepseek-v3",
-    "--model-path deepseek-ai/DeepSeek-V3.2-Exp --tp 8 --ep 8 --dp 8 --enable-dp-attention --host 0.0.0.0 --port 30000",
+@pytest.mark.parametrize("line,warmup", [
+    ("--model-path deepseek-ai/DeepSeek-V3.2 --trust-remote-code --tp-size 8 --dp-size 8 --enable-dp-attention "
+     "--tool-call-parser deepseekv32 --reasoning-parser deepseek-v3", True),
+    ("--model-path deepseek-ai/DeepSeek-V3.2-Exp --tp 8 --ep 8 --dp 8 --enable-dp-attention --host 0.0.0.0 "
+     "--port 30000", False),
 ], ids=["tp8-dp8-parsers", "tp8-ep8-dp8"])
-def test_documented_lines_serve(model, line):
-    """Really served: 8 rank processes on the CPU (gloo), a chat request through the OpenAI client."""
+def test_documented_lines_serve(model, line, warmup):
+    """Really served: 8 rank processes on the CPU (gloo), a chat request through the OpenAI client; the warm-up
+    generation runs before the server is ready unless --skip-server-warmup."""
     import openai
 
     port = _free_port()
@@ -161,7 +163,8 @@ def test_documented_lines_serve(model, line):
         argv += ["--port", str(port)]
     log = open(os.path.join(model, f"serve-{port}.log"), "w")
     extra = ["--dtype", "float32", "--context-length", "256", "--max-total-tokens", "1024", "--page-size", "16",
-             "--allow-auto-truncate", "--stream-interval", "3", "--random-seed", "1"]
+             "--allow-auto-truncate", "--stream-interval", "3", "--random-seed", "1",
+             *([] if warmup else ["--skip-server-warmup"])]
     proc = subprocess.Popen([sys.executable, "-m", "dsv32.server.launch_server", *argv, *extra], stdout=log,
                             stderr=subprocess.STDOUT)
     try:
@@ -178,6 +181,8 @@ def test_documented_lines_serve(model, line):
             except httpx.HTTPError:
                 pass
             time.sleep(0.5)
+        with open(log.name) as f:
+            assert ("warm-up generation done" in f.read()) == warmup
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", timeout=120)
         name = client.models.list().data[0].id
         r = client.chat.completions.create(model=name, messages=[{"role": "user", "content": "hi"}], max_tokens=4,
