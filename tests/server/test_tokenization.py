@@ -65,3 +65,28 @@ def test_protect_keeps_special_token_text_as_text(tok):
     assert t.protect([{"content": "plain"}]) == ([{"content": "plain"}], [], None)
     allow = Tokenization(tok, max_model_len=4096, allow_special_in_messages=True)
     assert allow.protect(msgs)[1] == []
+
+
+def test_worker_count(tok):
+    """--tokenizer-worker-num: that many tokenizer processes; the ids are the same."""
+    t = Tokenization(tok, max_model_len=1 << 20, workers=2)
+    text = "Workers share the big prompts. " * 4000
+    assert len(text) > INLINE_CHARS
+    try:
+        got = asyncio.run(t.encode(text))
+        assert t._get_pool()._max_workers == 2
+        assert got == tok.encode(text, add_special_tokens=False).ids
+    finally:
+        t.close()
+
+
+def test_token_histograms_only_when_collected():
+    """--collect-tokens-histogram: /metrics gains per-request prompt / generation token histograms."""
+    from dsv32.server.metrics import Metrics
+
+    for collect in (False, True):
+        m = Metrics("tiny", token_histograms=collect)
+        m.on_finish(prompt_tokens=250, completion_tokens=40, reason="length", e2e_s=0.5)
+        text = m.render({})
+        assert ('dsv32_request_prompt_tokens_bucket{model_name="tiny",le="300"} 1' in text) == collect
+        assert ('dsv32_request_generation_tokens_bucket{model_name="tiny",le="100"} 1' in text) == collect
