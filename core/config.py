@@ -359,6 +359,7 @@ class SchedulerConfig:
     disable_graphs: bool = False
     isolate_failures: bool = True  # a failed step aborts only the request it can attribute (one process per group)
     max_prefill_tokens: int | None = None  # prompt tokens of newly admitted requests per step (None: no extra cap)
+    decode_log_interval: int = 40  # a "Decode batch" log line every this many decode steps (0: none), as SGLang's
 
 
 @dataclass(frozen=True)

@@ -48,6 +48,10 @@ class SamplingParams:
     logit_bias: dict[int, float] = field(default_factory=dict)
     # special tokens (their text) that skip_special_tokens keeps: the tool-call markers a parser needs
     keep_special_tokens: tuple[str, ...] = ()
+    # structured output: (key, serialized compiled grammar, token id after which it applies or None, control-byte
+    # rule), made by the server's grammar compiler (core/grammar.py); the sampling rank masks every token the
+    # grammar does not allow
+    grammar: tuple | None = None
 
     def __post_init__(self):
         if isinstance(self.stop, str):
@@ -116,6 +120,15 @@ class SamplingParams:
         """Every token id the request names (stop ids, logit_bias keys): the engine checks them against its
         vocabulary."""
         return list(self.stop_token_ids) + list(self.logit_bias)
+
+
+def apply_token_bitmask(logits: torch.Tensor, bitmask: torch.Tensor) -> torch.Tensor:
+    """Sets to -inf the logits whose bit is 0 in an int32 bitmask [B, ⌈V/32⌉] (bit j of word w: token 32·w + j,
+    xgrammar's layout). Plain torch ops, so every backend applies grammars the same way."""
+    words = bitmask.to(logits.device, non_blocking=True)
+    shifts = torch.arange(32, device=logits.device, dtype=torch.int32)
+    allowed = ((words.unsqueeze(-1) >> shifts) & 1).bool().flatten(1)[:, :logits.shape[-1]]
+    return logits.masked_fill(~allowed, float("-inf"))
 
 
 @dataclass

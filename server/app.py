@@ -21,6 +21,7 @@ import hmac
 import json
 import logging
 import re
+import threading
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -30,17 +31,20 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from dsv32 import __version__
 from dsv32.core.llm import expand_n
 from dsv32.server.engine_process import EngineClient, EngineDead, EngineRejected
+from dsv32.server.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from dsv32.server.metrics import Metrics
-from dsv32.server.protocol import (RequestError, error_body, flag, request_id, sampling_from_native,
-                                   sampling_from_openai, stream_options, token_id_list)
+from dsv32.server.protocol import (RequestError, constraint_native, constraint_openai, error_body, flag, request_id,
+                                   sampling_from_native, sampling_from_openai, stream_options, token_id_list)
 
 log = logging.getLogger("dsv32.server")
 
 MAX_BODY_BYTES = 32 * 1024 * 1024
 BODY_CHUNK_TIMEOUT_S = 30.0  # a client that stops sending its body for this long gets a 408
 OPEN_PATHS = ("/health", "/metrics")  # served without the API key, as SGLang
+MAX_BATCH = 1024  # prompts × samples of one /generate or /v1/completions request
 
 
 @dataclass
@@ -59,6 +63,12 @@ class ServerConfig:
     allow_auto_truncate: bool = False  # too-long prompts keep their head, max_tokens cut to fit (SGLang's flag)
     tokenizer_workers: int = 1  # processes tokenizing big prompts
     collect_tokens_histogram: bool = False  # /metrics: prompt and generation tokens per request as histograms
+    tokenizer_path: str | None = None  # where tokenizer.json is (default: model_path)
+    grammar_backend: str = "xgrammar"  # structured output: xgrammar, or none (such requests get a 400)
+    server_args: dict = field(default_factory=dict)  # the command line's settings, for /server_info
+
+    def __post_init__(self):
+        self.tokenizer_path = self.tokenizer_path or self.model_path
 
 
 class ClientGone(Exception):
@@ -70,7 +80,7 @@ class ServerState:
         from dsv32.server.tokenization import Tokenization
 
         self.engine, self.tokenizer, self.cfg = engine, tokenizer, cfg
-        self.metrics = Metrics(cfg.served_model_name, cfg.collect_tokens_histogram)
+        self.metrics = Metrics(cfg.served_model_name, cfg.collect_tokens_histogram, lambda: self.engine.stats)
         self.created = int(time.time())
         self.max_model_len = engine.info["max_model_len"]
         self.vocab_size = engine.info["vocab_size"]
@@ -78,6 +88,8 @@ class ServerState:
                                     cfg.tokenizer_workers) if tokenizer is not None else None)
         self.think_end_id = tokenizer.token_to_id("</think>") if tokenizer is not None else None
         self.in_flight = 0  # engine requests not finished
+        self._grammar_compiler = None  # core.grammar.GrammarCompiler, made on first use (in a thread)
+        self._grammar_lock = threading.Lock()
         self.draining = False  # shutting down: no new requests
 
     async def encode(self, text: str, field_name: str, pieces: list[str] | None = None,
@@ -99,6 +111,40 @@ class ServerState:
             log.warning("prompt of %d tokens truncated to %d (--allow-auto-truncate)", len(ids), self.max_model_len - 1)
             return ids[:self.max_model_len - 1]
         return ids
+
+    def _compile(self, req):
+        from dsv32.core.grammar import GrammarCompiler
+
+        with self._grammar_lock:
+            if self._grammar_compiler is None:
+                self._grammar_compiler = GrammarCompiler(self.tokenizer, self.vocab_size,
+                                                         self.engine.info["eos_token_ids"])
+        return self._grammar_compiler.compile(req)
+
+    async def constrain(self, params, found, after: int | None = None) -> None:
+        """Structured output: compiles found = (param, GrammarRequest) off the event loop (a bad schema, regex or
+        grammar is a 400 naming param) into params.grammar; `after`: a token id (</think>) before which the output
+        is free."""
+        if found is None:
+            return
+        param, req = found
+        if self.cfg.grammar_backend == "none":
+            raise RequestError("structured output is off on this server (--grammar-backend none)", param)
+        if self.tokenizer is None:
+            raise RequestError("structured output needs the model's tokenizer.json", param)
+        if params.ignore_eos:
+            raise RequestError("'ignore_eos' cannot be combined with structured output (the grammar ends at EOS)",
+                               "ignore_eos")
+        if params.min_tokens:
+            raise RequestError("'min_tokens' cannot be combined with structured output (the grammar decides where "
+                               "the output ends)", "min_tokens")
+        from dsv32.core.grammar import GrammarError
+
+        try:
+            serialized = await asyncio.to_thread(self._compile, req)
+        except GrammarError as e:
+            raise RequestError(f"{param}: {e}", param) from None
+        params.grammar = (req.key, serialized, after, req.control_bytes)
 
     def check_model(self, body: dict) -> None:
         name = body.get("model")
@@ -255,18 +301,21 @@ class Choices:
     logprobs: list[list]
     finish: list[str | None]
     cached: int  # prompt tokens served from the prefix cache
+    stop_reasons: list  # what matched when a choice stopped (token id or stop string), else None
+    cached_each: list[int]  # per choice
 
 
 async def collect_choices(gens: list) -> Choices:
     texts, tokens, lps = [[] for _ in gens], [[] for _ in gens], [[] for _ in gens]
-    finish, cached = [None] * len(gens), 0
+    finish, cached, matched, each = [None] * len(gens), 0, [None] * len(gens), [0] * len(gens)
     async for i, out in merge_choices(gens):
         texts[i].append(out.text_delta)
         tokens[i] += out.new_token_ids
         lps[i] += out.logprobs
         if out.finished:
-            finish[i], cached = out.finish_reason, max(cached, out.cached_tokens)
-    return Choices(["".join(t) for t in texts], tokens, lps, finish, cached)
+            finish[i], matched[i], each[i] = out.finish_reason, out.stop_reason, out.cached_tokens
+            cached = max(cached, out.cached_tokens)
+    return Choices(["".join(t) for t in texts], tokens, lps, finish, cached, matched, each)
 
 
 async def started(agen):
@@ -305,11 +354,76 @@ async def unless_disconnected(request: Request, coro):
                 await task
 
 
-def logprobs_openai_completion(lps, state: ServerState) -> dict | None:
+def logprobs_openai_completion(lps, state: ServerState, offset: int = 0) -> dict | None:
+    """OpenAI's completions logprobs; text_offset: where each token starts in the choice's text, counting from
+    `offset` (the characters before these tokens)."""
     if not lps:
         return None
-    return {"tokens": [state.token_text(lp.token_id) for lp in lps], "token_logprobs": [lp.logprob for lp in lps],
-            "top_logprobs": [{state.token_text(t): v for t, v in lp.top} for lp in lps], "text_offset": []}
+    tokens = [state.token_text(lp.token_id) for lp in lps]
+    offsets = []
+    for t in tokens:
+        offsets.append(offset)
+        offset += len(t)
+    return {"tokens": tokens, "token_logprobs": [lp.logprob for lp in lps],
+            "top_logprobs": [{state.token_text(t): v for t, v in lp.top} for lp in lps], "text_offset": offsets}
+
+
+def native_finish_reason(out) -> dict:
+    """SGLang's meta_info.finish_reason: {type: stop, matched: token id | stop string} · {type: length, length: N}
+    · {type: abort, message}."""
+    if out.finish_reason == "stop":
+        return {"type": "stop", "matched": out.stop_reason}
+    if out.finish_reason == "length":
+        return {"type": "length", "length": out.completion_tokens}
+    return {"type": out.finish_reason or "abort", "message": out.error or "aborted"}
+
+
+def _child_of(engine_rid: str, rid: str) -> bool:
+    """Whether an engine request id is one of request `rid`'s (its samples / prompts are rid-N, rid-N-M)."""
+    rest = engine_rid[len(rid):] if engine_rid.startswith(rid + "-") else ""
+    return bool(rest) and all(part.isdigit() for part in rest[1:].split("-"))
+
+
+def _is_ids(v) -> bool:
+    return isinstance(v, list) and bool(v) and all(isinstance(t, int) and not isinstance(t, bool) for t in v)
+
+
+async def _native_prompts(state: ServerState, body: dict) -> tuple[list[list[int]], bool]:
+    """/generate's prompts as token ids, and whether the request is a batch (text or input_ids a list of them)."""
+    text, input_ids = body.get("text"), body.get("input_ids")
+    if text is not None and input_ids is not None:
+        raise RequestError("give either 'text' or 'input_ids', not both", "text")
+    if isinstance(text, str) and text:
+        return [await state.encode(text, "text")], False
+    if isinstance(text, list) and text and len(text) <= MAX_BATCH and all(isinstance(t, str) and t for t in text):
+        return [await state.encode(t, f"text[{i}]") for i, t in enumerate(text)], True
+    if _is_ids(input_ids):
+        return [state.fit(token_id_list(input_ids, "input_ids", state.vocab_size))], False
+    if isinstance(input_ids, list) and input_ids and len(input_ids) <= MAX_BATCH and all(_is_ids(x) for x in input_ids):
+        return [state.fit(token_id_list(x, f"input_ids[{i}]", state.vocab_size)) for i, x in enumerate(input_ids)], True
+    raise RequestError(f"give 'text' (a string, or a list of up to {MAX_BATCH} strings) or 'input_ids' (a list of "
+                       "token ids, or a list of such lists)", "text" if text is not None else "input_ids")
+
+
+async def _completion_prompts(state: ServerState, prompt) -> list[tuple[list[int], str | None]]:
+    """/v1/completions' prompt(s) as (token ids, text or None): a string, a list of token ids, or a list of either."""
+    if isinstance(prompt, str) and prompt:
+        return [(await state.encode(prompt, "prompt"), prompt)]
+    if _is_ids(prompt):
+        return [(state.fit(token_id_list(prompt, "prompt", state.vocab_size)), None)]
+    if isinstance(prompt, list) and prompt and len(prompt) <= MAX_BATCH:
+        out = []
+        for i, p in enumerate(prompt):
+            if isinstance(p, str) and p:
+                out.append((await state.encode(p, f"prompt[{i}]"), p))
+            elif _is_ids(p):
+                out.append((state.fit(token_id_list(p, f"prompt[{i}]", state.vocab_size)), None))
+            else:
+                break
+        else:
+            return out
+    raise RequestError(f"'prompt' must be a non-empty string, a list of token ids, or a list of up to {MAX_BATCH} "
+                       "of those", "prompt")
 
 
 def _authorized(header: str, key: str) -> bool:
@@ -398,22 +512,51 @@ def create_app(state: ServerState) -> FastAPI:
             return error_response(503, f"the engine did not generate a token within {limit:g} s")
         return Response(status_code=200)
 
+    def card() -> dict:
+        return {"id": state.cfg.served_model_name, "object": "model", "created": state.created, "owned_by": "dsv32",
+                "root": state.cfg.model_path, "parent": None, "max_model_len": state.max_model_len}
+
     @app.get("/v1/models")
     async def models():
-        card = {"id": state.cfg.served_model_name, "object": "model", "created": state.created, "owned_by": "dsv32",
-                "root": state.cfg.model_path, "max_model_len": state.max_model_len}
-        return {"object": "list", "data": [card]}
+        return {"object": "list", "data": [card()]}
 
+    @app.get("/v1/models/{model_id:path}")
+    async def model_card(model_id: str):
+        if model_id not in (state.cfg.served_model_name, state.cfg.model_path):
+            raise RequestError(f"The model `{model_id[:200]}` does not exist; this server serves "
+                               f"`{state.cfg.served_model_name}`.", "model", status=404)
+        return card()
+
+    @app.get("/model_info")
     @app.get("/get_model_info")
     async def model_info():
-        return {"model_path": state.cfg.model_path, "served_model_name": state.cfg.served_model_name,
-                "is_generation": True, **state.engine.info}
+        """SGLang's model info (benchmarks find the tokenizer here: tokenizer_path, a local directory)."""
+        info = {k: v for k, v in state.engine.info.items() if k != "memory_per_rank"}
+        return {**info, "model_path": state.cfg.model_path, "tokenizer_path": state.cfg.tokenizer_path,
+                "served_model_name": state.cfg.served_model_name, "is_generation": True, "model_type": "deepseek_v32",
+                "architectures": ["DeepseekV32ForCausalLM"], "weight_version": "default", "has_image_understanding": False,
+                "has_audio_understanding": False}
+
+    @app.get("/server_info")
+    @app.get("/get_server_info")
+    async def server_info():
+        """SGLang's server info: the server's arguments at the top level (the API key redacted), the engine's
+        capacity, and internal_states (the latest generation throughput; accept length once speculation exists)."""
+        stats, info = state.engine.stats, state.engine.info
+        ok = state.engine.alive and not state.draining
+        return {**state.cfg.server_args, "status": "ready" if ok else "unavailable", "version": __version__,
+                "max_total_num_tokens": info["memory"]["max_tokens"], "max_req_input_len": state.max_model_len - 1,
+                "internal_states": [{"last_gen_throughput": stats.get("gen_throughput", 0.0),
+                                     "avg_spec_accept_length": None, "num_running_reqs": stats.get("running", 0),
+                                     "num_queue_reqs": stats.get("waiting", 0),
+                                     "token_usage": stats.get("kv_usage", 0.0)}],
+                "engine": {k: v for k, v in info.items() if k != "memory_per_rank"}}
 
     @app.get("/metrics")
     async def metrics():
         if not state.cfg.enable_metrics:
             return error_response(404, "metrics are off: start the server with --enable-metrics")
-        return PlainTextResponse(state.metrics.render(state.engine.stats), media_type="text/plain; version=0.0.4")
+        return Response(state.metrics.render(), media_type=METRICS_CONTENT_TYPE)
 
     @app.post("/tokenize")
     async def tokenize(request: Request):
@@ -439,27 +582,31 @@ def create_app(state: ServerState) -> FastAPI:
     async def completions(request: Request):
         body = await read_json(request)
         state.check_model(body)
-        prompt = body.get("prompt")
-        if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
-            prompt = prompt[0]
-        if isinstance(prompt, str) and prompt:
-            ids = await state.encode(prompt, "prompt")
-        elif isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
-            ids = state.fit(token_id_list(prompt, "prompt", state.vocab_size))
-        else:
-            raise RequestError("'prompt' must be a non-empty string or a list of token ids (one prompt per request)", "prompt")
-        params = sampling_from_openai(body, len(ids), state.max_model_len, state.cfg.gen_defaults, chat=False,
-                                      vocab_size=state.vocab_size, clamp=state.cfg.allow_auto_truncate)
+        prompts = await _completion_prompts(state, body.get("prompt"))
         include_usage = stream_options(body)
         stream = flag(body, "stream", False)
         echo = flag(body, "echo", False)
-        if echo and params.logprobs is not None:
+        if echo and body.get("logprobs") is not None:
             raise RequestError("'echo' with 'logprobs' needs prompt logprobs, which are not supported yet", "echo")
-        echoed = (prompt if isinstance(prompt, str) else state.tokenizer.decode(ids, skip_special_tokens=False)
-                  if state.tokenizer is not None else "") if echo else ""
         rid = request_id(body) or f"cmpl-{uuid.uuid4().hex}"
-        children = expand_n(params)
-        gens = [run_request(state, f"{rid}-{i}", ids, p) for i, p in enumerate(children)]
+        found = constraint_openai(body)
+        # choices in OpenAI's order: prompt-major, n samples each; index = prompt * n + sample
+        jobs, echoed, firsts = [], [], []  # firsts: each prompt's first choice
+        for ids, text in prompts:
+            params = sampling_from_openai(body, len(ids), state.max_model_len, state.cfg.gen_defaults, chat=False,
+                                          vocab_size=state.vocab_size, clamp=state.cfg.allow_auto_truncate)
+            await state.constrain(params, found)
+            prefix = "" if not echo else text if text is not None else \
+                state.tokenizer.decode(ids, skip_special_tokens=False) if state.tokenizer is not None else ""
+            firsts.append(len(jobs))
+            for child in expand_n(params):
+                i = len(jobs)
+                jobs.append((f"{rid}-{i}", ids, child))
+                echoed.append(prefix)
+        if len(jobs) > MAX_BATCH:
+            raise RequestError(f"prompts × n may be at most {MAX_BATCH}, got {len(jobs)}", "n")
+        prompt_tokens = sum(len(ids) for ids, _ in prompts)
+        gens = [run_request(state, r, ids, p) for r, ids, p in jobs]
         created = int(time.time())
         base = {"id": rid, "object": "text_completion", "created": created, "model": state.cfg.served_model_name}
 
@@ -467,17 +614,22 @@ def create_app(state: ServerState) -> FastAPI:
             outs = await started(merge_choices(gens))
 
             async def events():
-                usage = {"prompt_tokens": len(ids), "completion_tokens": 0}
+                usage = {"prompt_tokens": prompt_tokens, "completion_tokens": 0}
+                offsets = [len(e) for e in echoed]  # text_offset of each choice's next token (as non-streaming)
                 try:
                     async for i, out in outs:
                         usage["completion_tokens"] += len(out.new_token_ids)
-                        if out.text_delta or out.finished or out.new_token_ids:
-                            choice = {"index": i, "text": out.text_delta,
-                                      "logprobs": logprobs_openai_completion(out.logprobs, state),
+                        text = out.text_delta
+                        if echoed[i]:
+                            text, echoed[i] = echoed[i] + text, ""
+                        if text or out.finished or out.new_token_ids:
+                            choice = {"index": i, "text": text,
+                                      "logprobs": logprobs_openai_completion(out.logprobs, state, offsets[i]),
                                       "finish_reason": out.finish_reason if out.finished else None}
                             if out.finished:
-                                choice["matched_stop"] = None
+                                choice["matched_stop"] = out.stop_reason
                             yield sse({**base, "choices": [choice]})
+                        offsets[i] += sum(len(state.token_text(lp.token_id)) for lp in out.logprobs)
                     if include_usage:
                         usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
                         yield sse({**base, "choices": [], "usage": usage})
@@ -487,13 +639,14 @@ def create_app(state: ServerState) -> FastAPI:
             return StreamingResponse(events(), media_type="text/event-stream")
 
         got = await unless_disconnected(request, collect_choices(gens))
-        choices = [{"index": i, "text": echoed + got.texts[i],
-                    "logprobs": logprobs_openai_completion(got.logprobs[i], state), "finish_reason": got.finish[i]}
-                   for i in range(len(children))]
+        choices = [{"index": i, "text": echoed[i] + got.texts[i],
+                    "logprobs": logprobs_openai_completion(got.logprobs[i], state, len(echoed[i])),
+                    "finish_reason": got.finish[i], "matched_stop": got.stop_reasons[i]}
+                   for i in range(len(jobs))]
         completion_tokens = sum(len(t) for t in got.tokens)
         return {**base, "choices": choices, "usage": {
-            "prompt_tokens": len(ids), "completion_tokens": completion_tokens, "total_tokens": len(ids) + completion_tokens,
-            "prompt_tokens_details": {"cached_tokens": got.cached}}}
+            "prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens, "prompt_tokens_details": {"cached_tokens": sum(got.cached_each[i] for i in firsts)}}}
 
     @app.post("/generate")
     async def generate(request: Request):
@@ -507,16 +660,21 @@ def create_app(state: ServerState) -> FastAPI:
         if body.get("logprob_start_len") not in (None, -1):
             raise RequestError("prompt logprobs ('logprob_start_len' other than -1) are not supported yet",
                                "logprob_start_len")
-        if isinstance(body.get("text"), str) and body["text"]:
-            ids = await state.encode(body["text"], "text")
-        elif isinstance(body.get("input_ids"), list) and body["input_ids"]:
-            ids = state.fit(token_id_list(body["input_ids"], "input_ids", state.vocab_size))
+        prompts, batch = await _native_prompts(state, body)
+        sps = body.get("sampling_params")
+        if isinstance(sps, list):
+            if not batch or len(sps) != len(prompts):
+                raise RequestError("a list of 'sampling_params' needs a batch of as many prompts", "sampling_params")
         else:
-            raise RequestError("give 'text' (a string) or 'input_ids' (a list of token ids)", "text")
-        params = sampling_from_native(body.get("sampling_params"), len(ids), state.max_model_len,
-                                      state.cfg.gen_defaults, state.vocab_size, clamp=state.cfg.allow_auto_truncate)
-        if params.n != 1:
-            raise RequestError("'sampling_params.n' > 1 is served by /v1/completions", "sampling_params.n")
+            sps = [sps] * len(prompts)
+        rids = body.get("rid")
+        if isinstance(rids, list):
+            if not batch or len(rids) != len(prompts) or len(set(map(str, rids))) != len(rids):
+                raise RequestError("a list of 'rid' needs a batch of as many prompts, each id distinct", "rid")
+            rids = [request_id({"rid": r}) for r in rids]
+        else:
+            base_rid = request_id(body) or uuid.uuid4().hex
+            rids = [base_rid] if not batch else [f"{base_rid}-{i}" for i in range(len(prompts))]
         return_logprob = body.get("return_logprob", False)
         if not isinstance(return_logprob, bool):
             raise RequestError("'return_logprob' must be a boolean", "return_logprob")
@@ -524,16 +682,26 @@ def create_app(state: ServerState) -> FastAPI:
         if isinstance(top_n, bool) or not isinstance(top_n, int) or not 0 <= top_n <= 20:
             raise RequestError("'top_logprobs_num' must be an integer in [0, 20]", "top_logprobs_num")
         with_text = body.get("return_text_in_logprobs", False) is True
-        if return_logprob:
-            params.logprobs = top_n
-        rid = request_id(body) or uuid.uuid4().hex
+        # one engine request per prompt and sample (sampling_params.n), in SGLang's order: prompt-major
+        jobs = []
+        for ids, sp, rid in zip(prompts, sps, rids):
+            params = sampling_from_native(sp, len(ids), state.max_model_len, state.cfg.gen_defaults,
+                                          state.vocab_size, clamp=state.cfg.allow_auto_truncate)
+            if return_logprob:
+                params.logprobs = top_n
+            await state.constrain(params, constraint_native(sp))
+            children = expand_n(params)
+            for j, child in enumerate(children):
+                jobs.append((rid if len(children) == 1 else f"{rid}-{j}", ids, child))
+        if len(jobs) > MAX_BATCH:
+            raise RequestError(f"a batch may hold at most {MAX_BATCH} prompts × samples, got {len(jobs)}", "text")
         t0 = time.monotonic()
 
         def entry(lp_value, token_id):
             return [lp_value, token_id, state.token_text(token_id) if with_text else None]
 
-        def meta(out, lps):  # SGLang's meta_info (logprobs of every output token so far)
-            m = {"id": rid, "finish_reason": {"type": out.finish_reason} if out.finished else None,
+        def meta(rid, out, lps):  # SGLang's meta_info (logprobs of every output token so far)
+            m = {"id": rid, "finish_reason": native_finish_reason(out) if out.finished else None,
                  "prompt_tokens": out.prompt_tokens, "completion_tokens": out.completion_tokens,
                  "cached_tokens": out.cached_tokens, "e2e_latency": time.monotonic() - t0}
             if return_logprob:
@@ -542,32 +710,73 @@ def create_app(state: ServerState) -> FastAPI:
                     m["output_top_logprobs"] = [[entry(v, t) for t, v in lp.top] for lp in lps]
             return m
 
+        gens = [run_request(state, rid, ids, p) for rid, ids, p in jobs]
+        many = len(jobs) > 1
         if flag(body, "stream", False):
-            outs = await started(run_request(state, rid, ids, params))
+            outs = await started(merge_choices(gens))
 
-            async def events():
-                text, out_ids, lps = "", [], []
+            async def events():  # SGLang's stream: cumulative text / ids / logprobs per chunk ("index" in a batch)
+                text, out_ids, lps = [""] * len(jobs), [[] for _ in jobs], [[] for _ in jobs]
                 try:
-                    async for out in outs:
-                        text += out.text_delta
-                        out_ids += out.new_token_ids
-                        lps += out.logprobs
-                        yield sse({"text": text, "output_ids": out_ids, "meta_info": meta(out, lps)})
+                    async for i, out in outs:
+                        text[i] += out.text_delta
+                        out_ids[i] += out.new_token_ids
+                        lps[i] += out.logprobs
+                        chunk = {"text": text[i], "output_ids": out_ids[i], "meta_info": meta(jobs[i][0], out, lps[i])}
+                        yield sse({**chunk, "index": i} if many else chunk)
                 except (EngineRejected, EngineDead) as e:
                     yield error_event(e)
                 yield "data: [DONE]\n\n"
             return StreamingResponse(events(), media_type="text/event-stream")
 
         async def collect():
-            text, out_ids, lps, last = "", [], [], None
-            async for out in run_request(state, rid, ids, params):
-                text += out.text_delta
-                out_ids += out.new_token_ids
-                lps += out.logprobs
-                last = out
-            return {"text": text, "output_ids": out_ids, "meta_info": meta(last, lps)}
+            text, out_ids, lps, last = [""] * len(jobs), [[] for _ in jobs], [[] for _ in jobs], [None] * len(jobs)
+            async for i, out in merge_choices(gens):
+                text[i] += out.text_delta
+                out_ids[i] += out.new_token_ids
+                lps[i] += out.logprobs
+                last[i] = out
+            results = [{"text": text[i], "output_ids": out_ids[i], "meta_info": meta(jobs[i][0], last[i], lps[i])}
+                       for i in range(len(jobs))]
+            return results if batch or many else results[0]
 
         return await unless_disconnected(request, collect())
+
+    @app.api_route("/abort_request", methods=["POST"])
+    async def abort_request(request: Request):
+        """SGLang's: {"rid": id} aborts that request (all samples of it), {"abort_all": true} every one; each ends
+        with finish_reason abort. Unknown ids are not an error (the request may have just finished)."""
+        body = await read_json(request)
+        if flag(body, "abort_all", False):
+            state.engine.abort(state.engine.requests())
+        else:
+            rid = request_id(body)
+            if rid is None:
+                raise RequestError("give 'rid' (the request's id) or 'abort_all': true", "rid")
+            state.engine.abort([r for r in state.engine.requests() if r == rid or _child_of(r, rid)])
+        return Response(status_code=200)
+
+    async def flush(timeout: float) -> Response:
+        deadline = time.monotonic() + timeout
+        while state.in_flight and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        if state.in_flight or not await state.engine.flush_cache():
+            return PlainTextResponse("Cache not flushed: requests are running; retry when they are done (or pass "
+                                     "?timeout=SECONDS to wait for them).\n", status_code=400)
+        return PlainTextResponse("Cache flushed.\nPlease check backend logs for more details. (When there are "
+                                 "running or waiting requests, the operation will not be performed.)\n")
+
+    @app.api_route("/flush_cache", methods=["GET", "POST"])
+    async def flush_cache(timeout: float = 0.0):
+        """SGLang's: empties the prefix cache once no request is running (waiting up to ?timeout= seconds)."""
+        if not 0 <= timeout <= 3600:
+            raise RequestError("'timeout' must be in [0, 3600] seconds", "timeout")
+        return await flush(timeout)
+
+    @app.post("/reset_prefix_cache")
+    async def reset_prefix_cache():
+        """vLLM's name for the same (its benchmark's flush)."""
+        return await flush(0.0)
 
     from dsv32.server.chat import register_chat
 

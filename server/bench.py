@@ -2,9 +2,11 @@
 
 Datasets: random (token-id prompts with lengths uniform in [max(⌊L·r⌋, 1), L], r = --random-range-ratio, SGLang's
 meaning: r = 1 gives fixed lengths) or a ShareGPT-format JSON file (first human turn as prompt, the reply's
-length as output length; needs the tokenizer). Requests stream from /v1/completions with ignore_eos and
-include_usage, at --request-rate (Poisson; inf = all at once) under --max-concurrency. Prints the "Serving
-Benchmark Result" block and writes JSON (appends one line per run to --output-file).
+length as output length; needs the tokenizer). Requests stream (greedy, ignore_eos) to the --backend's endpoint
+(sglang: /generate; sglang-oai / vllm: /v1/completions; sglang-oai-chat / vllm-chat: /v1/chat/completions) at
+--request-rate (Poisson; inf = all at once) under --max-concurrency, after --warmup-requests and an optional
+--flush-cache. Prints sglang.bench_serving's "Serving Benchmark Result" block, row for row, and appends its JSON
+result (the same keys) as one line to --output-file, so scripts written for SGLang's benchmark read both.
 """
 
 from __future__ import annotations
@@ -12,9 +14,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
 import os
 import random
-import statistics
 import sys
 import time
 from dataclasses import dataclass, field
@@ -40,6 +42,12 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--output-file", default=None, help="append the result as one JSON line")
     p.add_argument("--disable-tqdm", action="store_true", help="no progress line")
+    p.add_argument("--backend", default="sglang-oai", choices=sorted(BACKENDS),
+                   help="endpoint, as sglang.bench_serving's backends: sglang = /generate, sglang-oai / vllm = "
+                        "/v1/completions, sglang-oai-chat / vllm-chat = /v1/chat/completions")
+    p.add_argument("--flush-cache", action="store_true", help="empty the server's prefix cache before the run")
+    p.add_argument("--warmup-requests", type=int, default=1, help="requests sent (and not counted) before the run")
+    p.add_argument("--tag", default=None, help="a label stored in the JSON result")
 
 
 @dataclass
@@ -58,6 +66,8 @@ class RequestResult:
     latency_s: float = 0.0
     itl_s: list[float] = field(default_factory=list)
     error: str = ""
+    start_s: float = 0.0  # perf_counter at send
+    text: str = ""  # the generated text
 
 
 def random_dataset(n: int, input_len: int, output_len: int, ratio: float, vocab: int, seed: int) -> list[Item]:
@@ -93,14 +103,37 @@ def sharegpt_dataset(path: str, n: int, tokenizer, output_len: int | None, seed:
     return items
 
 
-async def _one(client, url: str, headers: dict, model: str, item: Item) -> RequestResult:
+# --backend: which endpoint the requests go to, as sglang.bench_serving's backends
+BACKENDS = {"sglang": "/generate", "sglang-native": "/generate", "sglang-oai": "/v1/completions",
+            "vllm": "/v1/completions", "openai": "/v1/completions", "sglang-oai-chat": "/v1/chat/completions",
+            "vllm-chat": "/v1/chat/completions", "openai-chat": "/v1/chat/completions"}
+
+
+def _request_body(backend: str, model: str, item: Item, text: str | None) -> dict:
+    """The streaming request of one item for a backend (greedy, ignore_eos, exactly output_len tokens)."""
+    path = BACKENDS[backend]
+    if path == "/generate":
+        prompt = {"text": item.prompt} if isinstance(item.prompt, str) else {"input_ids": item.prompt}
+        return {**prompt, "stream": True, "sampling_params": {"max_new_tokens": item.output_len, "temperature": 0.0,
+                                                              "ignore_eos": True}}
+    common = {"model": model, "max_tokens": item.output_len, "temperature": 0.0, "ignore_eos": True, "stream": True,
+              "stream_options": {"include_usage": True}}
+    if path == "/v1/chat/completions":
+        return {**common, "messages": [{"role": "user", "content": text}]}
+    return {**common, "prompt": item.prompt}
+
+
+async def _one(client, base_url: str, headers: dict, backend: str, model: str, item: Item,
+               text: str | None = None) -> RequestResult:
+    """One streamed request: TTFT, the gaps between chunks that carry text, its output tokens (from usage or
+    meta_info) and the generated text."""
     res = RequestResult(input_len=item.input_len)
-    body = {"model": model, "prompt": item.prompt, "max_tokens": item.output_len, "temperature": 0.0,
-            "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
-    t0 = time.perf_counter()
-    last = None
+    path = BACKENDS[backend]
+    body = _request_body(backend, model, item, text)
+    res.start_s = t0 = time.perf_counter()
+    last, pieces = None, []
     try:
-        async with client.stream("POST", url, json=body, headers=headers) as r:
+        async with client.stream("POST", base_url + path, json=body, headers=headers) as r:
             if r.status_code != 200:
                 res.error = f"HTTP {r.status_code}: {(await r.aread())[:200]!r}"
                 return res
@@ -111,9 +144,19 @@ async def _one(client, url: str, headers: dict, model: str, item: Item) -> Reque
                 if "error" in chunk:
                     res.error = str(chunk["error"])
                     return res
-                if chunk.get("usage"):
-                    res.output_len = chunk["usage"]["completion_tokens"]
-                if chunk.get("choices"):
+                if path == "/generate":  # cumulative text and counts per chunk
+                    res.output_len = chunk["meta_info"]["completion_tokens"]
+                    new = chunk["text"][len("".join(pieces)):]
+                    got = bool(chunk.get("output_ids")) or bool(new)
+                else:
+                    if chunk.get("usage"):
+                        res.output_len = chunk["usage"]["completion_tokens"]
+                    choice = (chunk.get("choices") or [None])[0]
+                    new = "" if choice is None else choice.get("text") or (choice.get("delta") or {}).get("content") \
+                        or (choice.get("delta") or {}).get("reasoning_content") or ""
+                    got = choice is not None and (bool(new) or choice.get("logprobs") is not None)
+                if got:
+                    pieces.append(new)
                     now = time.perf_counter()
                     if last is None:
                         res.ttft_s = now - t0
@@ -121,6 +164,7 @@ async def _one(client, url: str, headers: dict, model: str, item: Item) -> Reque
                         res.itl_s.append(now - last)
                     last = now
         res.latency_s = time.perf_counter() - t0
+        res.text = "".join(pieces)
         res.ok = last is not None
     except Exception as e:  # a failed request is counted, never fatal
         res.error = f"{type(e).__name__}: {e}"
@@ -128,7 +172,9 @@ async def _one(client, url: str, headers: dict, model: str, item: Item) -> Reque
 
 
 async def run_benchmark(base_url: str, model: str, items: list[Item], request_rate: float,
-                        max_concurrency: int | None, api_key: str | None, seed: int, progress: bool) -> dict:
+                        max_concurrency: int | None, api_key: str | None, seed: int, progress: bool,
+                        backend: str = "sglang-oai", texts: list[str] | None = None) -> tuple[list, float]:
+    """Runs the items against the server; returns (results, duration in s)."""
     import httpx
 
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
@@ -137,10 +183,10 @@ async def run_benchmark(base_url: str, model: str, items: list[Item], request_ra
     done = 0
 
     async with httpx.AsyncClient(timeout=httpx.Timeout(None), limits=httpx.Limits(max_connections=None)) as client:
-        async def guarded(item):
+        async def guarded(item, text):
             nonlocal done
             async with sem:
-                r = await _one(client, base_url + "/v1/completions", headers, model, item)
+                r = await _one(client, base_url, headers, backend, model, item, text)
             done += 1
             if progress:
                 print(f"\r[bench] {done}/{len(items)} requests", end="", file=sys.stderr, flush=True)
@@ -148,66 +194,110 @@ async def run_benchmark(base_url: str, model: str, items: list[Item], request_ra
 
         t0 = time.perf_counter()
         tasks = []
-        for item in items:
-            tasks.append(asyncio.create_task(guarded(item)))
+        for k, item in enumerate(items):
+            tasks.append(asyncio.create_task(guarded(item, texts[k] if texts else None)))
             if request_rate != float("inf"):
                 await asyncio.sleep(rng.expovariate(request_rate))
         results = await asyncio.gather(*tasks)
         duration = time.perf_counter() - t0
     if progress:
         print(file=sys.stderr)
-    return summarize(results, duration, request_rate, max_concurrency)
+    return results, duration
 
 
-def _stats(xs: list[float], scale: float = 1000.0) -> dict:
-    if not xs:
-        return {"mean": 0.0, "median": 0.0, "p99": 0.0}
-    s = sorted(xs)
-    return {"mean": statistics.fmean(s) * scale, "median": statistics.median(s) * scale,
-            "p99": s[min(len(s) - 1, int(round(0.99 * (len(s) - 1))))] * scale}
+def _peaks(ok: list[RequestResult]) -> tuple[float, int]:
+    """sglang.bench_serving's peaks over 1-second buckets from the first request's start: the most output chunks
+    received in one second, and the most requests in flight during one second."""
+    if not ok:
+        return 0.0, 0
+    start = min(r.start_s for r in ok)
+    seconds = int(math.ceil(max(r.start_s + r.latency_s for r in ok) - start)) + 1
+    tokens, inflight = [0] * seconds, [0] * seconds
+    for r in ok:
+        t = r.start_s + r.ttft_s
+        times = [t]
+        for gap in r.itl_s:
+            t += gap
+            times.append(t)
+        for t in times:
+            b = int(t - start)
+            if 0 <= b < seconds:
+                tokens[b] += 1
+        for b in range(int(r.start_s - start), min(int(r.start_s + r.latency_s - start) + 1, seconds)):
+            inflight[b] += 1
+    return float(max(tokens)), max(inflight)
 
 
-def summarize(results: list[RequestResult], duration: float, request_rate: float, max_concurrency) -> dict:
+def summarize(results: list[RequestResult], duration: float, request_rate: float, max_concurrency,
+              retokenize=None) -> dict:
+    """sglang.bench_serving's metrics under its JSON keys (plus failed / errors): mean, median, std, p90, p95,
+    p99 of E2E latency, TTFT, TPOT = (latency − TTFT) / (output tokens − 1) and ITL; `retokenize(text)` counts
+    the generated text's tokens again (else the server's counts are used)."""
+    import numpy as np
+
     ok = [r for r in results if r.ok]
     inp = sum(r.input_len for r in ok)
     out = sum(r.output_len for r in ok)
+    retok = sum(len(retokenize(r.text)) if retokenize else r.output_len for r in ok)
     tpot = [(r.latency_s - r.ttft_s) / (r.output_len - 1) for r in ok if r.output_len > 1]
-    return {
-        "request_rate": request_rate, "max_concurrency": max_concurrency, "duration_s": duration,
+    itl = [g for r in ok for g in r.itl_s]
+    peak_tokens, peak_requests = _peaks(ok)
+    m = {
+        "request_rate": request_rate, "max_concurrency": max_concurrency, "duration": duration,
         "completed": len(ok), "failed": len(results) - len(ok),
         "errors": sorted({r.error for r in results if r.error})[:5],
-        "total_input_tokens": inp, "total_output_tokens": out,
+        "total_input_tokens": inp, "total_input_text_tokens": inp, "total_input_vision_tokens": 0,
+        "total_output_tokens": out, "total_output_tokens_retokenized": retok,
         "request_throughput": len(ok) / duration, "input_throughput": inp / duration,
         "output_throughput": out / duration, "total_throughput": (inp + out) / duration,
-        "concurrency": sum(r.latency_s for r in ok) / duration,
-        "ttft_ms": _stats([r.ttft_s for r in ok]), "tpot_ms": _stats(tpot),
-        "itl_ms": _stats([g for r in ok for g in r.itl_s]), "e2e_latency_ms": _stats([r.latency_s for r in ok]),
     }
+    for key, xs in (("e2e_latency", [r.latency_s for r in ok]), ("ttft", [r.ttft_s for r in ok]), ("tpot", tpot),
+                    ("itl", itl)):
+        a = np.asarray(xs or [0.0]) * 1000
+        m.update({f"mean_{key}_ms": float(a.mean()), f"median_{key}_ms": float(np.median(a)),
+                  f"std_{key}_ms": float(a.std()), f"p90_{key}_ms": float(np.percentile(a, 90)),
+                  f"p95_{key}_ms": float(np.percentile(a, 95)), f"p99_{key}_ms": float(np.percentile(a, 99))})
+    m.update({"max_itl_ms": max(itl or [0.0]) * 1000, "concurrency": sum(r.latency_s for r in ok) / duration,
+              "accept_length": None, "max_output_tokens_per_s": peak_tokens, "max_concurrent_requests": peak_requests})
+    return m
 
 
-def format_result(m: dict) -> str:
-    w = 50
-    lines = ["{s:{c}^{n}}".format(s=" Serving Benchmark Result ", n=w, c="=")]
-    row = lambda k, v: lines.append(f"{k:<40}{v:>10}")  # noqa: E731
-    row("Request rate (req/s):", "inf" if m["request_rate"] == float("inf") else f"{m['request_rate']:.2f}")
-    row("Max request concurrency:", str(m["max_concurrency"] or "not set"))
-    row("Successful requests:", str(m["completed"]))
-    row("Failed requests:", str(m["failed"]))
-    row("Benchmark duration (s):", f"{m['duration_s']:.2f}")
-    row("Total input tokens:", str(m["total_input_tokens"]))
-    row("Total generated tokens:", str(m["total_output_tokens"]))
-    row("Request throughput (req/s):", f"{m['request_throughput']:.2f}")
-    row("Input token throughput (tok/s):", f"{m['input_throughput']:.2f}")
-    row("Output token throughput (tok/s):", f"{m['output_throughput']:.2f}")
-    row("Total token throughput (tok/s):", f"{m['total_throughput']:.2f}")
-    row("Concurrency:", f"{m['concurrency']:.2f}")
-    for title, key in (("End-to-End Latency", "e2e_latency_ms"), ("Time to First Token", "ttft_ms"),
-                       ("Time per Output Token (excl. 1st token)", "tpot_ms"), ("Inter-Token Latency", "itl_ms")):
-        lines.append("{s:{c}^{n}}".format(s=title, n=w, c="-"))
-        short = key.split("_ms")[0].upper().replace("E2E_LATENCY", "E2E Latency")
-        for stat in ("mean", "median", "p99"):
-            row(f"{stat.capitalize() if stat != 'p99' else 'P99'} {short} (ms):", f"{m[key][stat]:.2f}")
-    lines.append("=" * w)
+def format_result(m: dict, backend: str = "sglang-oai") -> str:
+    """sglang.bench_serving's result block, row for row (labels padded to 40, values left-aligned in 10)."""
+    lines = ["", "{s:{c}^{n}}".format(s=" Serving Benchmark Result ", n=50, c="=")]
+
+    def row(label, value, fmt="{:<40} {:<10}"):
+        lines.append(fmt.format(label, value))
+
+    def num(label, value):
+        row(label, value, "{:<40} {:<10.2f}")
+
+    row("Backend:", backend)
+    row("Traffic request rate:", m["request_rate"])
+    row("Max request concurrency:", m["max_concurrency"] if m["max_concurrency"] else "not set")
+    row("Successful requests:", m["completed"])
+    num("Benchmark duration (s):", m["duration"])
+    row("Total input tokens:", m["total_input_tokens"])
+    row("Total input text tokens:", m["total_input_text_tokens"])
+    row("Total generated tokens:", m["total_output_tokens"])
+    row("Total generated tokens (retokenized):", m["total_output_tokens_retokenized"])
+    num("Request throughput (req/s):", m["request_throughput"])
+    num("Input token throughput (tok/s):", m["input_throughput"])
+    num("Output token throughput (tok/s):", m["output_throughput"])
+    num("Peak output token throughput (tok/s):", m["max_output_tokens_per_s"])
+    row("Peak concurrent requests:", m["max_concurrent_requests"])
+    num("Total token throughput (tok/s):", m["total_throughput"])
+    num("Concurrency:", m["concurrency"])
+    if m.get("accept_length"):
+        num("Accept length:", m["accept_length"])
+    for title, key, short in (("End-to-End Latency", "e2e_latency", "E2E Latency"), ("Time to First Token", "ttft", "TTFT"),
+                              ("Time per Output Token (excl. 1st token)", "tpot", "TPOT"),
+                              ("Inter-Token Latency", "itl", "ITL")):
+        lines.append("{s:{c}^{n}}".format(s=title, n=50, c="-"))
+        for stat, name in (("mean", "Mean"), ("median", "Median"), ("p90", "P90"), ("p95", "P95"), ("p99", "P99")):
+            num(f"{name} {short} (ms):", m[f"{stat}_{key}_ms"])
+    num("Max ITL (ms):", m["max_itl_ms"])
+    lines.append("=" * 50)
     return "\n".join(lines)
 
 
@@ -217,11 +307,18 @@ def bench_serve(args: argparse.Namespace) -> int:
     base = (args.base_url or f"http://{args.host}:{args.port}").rstrip("/")
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
     try:
-        info = httpx.get(base + "/get_model_info", headers=headers, timeout=30).json()
+        info = httpx.get(base + "/model_info", headers=headers, timeout=30).json()
         model = args.model or httpx.get(base + "/v1/models", headers=headers, timeout=30).json()["data"][0]["id"]
     except Exception as e:
         print(f"error: cannot reach the server at {base}: {e}", file=sys.stderr)
         return 2
+    tokenizer = None
+    tok_dir = args.tokenizer or info.get("tokenizer_path") or info.get("model_path")
+    if tok_dir and os.path.isfile(os.path.join(tok_dir, "tokenizer.json")):
+        from tokenizers import Tokenizer
+
+        tokenizer = Tokenizer.from_file(os.path.join(tok_dir, "tokenizer.json"))
+    chat = BACKENDS[args.backend] == "/v1/chat/completions"
     if args.dataset_name == "random":
         items = random_dataset(args.num_prompts, args.random_input_len, args.random_output_len,
                                args.random_range_ratio, info["vocab_size"], args.seed)
@@ -229,27 +326,51 @@ def bench_serve(args: argparse.Namespace) -> int:
         if not args.dataset_path:
             print("error: --dataset-name sharegpt needs --dataset-path FILE.json", file=sys.stderr)
             return 2
-        tok_dir = args.tokenizer or info.get("model_path")
-        if not tok_dir or not os.path.isfile(os.path.join(tok_dir, "tokenizer.json")):
+        if tokenizer is None:
             print("error: ShareGPT needs a tokenizer: --tokenizer DIR (with tokenizer.json)", file=sys.stderr)
             return 2
-        from tokenizers import Tokenizer
-
-        items = sharegpt_dataset(args.dataset_path, args.num_prompts, Tokenizer.from_file(
-            os.path.join(tok_dir, "tokenizer.json")), args.sharegpt_output_len, args.seed)
+        items = sharegpt_dataset(args.dataset_path, args.num_prompts, tokenizer, args.sharegpt_output_len, args.seed)
+    if chat and tokenizer is None:
+        print("error: a chat backend sends text: --tokenizer DIR (with tokenizer.json) to decode the prompts",
+              file=sys.stderr)
+        return 2
+    texts = [it.prompt if isinstance(it.prompt, str) else tokenizer.decode(it.prompt) for it in items] if chat else None
     too_long = [it for it in items if it.input_len + it.output_len > info["max_model_len"]]
     if too_long:
         print(f"error: {len(too_long)} requests exceed the server's context of {info['max_model_len']} tokens; "
               "lower --random-input-len/--random-output-len", file=sys.stderr)
         return 2
-    m = asyncio.run(run_benchmark(base, model, items, args.request_rate, args.max_concurrency, args.api_key,
-                                  args.seed, not args.disable_tqdm))
-    m.update({"dataset_name": args.dataset_name, "num_prompts": len(items), "model": model,
-              "random_input_len": args.random_input_len, "random_output_len": args.random_output_len,
-              "random_range_ratio": args.random_range_ratio})
-    print(format_result(m))
+    if args.warmup_requests > 0:
+        warm = [Item(items[0].prompt, items[0].input_len, min(items[0].output_len, 16))] * args.warmup_requests
+        results, _ = asyncio.run(run_benchmark(base, model, warm, float("inf"), None, args.api_key, args.seed, False,
+                                               args.backend, texts[:1] * len(warm) if texts else None))
+        if not any(r.ok for r in results):
+            print(f"error: the warm-up request failed: {results[0].error}", file=sys.stderr)
+            return 1
+    if args.flush_cache:
+        r = httpx.post(base + "/flush_cache", headers=headers, params={"timeout": 60}, timeout=90)
+        if r.status_code != 200:
+            print(f"error: /flush_cache answered {r.status_code}: {r.text.strip()}", file=sys.stderr)
+            return 1
+    results, duration = asyncio.run(run_benchmark(base, model, items, args.request_rate, args.max_concurrency,
+                                                  args.api_key, args.seed, not args.disable_tqdm, args.backend, texts))
+    retokenize = (lambda t: tokenizer.encode(t, add_special_tokens=False).ids) if tokenizer is not None else None
+    m = summarize(results, duration, args.request_rate, args.max_concurrency, retokenize)
+    try:
+        server_info = httpx.get(base + "/server_info", headers=headers, timeout=30).json()
+    except Exception:  # noqa: BLE001 - the result stands without it
+        server_info = None
+    if server_info and server_info.get("internal_states"):
+        m["accept_length"] = server_info["internal_states"][0].get("avg_spec_accept_length")
+    if m["failed"]:
+        print(f"[bench] {m['failed']} requests failed: {'; '.join(m['errors'])}", file=sys.stderr)
+    print(format_result(m, args.backend))
+    result = {"tag": args.tag, "backend": args.backend, "dataset_name": args.dataset_name,
+              "request_rate": args.request_rate, "max_concurrency": args.max_concurrency,
+              "sharegpt_output_len": args.sharegpt_output_len, "random_input_len": args.random_input_len,
+              "random_output_len": args.random_output_len, "random_range_ratio": args.random_range_ratio,
+              "server_info": server_info, **m, "model": model, "num_prompts": len(items)}
     if args.output_file:
         with open(args.output_file, "a", encoding="utf-8") as f:
-            f.write(json.dumps(m) + "\n")
+            f.write(json.dumps(result) + "\n")
     return 0 if m["completed"] else 1
-

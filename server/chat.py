@@ -1,14 +1,18 @@
 """POST /v1/chat/completions: chat encoding, thinking switch, tools, reasoning and tool-call parsing, streaming.
 
 tool_choice: "none" (tools left out of the prompt, no parsing), "auto" (default with tools), "required" and
-named. There is no constrained decoding yet, so required/named are enforced by prefilling: the prompt ends
-with an empty reasoning and the opening of a DSML call block (`</think>\n\n<｜DSML｜function_calls>\n`, plus
-`<｜DSML｜invoke name="NAME">\n` when named), and that prefill is fed to the tool parser before the model's
-output, so the client sees a normal tool call. Other parsers reject required/named with a clear 400.
+named. Required/named prefill the prompt with an empty reasoning and the opening of a DSML call block
+(`</think>\n\n<｜DSML｜function_calls>\n`, plus `<｜DSML｜invoke name="NAME">\n` when named), fed to the tool parser
+before the model's output, and constrain the rest with a grammar (core/grammar.py): DSML parameter lines whose
+values follow the tool's JSON schema, then the closing tags, so a forced call always parses and its arguments
+validate. Other parsers reject required/named with a clear 400. response_format json_object / json_schema (and
+SGLang's regex / ebnf / json_schema fields) constrain the content; in thinking mode the reasoning stays free and
+the grammar starts after </think>.
 """
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 
@@ -17,13 +21,15 @@ from fastapi.responses import StreamingResponse
 
 import asyncio
 
+from dsv32.core.grammar import MAX_CALLS, GrammarRequest
 from dsv32.core.llm import expand_n
 from dsv32.server.app import (ServerState, collect_choices, error_event, merge_choices, read_json, run_request, sse,
                               started, unless_disconnected)
 from dsv32.server.encoding.common import DSML, THINK_END, THINK_START
 from dsv32.server.engine_process import EngineDead, EngineRejected
 from dsv32.server.parsers import v31
-from dsv32.server.protocol import RequestError, flag, request_id, sampling_from_openai, stream_options
+from dsv32.server.protocol import (RequestError, constraint_openai, flag, request_id, sampling_from_openai,
+                                   stream_options)
 
 DSML_BLOCK_OPEN = "\n\n<｜DSML｜function_calls>\n"
 # The markers each parser reads: detokenization keeps them even where they are special tokens (and drops the
@@ -91,10 +97,7 @@ def register_chat(app: FastAPI, state: ServerState) -> None:
         messages = body.get("messages")
         if not isinstance(messages, list) or not messages:
             raise RequestError("'messages' must be a non-empty list", "messages")
-        rf = body.get("response_format")
-        if rf is not None and (not isinstance(rf, dict) or rf.get("type", "text") != "text"):
-            raise RequestError("'response_format' json_object / json_schema needs constrained decoding, which this "
-                               "server does not have yet; only {'type': 'text'} is accepted", "response_format")
+        found = constraint_openai(body)
         if body.get("continue_final_message"):
             raise RequestError("'continue_final_message' is not supported yet", "continue_final_message")
         tools, choice, named, parallel = _validate_tools(body)
@@ -138,6 +141,16 @@ def register_chat(app: FastAPI, state: ServerState) -> None:
         markers = (PARSER_MARKERS[state.cfg.reasoning_parser] if reasoning_on else ()) + \
             (PARSER_MARKERS[tool_parser_name] if use_tools and tool_parser_name else ())
         params.keep_special_tokens = markers  # the parsers' markers survive skip_special_tokens
+        if forced:  # the call's arguments follow the tool's JSON schema, inside DSML framing
+            if found is not None:
+                raise RequestError(f"'{found[0]}' cannot be combined with tool_choice '{choice}' (a forced call has "
+                                   "no content to constrain)", found[0])
+            fns = [{"name": t["function"]["name"], "parameters": t["function"].get("parameters") or {}} for t in tools]
+            spec = json.dumps({"tools": fns, "named": named, "max_calls": MAX_CALLS if parallel else 1},
+                              ensure_ascii=False)
+            await state.constrain(params, ("tools", GrammarRequest("dsml_tools", spec)))
+        else:  # in thinking mode the reasoning stays free: the grammar starts after </think>
+            await state.constrain(params, found, after=state.think_end_id if thinking else None)
 
         def new_parser():
             reasoning = ReasoningParser(state.cfg.reasoning_parser, thinking=thinking) if reasoning_on else None
@@ -167,7 +180,7 @@ def register_chat(app: FastAPI, state: ServerState) -> None:
                        "reasoning_content": parsed.reasoning_content or None,
                        "tool_calls": [c.to_openai() for c in parsed.tool_calls] or None}
             choices.append({"index": i, "message": message, "logprobs": _chat_logprobs(got.logprobs[i], state),
-                            "finish_reason": finish_reason(got.finish[i], parsed)})
+                            "finish_reason": finish_reason(got.finish[i], parsed), "matched_stop": got.stop_reasons[i]})
         completion = sum(len(t) for t in got.tokens)
         return {**base, "choices": choices, "usage": _usage(len(ids), completion, got.cached, reasoning_tokens)}
 

@@ -46,6 +46,7 @@ class EngineClient:
         self.failure: str | None = None
         self.on_failure = on_failure
         self._queues: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._flushes: dict[int, tuple[asyncio.AbstractEventLoop, asyncio.Future]] = {}
         self._send_lock = threading.Lock()
         self._ids = itertools.count()
         self._stopping = False
@@ -81,6 +82,10 @@ class EngineClient:
                         self._deliver(out.request_id, out)
                 elif msg[0] == "rejected":
                     self._deliver(msg[1], EngineRejected(msg[2]))
+                elif msg[0] == "flushed":
+                    loop, fut = self._flushes.pop(msg[1], (None, None))
+                    if fut is not None:
+                        loop.call_soon_threadsafe(lambda f=fut, ok=msg[2]: f.done() or f.set_result(ok))
         except (EOFError, OSError):
             if not self._stopping:
                 time.sleep(0.5)  # let the watcher name the cause
@@ -101,6 +106,9 @@ class EngineClient:
         log.error("engine failed: %s", message)
         for rid in list(self._queues):
             self._deliver(rid, EngineDead(f"engine failed: {message}"))
+        for token in list(self._flushes):
+            loop, fut = self._flushes.pop(token)
+            loop.call_soon_threadsafe(lambda f=fut: f.done() or f.set_exception(EngineDead(f"engine failed: {message}")))
         if self.on_failure is not None:
             self.on_failure(message)
 
@@ -109,6 +117,29 @@ class EngineClient:
         if entry is not None:
             loop, queue = entry
             loop.call_soon_threadsafe(queue.put_nowait, item)
+
+    def requests(self) -> list[str]:
+        """Ids of the engine requests in flight."""
+        return list(self._queues)
+
+    def abort(self, rids: list[str]) -> None:
+        """Aborts engine requests by id: each ends with finish_reason "abort" (its consumer sees that output)."""
+        for rid in rids:
+            if rid in self._queues and self.alive:
+                self._send(("abort", rid))
+
+    async def flush_cache(self) -> bool:
+        """Empties every attention group's prefix cache; False when a group had requests (nothing flushed there)."""
+        if not self.alive:
+            raise EngineDead(f"engine is not running: {self.failure or 'stopped'}")
+        token = next(self._ids)
+        fut = asyncio.get_running_loop().create_future()
+        self._flushes[token] = (asyncio.get_running_loop(), fut)
+        try:
+            self._send(("flush", token))
+            return await fut
+        finally:
+            self._flushes.pop(token, None)
 
     def new_request_id(self, prefix: str = "req") -> str:
         return f"{prefix}-{next(self._ids)}"

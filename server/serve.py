@@ -160,10 +160,14 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
                         "does; accepted for SGLang's command lines)")
     g.add_argument("--collect-tokens-histogram", action="store_true",
                    help="/metrics (with --enable-metrics): histograms of prompt and generated tokens per request")
+    g.add_argument("--decode-log-interval", type=int, default=40,
+                   help="log a 'Decode batch' line (running / queued requests, token usage, gen throughput) every "
+                        "this many decode steps (0: none)")
     g.add_argument("--stream-interval", type=int, default=1,
                    help="tokens per streamed chunk (1: every token)")
-    g.add_argument("--grammar-backend", default=None,
-                   help="structured output (json_schema / regex / ebnf): 'none' only for now")
+    g.add_argument("--grammar-backend", default="xgrammar",
+                   help="structured output (response_format json_object / json_schema, regex, ebnf, forced tool "
+                        "calls) through xgrammar (default, as SGLang); 'none': such requests get a 400")
 
     g = p.add_argument_group("not available yet (exit with an error when set)")
     g.add_argument("--attention-backend", default=None,
@@ -228,9 +232,11 @@ def check_unsupported(args: argparse.Namespace) -> None:
                         "kernels; drop the flag)")
     if args.schedule_policy != "fcfs":
         problems.append(f"--schedule-policy {args.schedule_policy}: only 'fcfs' is implemented")
-    if args.grammar_backend not in (None, "none"):
-        problems.append(f"--grammar-backend {args.grammar_backend}: structured output (json_schema / regex / ebnf) "
-                        "is not implemented yet; 'none' refuses such requests")
+    if args.grammar_backend not in ("xgrammar", "none"):
+        problems.append(f"--grammar-backend {args.grammar_backend}: not implemented; 'xgrammar' (the default) or "
+                        "'none'")
+    if args.decode_log_interval < 0:
+        problems.append(f"--decode-log-interval {args.decode_log_interval}: must be ≥ 0")
     if args.stream_interval < 1:
         problems.append(f"--stream-interval {args.stream_interval}: must be ≥ 1")
     if args.tokenizer_worker_num < 1:
@@ -279,7 +285,8 @@ def engine_config(args: argparse.Namespace, model: str):
                                   enable_prefix_cache=not args.disable_radix_cache,
                                   overlap=not args.disable_overlap_schedule, graph_max_bs=args.cuda_graph_max_bs,
                                   disable_graphs=args.disable_cuda_graph,
-                                  max_prefill_tokens=getattr(args, "max_prefill_tokens", None)),
+                                  max_prefill_tokens=getattr(args, "max_prefill_tokens", None),
+                                  decode_log_interval=getattr(args, "decode_log_interval", 40)),
         parallel=parallel_config(args))
 
 
@@ -385,8 +392,18 @@ def build_server(args: argparse.Namespace, on_failure=None):
         chat_template=_auto_chat_template(args, model), gen_defaults=load_generation_defaults(model),
         allow_special_tokens_in_messages=args.allow_special_tokens_in_messages, health_timeout_s=args.health_timeout,
         allow_auto_truncate=args.allow_auto_truncate, tokenizer_workers=args.tokenizer_worker_num,
-        collect_tokens_histogram=args.collect_tokens_histogram))
+        collect_tokens_histogram=args.collect_tokens_histogram, tokenizer_path=tokenizer_dir,
+        grammar_backend=args.grammar_backend,
+        server_args=server_args(args, model)))
     return create_app(state), engine
+
+
+def server_args(args: argparse.Namespace, model: str) -> dict:
+    """The settings as /server_info shows them (SGLang's field names; the API key never shown)."""
+    out = {k: v for k, v in vars(args).items() if isinstance(v, (str, int, float, bool, type(None)))}
+    out.update(model_path=model, tokenizer_path=args.tokenizer_path or model, api_key=None if args.api_key is None
+               else "<set>", tp_size=args.tp, dp_size=args.dp, ep_size=args.ep)
+    return out
 
 
 def warm_up(state) -> None:

@@ -71,7 +71,7 @@ class Server:
         while True:
             http.get(self.url + "/health_generate", headers=self.headers)  # a step refreshes the engine stats
             m = self.metrics()
-            if (m["dsv32_num_requests_running"] == 0 and m["dsv32_kv_cache_usage_ratio"] == 0) \
+            if (m["sglang:num_running_reqs"] == 0 and m["sglang:token_usage"] == 0) \
                     or time.monotonic() > deadline:
                 return m
             time.sleep(0.3)

@@ -28,14 +28,15 @@ from dataclasses import dataclass, field
 import torch
 
 from dsv32.core.config import SchedulerConfig
+from dsv32.core.engine.batch_log import BatchLog
 from dsv32.core.detokenizer import IncrementalDetokenizer
 from dsv32.core.engine.runner import ModelRunner
 from dsv32.core.forward_batch import to_device
 from dsv32.core.kv_cache import KVCache
 from dsv32.core.model import DeepseekV32
 from dsv32.core.prefix_cache import PrefixCache
-from dsv32.core.sampling import (LogprobTensors, SamplingParams, TokenLogprob, apply_penalties, logprob_tensors,
-                                 mask_stops_before_min_tokens, token_logprobs)
+from dsv32.core.sampling import (LogprobTensors, SamplingParams, TokenLogprob, apply_penalties, apply_token_bitmask,
+                                 logprob_tensors, mask_stops_before_min_tokens, token_logprobs)
 
 log = logging.getLogger("dsv32.engine")
 
@@ -50,6 +51,7 @@ class Request:
     num_cached: int = 0  # tokens whose KV is in the cache
     cached_prompt_tokens: int = 0  # prompt tokens reused from the prefix cache (first admission)
     finish_reason: str | None = None
+    stop_reason: int | str | None = None  # what stopped it: the stop / EOS token id or the stop string
     generator: torch.Generator | None = None
     detok: IncrementalDetokenizer | None = None
     logprobs: list[TokenLogprob] = field(default_factory=list)
@@ -60,6 +62,7 @@ class Request:
     inflight: int = 0  # launched batches that include this request and are not finished
     suspect: bool = False  # was running when a step failed: runs alone until it samples a token (failure isolation)
     error: str | None = None  # why it was aborted when a step that ran it alone failed
+    matcher: object | None = None  # structured output: its grammar state (core/grammar.py; sampling rank only)
 
     @property
     def all_ids(self) -> list[int]:
@@ -89,6 +92,7 @@ class StepOutput:
     completion_tokens: int
     cached_tokens: int
     error: str | None = None  # the request failed in the engine (finish_reason "abort"): why
+    stop_reason: int | str | None = None  # finish_reason "stop": the token id or stop string that matched
 
 
 @dataclass
@@ -130,6 +134,9 @@ class Engine:
         self._usage, self._usage_at = 0.0, 0.0
         self.num_preemptions = 0
         self.overlapped_steps = 0  # launches made while the previous batch was still unread
+        # the group's first rank logs for the group (its other ranks run the same batches)
+        self.batch_log = BatchLog(config.decode_log_interval, enabled=self.samples)
+        self.grammars = None  # core.grammar.EngineGrammars, made with the first constrained request
 
     # ---- requests -----------------------------------------------------------------------------------
     def add_request(self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None) -> Request:
@@ -148,6 +155,12 @@ class Engine:
         if params.stop and self.tokenizer is None:
             raise ValueError("stop strings need a tokenizer; use stop_token_ids")
         req = Request(request_id or str(next(self._ids)), list(prompt_ids), params)
+        if params.grammar is not None and self.samples:
+            if self.grammars is None:
+                from dsv32.core.grammar import EngineGrammars
+
+                self.grammars = EngineGrammars(self.tokenizer, vocab, sorted(self.eos_ids))
+            req.matcher = self.grammars.matcher(params.grammar)
         if params.seed is not None:
             req.generator = torch.Generator(device=self.model.device).manual_seed(params.seed)
         if self.tokenizer is not None:
@@ -168,6 +181,17 @@ class Engine:
                     self._pending.append(self._output(req, [], []))
                     return True
         return False
+
+    def flush_cache(self) -> bool:
+        """Empties the prefix cache (SGLang's /flush_cache) and zeroes its hit counters; False (nothing done) while
+        any request is queued or running, as their pages may be shared with it."""
+        if self.has_work():
+            return False
+        if self.prefix_cache is not None:
+            self.prefix_cache.clear()
+            self.prefix_cache.hit_tokens = self.prefix_cache.query_tokens = 0
+        log.info("cache flushed")
+        return True
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.running or self._pending or self._launched)
@@ -227,8 +251,8 @@ class Engine:
         # what a failure of this step involves: the batch in flight and the one this step schedules
         self._stepping = [r for r, _ in self._launched.work] if self._launched is not None else []
         outputs, self._pending = self._pending, []
-        if self._launched is not None and any(r.params.has_penalties for r in self.running):
-            outputs += self._sync()  # penalties read every generated token on the host
+        if self._launched is not None and any(r.params.has_penalties or r.matcher is not None for r in self.running):
+            outputs += self._sync()  # penalties and grammars read every generated token on the host
         try:
             work = self._schedule(can_preempt=self._launched is None)
         except _NeedsSync:
@@ -272,14 +296,27 @@ class Engine:
         rows = [i for i, (req, n) in enumerate(work) if req.num_cached + n == req.num_tokens]
         reqs = [work[i][0] for i in rows]
         num_outputs = [len(r.output_ids) + r.pending for r in reqs]
+        prefill = [(req, n) for req, n in work if req.num_cached < len(req.prompt_ids)]
+        first = [req for req, _ in prefill if req.num_cached == req.cached_prompt_tokens]
         for req, n in work:
             req.num_cached += n
             req.inflight += 1
+        replays = self.runner.replays
         logits = self.runner.logits(fb, rows)
+        if prefill:
+            self.batch_log.prefill(len(first), sum(n for _, n in prefill), sum(r.cached_prompt_tokens for r in first),
+                                   self.kv_usage, len(self.running), len(self.waiting))
+        if len(prefill) < len(work):
+            self.batch_log.decode(len(self.running), sum(r.num_cached for r in self.running), self.kv_usage,
+                                  self.runner.replays > replays, len(self.waiting))
         if reqs and self.samples:
             logits = apply_penalties(logits, [r.prompt_ids for r in reqs], [r.output_ids for r in reqs],
                                      [r.params for r in reqs])
             logits = mask_stops_before_min_tokens(logits, num_outputs, [r.params for r in reqs], self.eos_ids)
+            if self.grammars is not None:
+                bitmask = self.grammars.bitmask([r.matcher for r in reqs])
+                if bitmask is not None:
+                    logits = apply_token_bitmask(logits, bitmask)
             tokens = self._sample(reqs, logits)
             lps = logprob_tensors(logits, tokens, [r.params for r in reqs])
         else:
@@ -315,6 +352,9 @@ class Engine:
             if not req.output_ids and self.prefix_cache is not None:
                 self.prefix_cache.insert(req.prompt_ids, req.pages)  # prompt computed: shareable from now on
             req.output_ids.append(tok)
+            if req.matcher is not None and not req.matcher.accept(tok):
+                log.error("request %s: token %d is outside its grammar", req.request_id, tok)
+            self.batch_log.sampled(1)
             req.suspect = False  # a step that ran it alone succeeded
             if lp is not None:
                 req.logprobs.append(lp)
@@ -336,7 +376,7 @@ class Engine:
                 req.detok.flush()
             text = req.detok.take_delta(req.finished)
         return StepOutput(req.request_id, new, text, req.finished, req.finish_reason, lps, len(req.prompt_ids),
-                          len(req.output_ids), req.cached_prompt_tokens, req.error)
+                          len(req.output_ids), req.cached_prompt_tokens, req.error, req.stop_reason)
 
     # ---- scheduling ---------------------------------------------------------------------------------
     def _schedule(self, can_preempt: bool = True) -> list[tuple[Request, int]]:
@@ -443,10 +483,10 @@ class Engine:
         p = req.params
         if len(req.output_ids) >= p.min_tokens:
             if tok in p.stop_token_ids or (not p.ignore_eos and tok in self.eos_ids):
-                req.finish_reason = "stop"
+                req.finish_reason, req.stop_reason = "stop", tok
                 return
             if req.detok is not None and req.detok.stopped_by is not None:
-                req.finish_reason = "stop"
+                req.finish_reason, req.stop_reason = "stop", req.detok.stopped_by
                 return
         if self._length_done(req, len(req.output_ids)):
             req.finish_reason = "length"

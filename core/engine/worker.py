@@ -10,9 +10,11 @@ tokens (engine.py). With attention data-parallelism the runner adds one synchron
 group has nothing to do runs padding rows, so the dense-MLP / MoE collectives never wait for it (runner.py).
 
 Wire protocol with the front end (pickled tuples over the Pipe):
-  front end → rank 0: ("add", rid, prompt_ids, SamplingParams) · ("abort", rid) · ("stop",)
+  front end → rank 0: ("add", rid, prompt_ids, SamplingParams) · ("abort", rid) · ("flush", token) · ("stop",)
   rank 0 → front end: ("ready", info) · ("failed", message) · ("outputs", [StepOutput, ...], stats) ·
-                      ("rejected", rid, message)
+                      ("rejected", rid, message) · ("flushed", token, ok)
+A flush goes to every attention group; rank 0 answers once all have (ok: every group's prefix cache was emptied,
+which a group refuses while it has requests).
 Every add ends in outputs that finish it, or in a "rejected". A rank writes the time of each iteration into its
 heartbeat slot; the launcher (launcher.py) ends everything when a rank dies or stops beating.
 """
@@ -28,6 +30,7 @@ import torch
 
 log = logging.getLogger("dsv32.worker")
 
+ALL_GROUPS = -1  # a message every attention group applies
 IDLE_WAIT_S = 0.25  # rank 0 waits this long for the front end when no rank has work (the others wait on it)
 
 
@@ -89,6 +92,7 @@ class RankLoop:
         self.assigned: dict[str, int] = {}
         self.load = [0] * n
         self.stats: list[dict] = [{} for _ in range(n)]
+        self.flushes: dict[object, list[bool]] = {}  # flush token → the groups' answers so far
         self.busy_elsewhere = False
 
     # ---- the loop ---------------------------------------------------------------------------------------------------
@@ -145,6 +149,8 @@ class RankLoop:
             elif msg[0] == "abort":
                 if msg[1] in self.assigned:
                     msgs.append((self.assigned[msg[1]], msg))
+            elif msg[0] == "flush":
+                msgs.append((ALL_GROUPS, msg))
             else:
                 msgs.append((0, msg))
         return msgs
@@ -152,7 +158,7 @@ class RankLoop:
     def _apply(self, msgs: list) -> None:
         g = self.layout.attn_dp_rank
         for group, msg in msgs:
-            if group != g:
+            if group not in (g, ALL_GROUPS):
                 continue
             if msg[0] == "add":
                 _, rid, prompt_ids, params = msg
@@ -163,6 +169,10 @@ class RankLoop:
                         self._to_front(("rejected", rid, str(e)))
             elif msg[0] == "abort":
                 self.engine.abort(msg[1])
+            elif msg[0] == "flush":
+                ok = self.engine.flush_cache()
+                if self.leader:
+                    self._to_front(("flushed", msg[1], ok))
 
     # ---- to the front end -------------------------------------------------------------------------------------------
     def _group_stats(self) -> dict:
@@ -170,7 +180,9 @@ class RankLoop:
         return {"group": self.layout.attn_dp_rank, "running": len(e.running), "waiting": len(e.waiting),
                 "kv_usage": e.kv_usage, "prefix_hit_tokens": pc.hit_tokens if pc else 0,
                 "prefix_query_tokens": pc.query_tokens if pc else 0, "num_preemptions": e.num_preemptions,
-                "graph_replays": self.core.runner.replays, "overlapped_steps": e.overlapped_steps}
+                "graph_replays": self.core.runner.replays, "overlapped_steps": e.overlapped_steps,
+                "gen_throughput": e.batch_log.gen_throughput,
+                "num_tokens": sum(r.num_cached for r in e.running)}
 
     def _to_front(self, msg: tuple) -> None:
         if self.layout.rank != 0:
@@ -178,6 +190,12 @@ class RankLoop:
             return
         if msg[0] == "rejected":
             self._forget(msg[1])
+        elif msg[0] == "flushed":
+            answers = self.flushes.setdefault(msg[1], [])
+            answers.append(msg[2])
+            if len(answers) < len(self.stats):
+                return
+            msg = ("flushed", msg[1], all(self.flushes.pop(msg[1])))
         else:
             for out in msg[1]:
                 if out.finished:
@@ -195,6 +213,7 @@ class RankLoop:
         """Every attention group's latest stats combined: counts summed, KV usage averaged."""
         known = [s for s in self.stats if s]
         out = {k: sum(s[k] for s in known) for k in ("running", "waiting", "prefix_hit_tokens", "prefix_query_tokens",
-                                                     "num_preemptions", "graph_replays", "overlapped_steps")}
+                                                     "num_preemptions", "graph_replays", "overlapped_steps",
+                                                     "gen_throughput", "num_tokens")}
         out["kv_usage"] = sum(s["kv_usage"] for s in known) / max(len(known), 1)
         return out

@@ -35,12 +35,18 @@ def test_sharegpt_dataset(tmp_path):
 
 
 def test_summary_metrics():
-    rs = [RequestResult(True, 10, 5, ttft_s=0.1, latency_s=0.5, itl_s=[0.1] * 4),
-          RequestResult(True, 20, 3, ttft_s=0.2, latency_s=0.4, itl_s=[0.1, 0.1]), RequestResult(error="boom")]
-    m = summarize(rs, duration=2.0, request_rate=float("inf"), max_concurrency=4)
+    rs = [RequestResult(True, 10, 5, ttft_s=0.1, latency_s=0.5, itl_s=[0.1] * 4, start_s=100.0, text="abcde"),
+          RequestResult(True, 20, 3, ttft_s=0.2, latency_s=0.4, itl_s=[0.1, 0.1], start_s=101.5, text="xyz"),
+          RequestResult(error="boom")]
+    m = summarize(rs, duration=2.0, request_rate=float("inf"), max_concurrency=4, retokenize=list)
     assert m["completed"] == 2 and m["failed"] == 1 and m["errors"] == ["boom"]
     assert m["total_input_tokens"] == 30 and m["output_throughput"] == 4.0
-    assert abs(m["tpot_ms"]["mean"] - 100.0) < 1e-6  # (0.5-0.1)/4 and (0.4-0.2)/2
+    assert m["total_output_tokens_retokenized"] == 8  # the texts' "tokens" (characters here)
+    assert abs(m["mean_tpot_ms"] - 100.0) < 1e-6  # (0.5-0.1)/4 and (0.4-0.2)/2
+    assert abs(m["p90_ttft_ms"] - 190.0) < 1e-6 and abs(m["max_itl_ms"] - 100.0) < 1e-6
     assert abs(m["concurrency"] - 0.45) < 1e-9
-    text = format_result(m)
+    # chunks per 1-s bucket from the first start: 5 in [100, 101), 3 in [101, 102); requests in flight per bucket
+    assert m["max_output_tokens_per_s"] == 5.0 and m["max_concurrent_requests"] == 1
+    text = format_result(m, "sglang")
     assert "Serving Benchmark Result" in text and "Median TTFT (ms):" in text and "P99 ITL (ms):" in text
+    assert "Backend:                                 sglang" in text and "P95 TPOT (ms):" in text

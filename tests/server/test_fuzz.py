@@ -213,8 +213,8 @@ def storm(s: Server, seed: int, n_good: int, n_poison: int, n_hangups: int, work
     assert slow and all(code == 200 for _, code in slow)
     assert max(t for t, _ in slow) < 1.0, max(t for t, _ in slow)
     m = s.drained(30)
-    assert m["dsv32_num_requests_running"] == 0 and m["dsv32_num_requests_waiting"] == 0
-    assert m["dsv32_kv_cache_usage_ratio"] == 0
+    assert m["sglang:num_running_reqs"] == 0 and m["sglang:num_queue_reqs"] == 0
+    assert m["sglang:token_usage"] == 0
 
 
 def test_storm_with_poison_and_hangups(server):
@@ -260,4 +260,4 @@ def test_memory_flat_over_many_requests(server):
     rss1 = (server.rss_mib(), server.rss_mib(engine_pid))
     assert rss1[0] - rss0[0] < 40 and rss1[1] - rss0[1] < 40, (rss0, rss1)
     m = server.drained(30)
-    assert m["dsv32_num_requests_running"] == 0 and m["dsv32_kv_cache_usage_ratio"] == 0
+    assert m["sglang:num_running_reqs"] == 0 and m["sglang:token_usage"] == 0

@@ -169,7 +169,7 @@ def test_non_streaming_request_aborted_when_client_leaves(server):
     with pytest.raises(httpx.ReadTimeout):
         post(server, "/v1/completions", {"prompt": [20, 30], "max_tokens": 3000, **GREEDY}, timeout=1.0)
     m = server.drained(10)
-    assert m["dsv32_num_requests_running"] == 0 and m["dsv32_kv_cache_usage_ratio"] == 0
+    assert m["sglang:num_running_reqs"] == 0 and m["sglang:token_usage"] == 0
     text = http.get(server.url + "/metrics").text
     aborted = [ln for ln in text.splitlines() if ln.startswith("dsv32_requests_finished_total")
                and 'finish_reason="abort"' in ln]

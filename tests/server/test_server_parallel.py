@@ -49,7 +49,7 @@ def test_parallel_server_equals_one_rank_under_load(model_dir, want, flags):
     try:
         assert _load(s, ps) == texts
         m = s.drained()
-        assert m["dsv32_num_requests_running"] == 0 and m["dsv32_kv_cache_usage_ratio"] == 0
+        assert m["sglang:num_running_reqs"] == 0 and m["sglang:token_usage"] == 0
         if flags[-1] != "--enable-dp-attention":  # two groups of 64 pages each hold the load without preempting
             assert m["dsv32_num_preemptions_total"] > 0
         assert http.get(s.url + "/get_model_info").json()["world_size"] == 2

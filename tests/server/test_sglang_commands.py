@@ -130,7 +130,7 @@ def test_serving_flags_take_effect(model):
     assert config.scheduler.max_prefill_tokens == 512 and config.parallel.progress_timeout_s == 45
     assert serve._auto_chat_template(args, model) == "v31"
     for bad, flag in ((["--schedule-policy", "lpm"], "--schedule-policy"), (["--tokenizer-path", "/nonexistent"],
-                      "--tokenizer-path"), (["--grammar-backend", "xgrammar"], "--grammar-backend"),
+                      "--tokenizer-path"), (["--grammar-backend", "outlines"], "--grammar-backend"),
                       (["--chat-template", "/nonexistent/t.jinja"], "--chat-template")):
         with pytest.raises(serve.FlagError) as e:
             serve._checked_config(p.parse_args(["--model", model, *bad]))

@@ -88,5 +88,5 @@ def test_token_histograms_only_when_collected():
         m = Metrics("tiny", token_histograms=collect)
         m.on_finish(prompt_tokens=250, completion_tokens=40, reason="length", e2e_s=0.5)
         text = m.render({})
-        assert ('dsv32_request_prompt_tokens_bucket{model_name="tiny",le="300"} 1' in text) == collect
-        assert ('dsv32_request_generation_tokens_bucket{model_name="tiny",le="100"} 1' in text) == collect
+        assert ('sglang:prompt_tokens_histogram_bucket{model_name="tiny",le="300.0"} 1' in text) == collect
+        assert ('sglang:generation_tokens_histogram_bucket{model_name="tiny",le="100.0"} 1' in text) == collect
