@@ -360,6 +360,9 @@ class SchedulerConfig:
     isolate_failures: bool = True  # a failed step aborts only the request it can attribute (one process per group)
     max_prefill_tokens: int | None = None  # prompt tokens of newly admitted requests per step (None: no extra cap)
     decode_log_interval: int = 40  # a "Decode batch" log line every this many decode steps (0: none), as SGLang's
+    # admission order of waiting requests: "fcfs", or "lpm" (longest cached prefix first, as SGLang's; fcfs when
+    # more than LPM_MAX_QUEUE wait or the prefix cache is off)
+    schedule_policy: str = "fcfs"
 
 
 @dataclass(frozen=True)

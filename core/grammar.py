@@ -151,6 +151,23 @@ def dsml_tools_grammar(tools: list[dict], named: str | None, max_calls: int = MA
     return xgr.Grammar.concat(seq, _lit(close_block))
 
 
+def request_of(params) -> GrammarRequest | None:
+    """The constraint a SamplingParams names (json_schema / regex / ebnf), if any."""
+    if params.json_schema is not None:
+        schema = params.json_schema
+        if isinstance(schema, str):
+            try:
+                schema = json.loads(schema)
+            except json.JSONDecodeError as e:
+                raise GrammarError(f"json_schema is not valid JSON: {e}") from None
+        return GrammarRequest("json_schema", json.dumps(schema, ensure_ascii=False))
+    if params.regex is not None:
+        return GrammarRequest("regex", params.regex)
+    if params.ebnf is not None:
+        return GrammarRequest("ebnf", params.ebnf)
+    return None
+
+
 def tokenizer_info(tokenizer, vocab_size: int, stop_ids: list[int]):
     """xgrammar's view of a `tokenizers.Tokenizer` (the model's logits width and EOS ids)."""
     xgr = _xgr()
@@ -167,6 +184,15 @@ class GrammarCompiler:
         self.info = tokenizer_info(tokenizer, vocab_size, stop_ids)
         self.compiler = _xgr().GrammarCompiler(self.info, max_threads=threads)
         self.compile = functools.lru_cache(maxsize=cache_size)(self._compile)
+
+    def attach(self, params):
+        """params with its json_schema / regex / ebnf compiled into `grammar` (params itself when it has none)."""
+        import dataclasses
+
+        req = request_of(params)
+        if req is None or params.grammar is not None:
+            return params
+        return dataclasses.replace(params, grammar=(req.key, self.compile(req), None, req.control_bytes))
 
     def _compile(self, req: GrammarRequest) -> str:
         grammar = build_grammar(req)

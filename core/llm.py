@@ -40,6 +40,7 @@ class RequestOutput:
     request_id: str
     prompt_token_ids: list[int]
     outputs: list[CompletionOutput] = field(default_factory=list)
+    prompt_logprobs: list | None = None  # SamplingParams.prompt_logprobs: TokenLogprob of prompt tokens 2..n
 
     @property
     def token_ids(self) -> list[int]:
@@ -103,7 +104,7 @@ class LLM:
                  load_format: str = "auto", graph_max_bs: int | None = None, disable_graphs: bool = False,
                  disable_overlap_schedule: bool = False, graph_factory=None, tp_size: int = 1, dp_size: int = 1,
                  ep_size: int = 1, enable_dp_attention: bool = False, dist_timeout_s: float = 600.0,
-                 max_prefill_tokens: int | None = None, seed: int | None = None):
+                 max_prefill_tokens: int | None = None, seed: int | None = None, schedule_policy: str = "fcfs"):
         self.engine_config = EngineConfig(
             model=model, tokenizer=tokenizer, dtype=dtype, device=device, backend=backend, load_format=load_format,
             load_mtp=load_mtp, kernels=tuple((kernels or {}).items()), seed=seed,
@@ -114,7 +115,8 @@ class LLM:
                                       chunked_prefill_size=chunked_prefill_size,
                                       enable_prefix_cache=enable_prefix_caching,
                                       overlap=not disable_overlap_schedule, graph_max_bs=graph_max_bs,
-                                      disable_graphs=disable_graphs, max_prefill_tokens=max_prefill_tokens),
+                                      disable_graphs=disable_graphs, max_prefill_tokens=max_prefill_tokens,
+                                      schedule_policy=schedule_policy),
             parallel=ParallelConfig(tp_size=tp_size, dp_size=dp_size, ep_size=ep_size,
                                     enable_dp_attention=enable_dp_attention, dist_timeout_s=dist_timeout_s))
         self.config = ModelConfig.from_pretrained(model)
@@ -161,6 +163,7 @@ class LLM:
         params = sampling_params if isinstance(sampling_params, list) else [sampling_params] * len(token_prompts)
         if len(params) != len(token_prompts):
             raise ValueError(f"got {len(params)} sampling_params for {len(token_prompts)} prompts")
+        params = [self._constrained(p) for p in params]
         if self._ranks is not None:
             return self._ranks.generate(token_prompts, params, self.tokenizer is not None)
         groups = []
@@ -175,10 +178,23 @@ class LLM:
             outputs = [CompletionOutput(i, "".join(texts[r.request_id]) if self.tokenizer else None,
                                         list(r.output_ids), r.finish_reason, list(r.logprobs) or None)
                        for i, r in enumerate(g)]
-            results.append(RequestOutput(g[0].request_id, g[0].prompt_ids, outputs))
+            results.append(RequestOutput(g[0].request_id, g[0].prompt_ids, outputs,
+                                         list(g[0].prompt_logprobs) if g[0].params.prompt_logprobs is not None else None))
         return results
 
     # ---- helpers ------------------------------------------------------------------------------------
+    def _constrained(self, params: SamplingParams) -> SamplingParams:
+        """Structured output: json_schema / regex / ebnf compiled (xgrammar) into params.grammar."""
+        if params.json_schema is None and params.regex is None and params.ebnf is None:
+            return params
+        if self.tokenizer is None:
+            raise ValueError("structured output needs the model's tokenizer.json")
+        if getattr(self, "_grammar_compiler", None) is None:
+            from dsv32.core.grammar import GrammarCompiler
+
+            self._grammar_compiler = GrammarCompiler(self.tokenizer, self.config.vocab_size, self.config.eos_token_ids)
+        return self._grammar_compiler.attach(params)
+
     def _token_prompts(self, prompts, prompt_token_ids) -> list[list[int]]:
         if prompt_token_ids is not None:
             if prompts is not None:

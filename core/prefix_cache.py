@@ -53,6 +53,16 @@ class PrefixCache:
         self.hit_tokens += len(pages) * self.page_size
         return pages
 
+    def peek(self, tokens: list[int], max_pages: int) -> int:
+        """Tokens of the longest cached prefix of `tokens` (at most max_pages pages), changing nothing."""
+        node, n = self.root, 0
+        for key in itertools.islice(self._chunks(tokens), max_pages):
+            node = node.children.get(key)
+            if node is None:
+                break
+            n += 1
+        return n * self.page_size
+
     def insert(self, tokens: list[int], pages: list[int]) -> None:
         """Record the full pages of a request's computed tokens (pages[i] holds tokens of page i)."""
         node, now = self.root, next(self._clock)

@@ -43,6 +43,10 @@ class SamplingParams:
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0
     logprobs: int | None = None
+    # logprobs of the prompt's tokens 2..n (each given the ones before it) with k alternatives; None: none (vLLM's
+    # name; OpenAI's echo + logprobs and SGLang's logprob_start_len use it). Such a request is computed whole: no
+    # prefix-cache hit skips its positions.
+    prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
     no_stop_trim: bool = False
     logit_bias: dict[int, float] = field(default_factory=dict)
@@ -52,6 +56,11 @@ class SamplingParams:
     # rule), made by the server's grammar compiler (core/grammar.py); the sampling rank masks every token the
     # grammar does not allow
     grammar: tuple | None = None
+    # structured output in the offline LLM (SGLang's offline names; the server takes them from the request): at most
+    # one of a JSON schema (dict or JSON text), a regex, an EBNF grammar; LLM.generate compiles it into `grammar`
+    json_schema: str | dict | None = None
+    regex: str | None = None
+    ebnf: str | None = None
 
     def __post_init__(self):
         if isinstance(self.stop, str):
@@ -68,6 +77,12 @@ class SamplingParams:
     def validate(self) -> None:
         def bad(name, why):
             raise ValueError(f"SamplingParams.{name}: {why}")
+
+        given = [n for n in ("json_schema", "regex", "ebnf") if getattr(self, n) is not None]
+        if len(given) > 1:
+            bad(given[1], f"give one of json_schema, regex, ebnf (got {' and '.join(given)})")
+        if given and (self.ignore_eos or self.min_tokens):
+            bad(given[0], "cannot be combined with ignore_eos or min_tokens (the grammar decides where it ends)")
 
         def is_num(v):
             return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
@@ -103,6 +118,9 @@ class SamplingParams:
             bad("repetition_penalty", f"must be in (0, 2], got {self.repetition_penalty!r}")
         if self.logprobs is not None and (not isinstance(self.logprobs, int) or not 0 <= self.logprobs <= 20):
             bad("logprobs", f"must be an integer in [0, 20], got {self.logprobs!r}")
+        if self.prompt_logprobs is not None and (not isinstance(self.prompt_logprobs, int)
+                                                 or not 0 <= self.prompt_logprobs <= 20):
+            bad("prompt_logprobs", f"must be an integer in [0, 20], got {self.prompt_logprobs!r}")
         if not isinstance(self.logit_bias, dict) or not all(
                 isinstance(t, int) and not isinstance(t, bool) and t >= 0 and is_num(v) and -100 <= v <= 100
                 for t, v in self.logit_bias.items()):
@@ -192,6 +210,15 @@ def logprob_tensors(logits: torch.Tensor, tokens: torch.Tensor, params: list[Sam
     kmax = max((w or 0) for w in want)
     top_values, top_ids = lp.topk(kmax, dim=-1) if kmax else (None, None)
     return LogprobTensors(chosen, top_values, top_ids, want)
+
+
+def prompt_token_logprobs(logits: torch.Tensor, targets: list[int], k: int) -> list[TokenLogprob]:
+    """Logprobs of `targets` under rows of logits [N, V] (row i predicts targets[i]), with k alternatives each."""
+    lp = torch.log_softmax(logits.float(), dim=-1)
+    chosen = lp.gather(1, to_device(torch.tensor(targets, dtype=torch.int64), lp.device)[:, None])[:, 0].tolist()
+    if k:
+        values, ids = (t.tolist() for t in lp.topk(k, dim=-1))
+    return [TokenLogprob(t, c, list(zip(ids[i], values[i])) if k else []) for i, (t, c) in enumerate(zip(targets, chosen))]
 
 
 def token_logprobs(t: LogprobTensors | None, tokens: list[int]) -> list[TokenLogprob | None]:

@@ -303,19 +303,23 @@ class Choices:
     cached: int  # prompt tokens served from the prefix cache
     stop_reasons: list  # what matched when a choice stopped (token id or stop string), else None
     cached_each: list[int]  # per choice
+    prompt_logprobs: list  # per choice: TokenLogprob of prompt tokens 2..n (SamplingParams.prompt_logprobs), or None
 
 
 async def collect_choices(gens: list) -> Choices:
     texts, tokens, lps = [[] for _ in gens], [[] for _ in gens], [[] for _ in gens]
     finish, cached, matched, each = [None] * len(gens), 0, [None] * len(gens), [0] * len(gens)
+    prompt_lps = [None] * len(gens)
     async for i, out in merge_choices(gens):
+        if out.prompt_logprobs is not None:
+            prompt_lps[i] = out.prompt_logprobs
         texts[i].append(out.text_delta)
         tokens[i] += out.new_token_ids
         lps[i] += out.logprobs
         if out.finished:
             finish[i], matched[i], each[i] = out.finish_reason, out.stop_reason, out.cached_tokens
             cached = max(cached, out.cached_tokens)
-    return Choices(["".join(t) for t in texts], tokens, lps, finish, cached, matched, each)
+    return Choices(["".join(t) for t in texts], tokens, lps, finish, cached, matched, each, prompt_lps)
 
 
 async def started(agen):
@@ -366,6 +370,23 @@ def logprobs_openai_completion(lps, state: ServerState, offset: int = 0) -> dict
         offset += len(t)
     return {"tokens": tokens, "token_logprobs": [lp.logprob for lp in lps],
             "top_logprobs": [{state.token_text(t): v for t, v in lp.top} for lp in lps], "text_offset": offsets}
+
+
+def echo_logprobs(prompt_ids: list[int], prompt_lps, lps, state: ServerState) -> dict:
+    """OpenAI's completions logprobs with echo: the prompt's tokens first (the first has no logprob: nothing comes
+    before it), then the completion's; text_offset over both."""
+    first = state.token_text(prompt_ids[0])
+    prompt = {"tokens": [first] + [state.token_text(lp.token_id) for lp in prompt_lps],
+              "token_logprobs": [None] + [lp.logprob for lp in prompt_lps],
+              "top_logprobs": [None] + [{state.token_text(t): v for t, v in lp.top} for lp in prompt_lps]}
+    offsets, at = [], 0
+    for t in prompt["tokens"]:
+        offsets.append(at)
+        at += len(t)
+    rest = logprobs_openai_completion(lps, state, at) or {"tokens": [], "token_logprobs": [], "top_logprobs": [],
+                                                          "text_offset": []}
+    return {k: prompt[k] + rest[k] for k in ("tokens", "token_logprobs", "top_logprobs")} | \
+        {"text_offset": offsets + rest["text_offset"]}
 
 
 def native_finish_reason(out) -> dict:
@@ -586,8 +607,6 @@ def create_app(state: ServerState) -> FastAPI:
         include_usage = stream_options(body)
         stream = flag(body, "stream", False)
         echo = flag(body, "echo", False)
-        if echo and body.get("logprobs") is not None:
-            raise RequestError("'echo' with 'logprobs' needs prompt logprobs, which are not supported yet", "echo")
         rid = request_id(body) or f"cmpl-{uuid.uuid4().hex}"
         found = constraint_openai(body)
         # choices in OpenAI's order: prompt-major, n samples each; index = prompt * n + sample
@@ -596,6 +615,8 @@ def create_app(state: ServerState) -> FastAPI:
             params = sampling_from_openai(body, len(ids), state.max_model_len, state.cfg.gen_defaults, chat=False,
                                           vocab_size=state.vocab_size, clamp=state.cfg.allow_auto_truncate)
             await state.constrain(params, found)
+            if echo and params.logprobs is not None:
+                params.prompt_logprobs = params.logprobs  # the echoed prompt's logprobs come first
             prefix = "" if not echo else text if text is not None else \
                 state.tokenizer.decode(ids, skip_special_tokens=False) if state.tokenizer is not None else ""
             firsts.append(len(jobs))
@@ -603,6 +624,7 @@ def create_app(state: ServerState) -> FastAPI:
                 i = len(jobs)
                 jobs.append((f"{rid}-{i}", ids, child))
                 echoed.append(prefix)
+        with_prompt_lps = echo and body.get("logprobs") is not None
         if len(jobs) > MAX_BATCH:
             raise RequestError(f"prompts × n may be at most {MAX_BATCH}, got {len(jobs)}", "n")
         prompt_tokens = sum(len(ids) for ids, _ in prompts)
@@ -623,8 +645,12 @@ def create_app(state: ServerState) -> FastAPI:
                         if echoed[i]:
                             text, echoed[i] = echoed[i] + text, ""
                         if text or out.finished or out.new_token_ids:
-                            choice = {"index": i, "text": text,
-                                      "logprobs": logprobs_openai_completion(out.logprobs, state, offsets[i]),
+                            if out.prompt_logprobs is not None and with_prompt_lps:
+                                lp = echo_logprobs(jobs[i][1], out.prompt_logprobs, out.logprobs, state)
+                                offsets[i] = sum(len(t) for t in lp["tokens"][:len(jobs[i][1])])
+                            else:
+                                lp = logprobs_openai_completion(out.logprobs, state, offsets[i])
+                            choice = {"index": i, "text": text, "logprobs": lp,
                                       "finish_reason": out.finish_reason if out.finished else None}
                             if out.finished:
                                 choice["matched_stop"] = out.stop_reason
@@ -640,7 +666,8 @@ def create_app(state: ServerState) -> FastAPI:
 
         got = await unless_disconnected(request, collect_choices(gens))
         choices = [{"index": i, "text": echoed[i] + got.texts[i],
-                    "logprobs": logprobs_openai_completion(got.logprobs[i], state, len(echoed[i])),
+                    "logprobs": echo_logprobs(jobs[i][1], got.prompt_logprobs[i], got.logprobs[i], state)
+                    if with_prompt_lps else logprobs_openai_completion(got.logprobs[i], state, len(echoed[i])),
                     "finish_reason": got.finish[i], "matched_stop": got.stop_reasons[i]}
                    for i in range(len(jobs))]
         completion_tokens = sum(len(t) for t in got.tokens)
@@ -657,8 +684,11 @@ def create_app(state: ServerState) -> FastAPI:
                 raise RequestError(f"'{name}' is not supported by this server", name)
         if body.get("return_hidden_states"):
             raise RequestError("'return_hidden_states' is not supported by this server", "return_hidden_states")
-        if body.get("logprob_start_len") not in (None, -1):
-            raise RequestError("prompt logprobs ('logprob_start_len' other than -1) are not supported yet",
+        start_len = body.get("logprob_start_len", -1)
+        if start_len is None:
+            start_len = -1
+        if isinstance(start_len, bool) or not isinstance(start_len, int) or start_len < -1:
+            raise RequestError("'logprob_start_len' must be an integer ≥ -1 (-1: no prompt logprobs)",
                                "logprob_start_len")
         prompts, batch = await _native_prompts(state, body)
         sps = body.get("sampling_params")
@@ -689,6 +719,8 @@ def create_app(state: ServerState) -> FastAPI:
                                           state.vocab_size, clamp=state.cfg.allow_auto_truncate)
             if return_logprob:
                 params.logprobs = top_n
+                if start_len >= 0:
+                    params.prompt_logprobs = top_n
             await state.constrain(params, constraint_native(sp))
             children = expand_n(params)
             for j, child in enumerate(children):
@@ -700,11 +732,22 @@ def create_app(state: ServerState) -> FastAPI:
         def entry(lp_value, token_id):
             return [lp_value, token_id, state.token_text(token_id) if with_text else None]
 
-        def meta(rid, out, lps):  # SGLang's meta_info (logprobs of every output token so far)
+        prompt_lps: dict[int, list] = {}  # job → its prompt's logprobs (logprob_start_len ≥ 0), once they came
+
+        def meta(i, out, lps):  # SGLang's meta_info (logprobs of every output token so far)
+            rid, ids = jobs[i][0], jobs[i][1]
             m = {"id": rid, "finish_reason": native_finish_reason(out) if out.finished else None,
                  "prompt_tokens": out.prompt_tokens, "completion_tokens": out.completion_tokens,
                  "cached_tokens": out.cached_tokens, "e2e_latency": time.monotonic() - t0}
             if return_logprob:
+                if out.prompt_logprobs is not None:
+                    prompt_lps[i] = out.prompt_logprobs
+                if start_len >= 0 and i in prompt_lps:  # the first prompt token has no logprob: nothing precedes it
+                    pl = prompt_lps[i]
+                    m["input_token_logprobs"] = ([entry(None, ids[0])] + [entry(lp.logprob, lp.token_id)
+                                                                        for lp in pl])[start_len:]
+                    if top_n:
+                        m["input_top_logprobs"] = ([None] + [[entry(v, t) for t, v in lp.top] for lp in pl])[start_len:]
                 m["output_token_logprobs"] = [entry(lp.logprob, lp.token_id) for lp in lps]
                 if top_n:
                     m["output_top_logprobs"] = [[entry(v, t) for t, v in lp.top] for lp in lps]
@@ -722,7 +765,7 @@ def create_app(state: ServerState) -> FastAPI:
                         text[i] += out.text_delta
                         out_ids[i] += out.new_token_ids
                         lps[i] += out.logprobs
-                        chunk = {"text": text[i], "output_ids": out_ids[i], "meta_info": meta(jobs[i][0], out, lps[i])}
+                        chunk = {"text": text[i], "output_ids": out_ids[i], "meta_info": meta(i, out, lps[i])}
                         yield sse({**chunk, "index": i} if many else chunk)
                 except (EngineRejected, EngineDead) as e:
                     yield error_event(e)
@@ -736,7 +779,9 @@ def create_app(state: ServerState) -> FastAPI:
                 out_ids[i] += out.new_token_ids
                 lps[i] += out.logprobs
                 last[i] = out
-            results = [{"text": text[i], "output_ids": out_ids[i], "meta_info": meta(jobs[i][0], last[i], lps[i])}
+                if out.prompt_logprobs is not None:
+                    prompt_lps[i] = out.prompt_logprobs
+            results = [{"text": text[i], "output_ids": out_ids[i], "meta_info": meta(i, last[i], lps[i])}
                        for i in range(len(jobs))]
             return results if batch or many else results[0]
 

@@ -28,7 +28,8 @@ class EngineDead(RuntimeError):
 def _merged(a, b):
     """Two consecutive outputs of one request as one (tokens, text and logprobs joined; b's state and counts)."""
     return dataclasses.replace(b, new_token_ids=a.new_token_ids + b.new_token_ids, text_delta=a.text_delta + b.text_delta,
-                               logprobs=a.logprobs + b.logprobs)
+                               logprobs=a.logprobs + b.logprobs,
+                               prompt_logprobs=a.prompt_logprobs if b.prompt_logprobs is None else b.prompt_logprobs)
 
 
 class EngineClient:

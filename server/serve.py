@@ -152,7 +152,8 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--tokenizer-worker-num", type=int, default=1,
                    help="processes that tokenize big prompts off the event loop")
     g.add_argument("--schedule-policy", default="fcfs",
-                   help="order of admission of waiting requests: fcfs (first come, first served)")
+                   help="order of admission of waiting requests: fcfs (first come, first served) or lpm (longest "
+                        "prefix already in the prefix cache first; fcfs above 128 waiting, as SGLang)")
     g.add_argument("--max-prefill-tokens", type=int, default=None,
                    help="max prompt tokens of newly admitted requests per step (default: --chunked-prefill-size)")
     g.add_argument("--enable-cache-report", action="store_true",
@@ -230,8 +231,9 @@ def check_unsupported(args: argparse.Namespace) -> None:
     if args.enable_torch_compile:
         problems.append("--enable-torch-compile: not implemented (decode steps replay CUDA graphs of dsv32's own "
                         "kernels; drop the flag)")
-    if args.schedule_policy != "fcfs":
-        problems.append(f"--schedule-policy {args.schedule_policy}: only 'fcfs' is implemented")
+    if args.schedule_policy not in ("fcfs", "lpm"):
+        problems.append(f"--schedule-policy {args.schedule_policy}: 'fcfs' or 'lpm' (SGLang's random / dfs-weight / "
+                        "lof are not implemented)")
     if args.grammar_backend not in ("xgrammar", "none"):
         problems.append(f"--grammar-backend {args.grammar_backend}: not implemented; 'xgrammar' (the default) or "
                         "'none'")
@@ -286,7 +288,8 @@ def engine_config(args: argparse.Namespace, model: str):
                                   overlap=not args.disable_overlap_schedule, graph_max_bs=args.cuda_graph_max_bs,
                                   disable_graphs=args.disable_cuda_graph,
                                   max_prefill_tokens=getattr(args, "max_prefill_tokens", None),
-                                  decode_log_interval=getattr(args, "decode_log_interval", 40)),
+                                  decode_log_interval=getattr(args, "decode_log_interval", 40),
+                                  schedule_policy=getattr(args, "schedule_policy", "fcfs")),
         parallel=parallel_config(args))
 
 

@@ -280,3 +280,85 @@ def test_detokenizer_keeps_only_the_named_special_tokens():
         d.add(t)
     d.flush()
     assert d.take_delta(True) == "hi <｜tool▁calls▁begin｜>f<｜tool▁sep｜>{}"
+
+
+def test_lpm_admits_the_longest_cached_prefix_first(tiny_dir):
+    """schedule_policy='lpm' (SGLang's): with one request running at a time, a waiting request whose prompt shares a
+    cached prefix goes before an earlier one that shares nothing; fcfs keeps arrival order; outputs are unchanged."""
+    shared = prompts_of([40], seed=61)[0]
+    warm, other, hit = shared + [3], prompts_of([30], seed=62)[0], shared + [7, 8]
+    sp = SamplingParams(max_tokens=4, **GREEDY)
+    orders = {}
+    for policy in ("fcfs", "lpm"):
+        llm = LLM(model=tiny_dir, dtype="float32", page_size=8, max_num_seqs=1, schedule_policy=policy)
+        run(llm, [warm], sp)
+        eng = llm.engine
+        reqs = [eng.add_request(p, sp, request_id=name) for name, p in (("other", other), ("hit", hit))]
+        admitted = []
+        while eng.has_work():
+            admitted += [r.request_id for r in eng.running if r.request_id not in admitted]
+            eng.step()
+        orders[policy] = ([x for x in admitted if x in ("other", "hit")], [r.output_ids for r in reqs])
+        assert_all_pages_returned(llm)
+    assert orders["fcfs"][0] == ["other", "hit"] and orders["lpm"][0] == ["hit", "other"]
+    assert orders["fcfs"][1] == orders["lpm"][1]
+    with pytest.raises(ValueError, match="schedule_policy"):
+        LLM(model=tiny_dir, dtype="float32", schedule_policy="lof")
+
+
+@pytest.mark.parametrize("overlap", [False, True], ids=["sync", "overlap"])
+def test_structured_output_in_the_engine(demo_dir, overlap):
+    """SamplingParams json_schema / regex / ebnf (xgrammar, masks applied by the sampling rank on any backend): every
+    constrained output parses and validates, with the overlap scheduler too; unconstrained requests batched with
+    them produce exactly their solo tokens; n > 1 samples each follow the grammar."""
+    jsonschema = pytest.importorskip("jsonschema")
+    import json
+    import re
+
+    schema = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 8},
+                                               "days": {"type": "integer", "minimum": 1, "maximum": 7},
+                                               "unit": {"enum": ["c", "f"]}}, "required": ["city", "days", "unit"]}
+    llm = LLM(model=demo_dir, dtype="float32", page_size=8)
+    llm.engine.cfg = dataclasses.replace(llm.engine.cfg, overlap=overlap)
+    plain = [SamplingParams(max_tokens=10, **GREEDY), SamplingParams(max_tokens=8, temperature=0.9, seed=5)]
+    ps = prompts_of([12, 20], seed=71)
+    solo = run(llm, ps, plain)
+    constrained = [SamplingParams(max_tokens=400, temperature=1.0, seed=3, json_schema=schema, n=2),
+                   SamplingParams(max_tokens=40, temperature=1.0, seed=4, regex=r"[a-z]{2,4}-[0-9]{2}"),
+                   SamplingParams(max_tokens=20, temperature=0.0, ebnf='root ::= "yes" | "no"')]
+    outs = llm.generate(prompt_token_ids=ps + prompts_of([9, 15, 11], seed=72), sampling_params=plain + constrained)
+    assert [o.token_ids for o in outs[:2]] == solo
+    for c in outs[2].outputs:
+        assert c.finish_reason == "stop"
+        jsonschema.validate(json.loads(c.text), schema)
+    assert re.fullmatch(r"[a-z]{2,4}-[0-9]{2}", outs[3].text) and outs[4].text in ("yes", "no")
+    assert_all_pages_returned(llm)
+    with pytest.raises(ValueError, match="give one of"):
+        SamplingParams(regex="a", ebnf='root ::= "a"')
+    with pytest.raises(ValueError, match="invalid json schema"):
+        llm.generate(prompt_token_ids=[[5, 6]], sampling_params=SamplingParams(json_schema={"type": "objec"}))
+
+
+def test_prompt_logprobs_equal_a_full_forward(tiny_dir):
+    """SamplingParams.prompt_logprobs: the logprob of each prompt token given the ones before it (and the top
+    alternatives) equal log_softmax of one forward pass over the whole prompt, whether the prompt is computed whole
+    or in chunks, and although an identical prompt sits in the prefix cache (such requests recompute it)."""
+    prompt = prompts_of([37], seed=81)[0]
+    ref_llm = LLM(model=tiny_dir, dtype="float32", page_size=8, enable_prefix_caching=False)
+    import torch.nn.functional as F
+
+    fb = ref_llm.runner.build([(prompt, 0, ref_llm.kv_cache.allocator.alloc(5))])
+    hidden = ref_llm.model.forward(fb, ref_llm.kv_cache)
+    want = F.log_softmax(ref_llm.model.logits(hidden).float(), dim=-1)
+    for kw in ({}, {"chunked_prefill_size": 16}):
+        llm = LLM(model=tiny_dir, dtype="float32", page_size=8, **kw)
+        sp = SamplingParams(max_tokens=3, prompt_logprobs=2, **GREEDY)
+        run(llm, [prompt], SamplingParams(max_tokens=3, **GREEDY))  # the prompt is now cached
+        out = llm.generate(prompt_token_ids=[prompt], sampling_params=sp)[0]
+        lps = out.prompt_logprobs
+        assert [lp.token_id for lp in lps] == prompt[1:]
+        got = torch.tensor([lp.logprob for lp in lps])
+        assert torch.allclose(got, want[torch.arange(len(prompt) - 1), torch.tensor(prompt[1:])], atol=1e-4)
+        top = want[:-1].topk(2, dim=-1)
+        assert [[t for t, _ in lp.top] for lp in lps] == top.indices.tolist()
+        assert_all_pages_returned(llm)

@@ -69,6 +69,8 @@ def resolve(config: EngineConfig, cfg: ModelConfig) -> Resolved:
     elif precision == "fp8" and not hadamard_ok:
         raise ValueError(f"indexer_precision='fp8' needs a power-of-two index_head_dim for the Hadamard "
                          f"rotation; this model has {d}. Use indexer_precision='exact'")
+    if config.scheduler.schedule_policy not in ("fcfs", "lpm"):
+        raise ValueError(f"schedule_policy must be 'fcfs' or 'lpm', got {config.scheduler.schedule_policy!r}")
     if c.kv_cache_dtype not in _KV_DTYPES:
         raise ValueError(f"kv_cache_dtype must be one of {_KV_DTYPES}, got {c.kv_cache_dtype!r}")
     latent = {"auto": dtype, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float32": torch.float32,

@@ -40,6 +40,8 @@ from dsv32.core.sampling import (LogprobTensors, SamplingParams, TokenLogprob, a
 
 log = logging.getLogger("dsv32.engine")
 
+LPM_MAX_QUEUE = 128  # schedule_policy "lpm" sorts the waiting queue only up to this length (SGLang's bound)
+
 
 @dataclass(eq=False)  # identity: requests are found in queues by `is`, never by value
 class Request:
@@ -63,6 +65,8 @@ class Request:
     suspect: bool = False  # was running when a step failed: runs alone until it samples a token (failure isolation)
     error: str | None = None  # why it was aborted when a step that ran it alone failed
     matcher: object | None = None  # structured output: its grammar state (core/grammar.py; sampling rank only)
+    prompt_logprobs: list[TokenLogprob] = field(default_factory=list)  # params.prompt_logprobs: tokens 2.. so far
+    prompt_logprobs_sent: bool = False
 
     @property
     def all_ids(self) -> list[int]:
@@ -93,6 +97,7 @@ class StepOutput:
     cached_tokens: int
     error: str | None = None  # the request failed in the engine (finish_reason "abort"): why
     stop_reason: int | str | None = None  # finish_reason "stop": the token id or stop string that matched
+    prompt_logprobs: list[TokenLogprob] | None = None  # params.prompt_logprobs: with the request's first output
 
 
 @dataclass
@@ -298,11 +303,17 @@ class Engine:
         num_outputs = [len(r.output_ids) + r.pending for r in reqs]
         prefill = [(req, n) for req, n in work if req.num_cached < len(req.prompt_ids)]
         first = [req for req, _ in prefill if req.num_cached == req.cached_prompt_tokens]
+        wanted_positions = self._prompt_positions(work)
         for req, n in work:
             req.num_cached += n
             req.inflight += 1
         replays = self.runner.replays
-        logits = self.runner.logits(fb, rows)
+        wanted = wanted_positions  # (request, flat index, target token) for prompt logprobs
+        if wanted:
+            logits, prompt_logits = self.runner.logits(fb, rows, [f for _, f, _ in wanted])
+            self._record_prompt_logprobs(wanted, prompt_logits)  # every rank: they must want the same positions
+        else:
+            logits = self.runner.logits(fb, rows)
         if prefill:
             self.batch_log.prefill(len(first), sum(n for _, n in prefill), sum(r.cached_prompt_tokens for r in first),
                                    self.kv_usage, len(self.running), len(self.waiting))
@@ -375,8 +386,11 @@ class Engine:
             if req.finished:
                 req.detok.flush()
             text = req.detok.take_delta(req.finished)
+        prompt_lps = None
+        if req.params.prompt_logprobs is not None and not req.prompt_logprobs_sent and (new or req.finished):
+            prompt_lps, req.prompt_logprobs_sent = list(req.prompt_logprobs), True
         return StepOutput(req.request_id, new, text, req.finished, req.finish_reason, lps, len(req.prompt_ids),
-                          len(req.output_ids), req.cached_prompt_tokens, req.error, req.stop_reason)
+                          len(req.output_ids), req.cached_prompt_tokens, req.error, req.stop_reason, prompt_lps)
 
     # ---- scheduling ---------------------------------------------------------------------------------
     def _schedule(self, can_preempt: bool = True) -> list[tuple[Request, int]]:
@@ -398,6 +412,8 @@ class Engine:
                 continue
             work.append((req, n))
             budget -= n
+        if self.cfg.schedule_policy == "lpm" and alone is None:
+            self._order_by_prefix()
         admit = self.cfg.max_prefill_tokens or 1 << 62  # prompt tokens newly admitted requests may take this step
         while self.waiting and budget > 0 and admit > 0 and len(self.running) < self.cfg.max_running_requests:
             req = self.waiting[0]
@@ -413,6 +429,37 @@ class Engine:
             budget -= n
             admit -= n
         return work
+
+    def _order_by_prefix(self) -> None:
+        """SGLang's lpm: waiting requests with the longest prefix in the cache first (ties keep arrival order;
+        preempted requests stay ahead of new ones). Sorting a long queue each step costs more than it saves: above
+        LPM_MAX_QUEUE requests the order stays fcfs, as SGLang's."""
+        pc = self.prefix_cache
+        if pc is None or len(self.waiting) < 2 or len(self.waiting) > LPM_MAX_QUEUE:
+            return
+        page = self.cache.page_size
+        key = {id(r): (r.num_preemptions == 0, -pc.peek(r.all_ids, (len(r.all_ids) - 1) // page)) for r in self.waiting}
+        self.waiting = deque(sorted(self.waiting, key=lambda r: key[id(r)]))
+
+    def _prompt_positions(self, work: list[tuple[Request, int]]) -> list[tuple[Request, int, int]]:
+        """For requests that want prompt logprobs: (request, flat index in the batch, the prompt token its logits
+        predict) of each prompt position this batch computes whose logprob is not recorded yet."""
+        out, flat = [], 0
+        for req, n in work:
+            if req.params.prompt_logprobs is not None:
+                done = len(req.prompt_logprobs)  # positions 0..done-1 recorded (predicting tokens 1..done)
+                for p in range(max(req.num_cached, done), min(req.num_cached + n, len(req.prompt_ids) - 1)):
+                    out.append((req, flat + p - req.num_cached, req.prompt_ids[p + 1]))
+            flat += n
+        return out
+
+    def _record_prompt_logprobs(self, wanted: list[tuple[Request, int, int]], logits: torch.Tensor) -> None:
+        from dsv32.core.sampling import prompt_token_logprobs
+
+        k = max(r.params.prompt_logprobs for r, _, _ in wanted)
+        for (req, _, _), lp in zip(wanted, prompt_token_logprobs(logits, [t for _, _, t in wanted], k)):
+            lp.top = lp.top[:req.params.prompt_logprobs]
+            req.prompt_logprobs.append(lp)
 
     def _free_pages(self) -> int:
         return self.cache.allocator.num_free + (self.prefix_cache.evictable() if self.prefix_cache else 0)
@@ -437,7 +484,7 @@ class Engine:
 
     def _try_admit(self, req: Request) -> bool:
         ids = req.all_ids
-        if self.prefix_cache is not None and not req.pages:
+        if self.prefix_cache is not None and not req.pages and req.params.prompt_logprobs is None:
             req.pages = self.prefix_cache.match(ids, max_pages=(len(ids) - 1) // self.cache.page_size)
             req.num_cached = len(req.pages) * self.cache.page_size
             if not req.output_ids and req.num_preemptions == 0:

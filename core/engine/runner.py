@@ -124,17 +124,22 @@ class ModelRunner:
         # with attention DP the graph's gather size must be the step's (the other groups' collectives use it)
         return g if g is not None and g.batch.mlp_tokens_per_group == fb.mlp_tokens_per_group else None
 
-    def logits(self, fb: ForwardBatch, rows: list[int]) -> torch.Tensor:
-        """Runs the step; returns fp32 logits [len(rows), V] for the given request rows (their last tokens)."""
-        g = self._graph_for(fb)
+    def logits(self, fb: ForwardBatch, rows: list[int], tokens: list[int] | None = None):
+        """Runs the step; returns fp32 logits [len(rows), V] for the given request rows (their last tokens). With
+        `tokens` (flat token indices of the batch: prompt logprobs) returns (those logits, logits [len(tokens), V])."""
+        g = None if tokens else self._graph_for(fb)
         if g is None:
             hidden = self.model.forward(fb, self.cache)
+            extra = self.model.logits(hidden[to_device(torch.tensor(tokens, dtype=torch.int64), hidden.device)]) \
+                if tokens else None
             if not rows:
-                return hidden.new_empty(0, self.model.cfg.vocab_size, dtype=torch.float32)
+                out = hidden.new_empty(0, self.model.cfg.vocab_size, dtype=torch.float32)
+                return (out, extra) if tokens else out
             idx = fb.logits_indices
             if rows != list(range(idx.shape[0])):
                 idx = idx[to_device(torch.tensor(rows, dtype=torch.int64), idx.device)]
-            return self.model.logits(hidden[idx])
+            out = self.model.logits(hidden[idx])
+            return (out, extra) if tokens else out
         b = g.batch
         b.input_ids.copy_(fb.input_ids)
         b.positions.copy_(fb.positions)

@@ -129,7 +129,7 @@ def test_serving_flags_take_effect(model):
     assert config.cache.num_kv_pages == 63 and config.seed == 7 and config.tokenizer == model
     assert config.scheduler.max_prefill_tokens == 512 and config.parallel.progress_timeout_s == 45
     assert serve._auto_chat_template(args, model) == "v31"
-    for bad, flag in ((["--schedule-policy", "lpm"], "--schedule-policy"), (["--tokenizer-path", "/nonexistent"],
+    for bad, flag in ((["--schedule-policy", "lof"], "--schedule-policy"), (["--tokenizer-path", "/nonexistent"],
                       "--tokenizer-path"), (["--grammar-backend", "outlines"], "--grammar-backend"),
                       (["--chat-template", "/nonexistent/t.jinja"], "--chat-template")):
         with pytest.raises(serve.FlagError) as e:

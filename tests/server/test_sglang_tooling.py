@@ -266,6 +266,36 @@ def test_completions_batch_echo_text_offset(server):
     assert r.status_code == 400 and r.json()["error"]["param"] == "prompt"
 
 
+def test_prompt_logprobs_echo_and_logprob_start_len(server, model_dir):
+    """echo + logprobs (OpenAI): the prompt's tokens first, the first with a null logprob, then the completion's,
+    text_offset over both; /generate's logprob_start_len ≥ 0 (SGLang): input_token_logprobs from there. Both equal
+    transformers' log-softmax over the prompt."""
+    import torch
+
+    p = prompts(1, seed=44, lo=12, hi=12)[0]
+    with torch.no_grad():
+        ref = torch.log_softmax(model_dir[1](torch.tensor([p])).logits[0].float(), dim=-1)
+    want = [ref[i, p[i + 1]].item() for i in range(len(p) - 1)]
+    r = server.client.completions.create(model="tiny", prompt=p, max_tokens=3, temperature=0, echo=True, logprobs=1,
+                                         extra_body={"ignore_eos": True})
+    lp = r.choices[0].logprobs
+    assert len(lp.tokens) == len(p) + 3 and lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    assert max(abs(a - b) for a, b in zip(lp.token_logprobs[1:len(p)], want)) < 1e-3
+    assert lp.text_offset[0] == 0 and all(b - a == len(t) for a, b, t in zip(lp.text_offset, lp.text_offset[1:],
+                                                                              lp.tokens))
+    streamed = [c.choices[0].logprobs for c in server.client.completions.create(
+        model="tiny", prompt=p, max_tokens=3, temperature=0, echo=True, logprobs=1, stream=True,
+        extra_body={"ignore_eos": True}) if c.choices and c.choices[0].logprobs]
+    assert [t for s in streamed for t in s.token_logprobs] == lp.token_logprobs
+    assert [o for s in streamed for o in s.text_offset] == lp.text_offset
+    g = http.post(server.url + "/generate", json={"input_ids": p, "return_logprob": True, "logprob_start_len": 4,
+                                                  "top_logprobs_num": 2, "sampling_params": {"max_new_tokens": 2}})
+    meta = g.json()["meta_info"]
+    assert [t for _, t, _ in meta["input_token_logprobs"]] == p[4:]
+    assert max(abs(v - w) for (v, _, _), w in zip(meta["input_token_logprobs"], want[3:])) < 1e-3
+    assert len(meta["input_top_logprobs"]) == len(p) - 4 and len(meta["output_token_logprobs"]) == 2
+
+
 def test_metrics_have_sglang_names_and_the_batch_log_line(server):
     complete(server.client, prompts(1, seed=3)[0], 12)
     text = http.get(server.url + "/metrics").text
