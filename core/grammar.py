@@ -294,7 +294,10 @@ class EngineGrammars:
                 self._info = tokenizer_info(self.tokenizer, self.vocab_size, self.stop_ids)
                 self._vocab_bytes = list(self._info.decoded_vocab)
                 self._never, self._after_lead, self._control = _utf8_tables(self._vocab_bytes)
-            compiled = _xgr().CompiledGrammar.deserialize_json(serialized, self._info)
+            try:
+                compiled = _xgr().CompiledGrammar.deserialize_json(serialized, self._info)
+            except Exception as e:  # noqa: BLE001 - e.g. made by another xgrammar version: the request is refused
+                raise ValueError(f"the request's compiled grammar cannot be read: {_clean(e)}") from None
         self._cache[key] = compiled
         while len(self._cache) > self.cache_size:
             self._cache.popitem(last=False)

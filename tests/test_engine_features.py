@@ -362,3 +362,20 @@ def test_prompt_logprobs_equal_a_full_forward(tiny_dir):
         top = want[:-1].topk(2, dim=-1)
         assert [[t for t, _ in lp.top] for lp in lps] == top.indices.tolist()
         assert_all_pages_returned(llm)
+
+
+def test_structured_output_with_tensor_parallel_ranks(demo_dir):
+    """Only an attention group's first rank keeps grammar matchers; every rank must still schedule alike: greedy
+    constrained outputs under tp_size=2 (gloo) equal the single-process ones, plain requests beside them too."""
+    schema = {"type": "object", "properties": {"n": {"type": "integer"}, "ok": {"type": "boolean"}},
+              "required": ["n", "ok"]}
+    sp = [SamplingParams(max_tokens=60, temperature=0, json_schema=schema), SamplingParams(max_tokens=12, **GREEDY),
+          SamplingParams(max_tokens=30, temperature=0, regex=r"[a-z]{3}[0-9]")]
+    ps = prompts_of([10, 14, 7], seed=91)
+    one = LLM(model=demo_dir, dtype="float32", page_size=8)
+    want = run(one, ps, sp)
+    two = LLM(model=demo_dir, dtype="float32", page_size=8, tp_size=2)
+    try:
+        assert run(two, ps, sp) == want
+    finally:
+        two.shutdown()

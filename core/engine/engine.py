@@ -140,7 +140,7 @@ class Engine:
         self.num_preemptions = 0
         self.overlapped_steps = 0  # launches made while the previous batch was still unread
         # the group's first rank logs for the group (its other ranks run the same batches)
-        self.batch_log = BatchLog(config.decode_log_interval, enabled=self.samples)
+        self.batch_log = BatchLog(config.decode_log_interval, enabled=self.samples, device_type=model.device.type)
         self.grammars = None  # core.grammar.EngineGrammars, made with the first constrained request
 
     # ---- requests -----------------------------------------------------------------------------------
@@ -256,7 +256,9 @@ class Engine:
         # what a failure of this step involves: the batch in flight and the one this step schedules
         self._stepping = [r for r, _ in self._launched.work] if self._launched is not None else []
         outputs, self._pending = self._pending, []
-        if self._launched is not None and any(r.params.has_penalties or r.matcher is not None for r in self.running):
+        # (params, not matchers: every rank of the group must make the same choice, and only the first has matchers)
+        if self._launched is not None and any(r.params.has_penalties or r.params.grammar is not None
+                                              for r in self.running):
             outputs += self._sync()  # penalties and grammars read every generated token on the host
         try:
             work = self._schedule(can_preempt=self._launched is None)
@@ -303,12 +305,11 @@ class Engine:
         num_outputs = [len(r.output_ids) + r.pending for r in reqs]
         prefill = [(req, n) for req, n in work if req.num_cached < len(req.prompt_ids)]
         first = [req for req, _ in prefill if req.num_cached == req.cached_prompt_tokens]
-        wanted_positions = self._prompt_positions(work)
+        wanted = self._prompt_positions(work)  # (request, flat index, target token) for prompt logprobs
         for req, n in work:
             req.num_cached += n
             req.inflight += 1
         replays = self.runner.replays
-        wanted = wanted_positions  # (request, flat index, target token) for prompt logprobs
         if wanted:
             logits, prompt_logits = self.runner.logits(fb, rows, [f for _, f, _ in wanted])
             self._record_prompt_logprobs(wanted, prompt_logits)  # every rank: they must want the same positions

@@ -148,7 +148,7 @@ def test_chat_request_errors(api):
              ({"tool_choice": "required"}, "tool_choice"), ({"tools": [{"type": "function"}]}, "tools[0]"),
              ({"chat_template_kwargs": {"thinking": "yes"}}, "chat_template_kwargs"),
              ({"logprobs": False, "top_logprobs": 2}, "top_logprobs"), ({"n": 0}, "n"), ({"stop": [""]}, "stop"),
-             ({"response_format": {"type": "json_object"}}, "response_format"),
+             ({"response_format": {"type": "xml"}}, "response_format"),
              ({"continue_final_message": True}, "continue_final_message")]
     for body, param in cases:
         full = {"messages": [{"role": "user", "content": "x"}], **body}

@@ -120,9 +120,10 @@ def poison_requests(rng: random.Random, n: int) -> list[tuple[str, str, bytes | 
         ("POST", "/v1/chat/completions", '{"messages": [{"role": "user", "content": "x"}], "tools": 5}'),
         ("POST", "/v1/chat/completions", '{"messages": [{"role": "user", "content": "x"}], "tool_choice": "all"}'),
         ("POST", "/v1/chat/completions", '{"messages": [{"role": "user", "content": "x"}], '
-                                         '"response_format": {"type": "json_object"}}'),
+                                         '"response_format": {"type": "json_schema", "json_schema": {"schema": '
+                                         '{"type": "objec"}}}}'),
         ("POST", "/v1/chat/completions", json.dumps({"messages": [{"role": "user", "content": "w " * 400_000}]})),
-        ("POST", "/generate", '{"input_ids": [20, 30], "sampling_params": {"regex": "a"}}'),
+        ("POST", "/generate", '{"input_ids": [20, 30], "sampling_params": {"regex": "([a-"}}'),
         ("POST", "/generate", '{"input_ids": [20, 600], "stream": true}'), ("POST", "/generate", '{"text": 5}'),
         ("POST", "/generate", '{"input_ids": [20], "return_logprob": "yes"}'),
         ("POST", "/generate", '{"input_ids": [20], "top_logprobs_num": 99}'),

@@ -74,8 +74,8 @@ POISON = [  # (path, raw JSON body, expected status, param)
     ("/v1/chat/completions", '{"messages": [{"role": "user", "content": "hi"}], "stream": true, '
                              '"stream_options": "x"}', 400, "stream_options"),
     ("/generate", '{"input_ids": [20, 30], "rid": [1]}', 400, "rid"),
-    ("/generate", '{"input_ids": [20, 30], "sampling_params": {"regex": "a+"}}', 400, "sampling_params.regex"),
-    ("/generate", '{"input_ids": [20, 30], "sampling_params": {"json_schema": "{}"}}', 400,
+    ("/generate", '{"input_ids": [20, 30], "sampling_params": {"regex": "([a-"}}', 400, "sampling_params.regex"),
+    ("/generate", '{"input_ids": [20, 30], "sampling_params": {"json_schema": "{\\"type\\": 5}"}}', 400,
      "sampling_params.json_schema"),
     ("/generate", '{"input_ids": [20, 99999]}', 400, "input_ids"),
     ("/generate", '{"input_ids": [20, 99999], "stream": true}', 400, "input_ids"),

@@ -307,7 +307,7 @@ def test_metrics_have_sglang_names_and_the_batch_log_line(server):
     m = server.metrics()
     assert m["sglang:generation_tokens_total"] >= 12 and m["sglang:num_requests_total"] >= 1
     log = open(server.log.name).read()
-    assert re.search(r"Decode batch, #running-req: \d+, #token: \d+, token usage: \d\.\d\d, cuda graph: (True|False), "
+    assert re.search(r"Decode batch, #running-req: \d+, #token: \d+, token usage: \d\.\d\d, (cuda|cpu) graph: (True|False), "
                      r"gen throughput \(token/s\): \d+\.\d\d, #queue-req: \d+", log)
     assert re.search(r"Prefill batch, #new-seq: \d+, #new-token: \d+, #cached-token: \d+, token usage: \d\.\d\d, "
                      r"#running-req: \d+, #queue-req: \d+", log)

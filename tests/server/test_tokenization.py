@@ -87,6 +87,6 @@ def test_token_histograms_only_when_collected():
     for collect in (False, True):
         m = Metrics("tiny", token_histograms=collect)
         m.on_finish(prompt_tokens=250, completion_tokens=40, reason="length", e2e_s=0.5)
-        text = m.render({})
-        assert ('sglang:prompt_tokens_histogram_bucket{model_name="tiny",le="300.0"} 1' in text) == collect
-        assert ('sglang:generation_tokens_histogram_bucket{model_name="tiny",le="100.0"} 1' in text) == collect
+        text = m.render().decode()
+        assert ('sglang:prompt_tokens_histogram_bucket{le="300.0",model_name="tiny"} 1.0' in text) == collect
+        assert ('sglang:generation_tokens_histogram_bucket{le="100.0",model_name="tiny"} 1.0' in text) == collect
