@@ -90,8 +90,10 @@ def known_kernel_choices() -> dict[str, tuple[str, ...]]:
     return {slot: tuple(dict.fromkeys(choices + names)) for slot, choices in out.items()}
 
 
-def select_backend(requested: str | None = None) -> BackendInfo:
-    """The requested backend (argument, else DSV32_BACKEND), or the available one with the highest priority."""
+def select_backend(requested: str | None = None, device: str | None = None) -> BackendInfo:
+    """The requested backend (argument, else DSV32_BACKEND), or the available one with the highest priority; with a
+    device asked for, the highest whose default device is of that type (a CPU on a GPU host: the reference
+    backend), else the highest overall."""
     backends = discover()
     requested = requested or envs.backend_override()
     if requested and requested != "auto":
@@ -103,6 +105,10 @@ def select_backend(requested: str | None = None) -> BackendInfo:
             raise BackendError(f"backend '{requested}' is not available here: {info.reason}. Usable: {usable}")
         return info
     usable = [b for b in backends.values() if b.available and b.priority is not None]
+    if device is not None:
+        kind = str(device).split(":")[0]  # a string: torch knows "npu" only once torch_npu is imported
+        same = [b for b in usable if str(b.cls.default_device()).split(":")[0] == kind]
+        usable = same or usable
     return max(usable, key=lambda b: b.priority)
 
 

@@ -349,7 +349,7 @@ def test_prompt_logprobs_equal_a_full_forward(tiny_dir):
 
     fb = ref_llm.runner.build([(prompt, 0, ref_llm.kv_cache.allocator.alloc(5))])
     hidden = ref_llm.model.forward(fb, ref_llm.kv_cache)
-    want = F.log_softmax(ref_llm.model.logits(hidden).float(), dim=-1)
+    want = F.log_softmax(ref_llm.model.logits(hidden).float(), dim=-1).cpu()
     for kw in ({}, {"chunked_prefill_size": 16}):
         llm = LLM(model=tiny_dir, dtype="float32", page_size=8, **kw)
         sp = SamplingParams(max_tokens=3, prompt_logprobs=2, **GREEDY)
@@ -358,7 +358,8 @@ def test_prompt_logprobs_equal_a_full_forward(tiny_dir):
         lps = out.prompt_logprobs
         assert [lp.token_id for lp in lps] == prompt[1:]
         got = torch.tensor([lp.logprob for lp in lps])
-        assert torch.allclose(got, want[torch.arange(len(prompt) - 1), torch.tensor(prompt[1:])], atol=1e-4)
+        # fp32; chunks run the attention over cached keys, a whole prompt does not: equal up to rounding
+        assert torch.allclose(got, want[torch.arange(len(prompt) - 1), torch.tensor(prompt[1:])], atol=1e-3)
         top = want[:-1].topk(2, dim=-1)
         assert [[t for t, _ in lp.top] for lp in lps] == top.indices.tolist()
         assert_all_pages_returned(llm)
@@ -372,9 +373,9 @@ def test_structured_output_with_tensor_parallel_ranks(demo_dir):
     sp = [SamplingParams(max_tokens=60, temperature=0, json_schema=schema), SamplingParams(max_tokens=12, **GREEDY),
           SamplingParams(max_tokens=30, temperature=0, regex=r"[a-z]{3}[0-9]")]
     ps = prompts_of([10, 14, 7], seed=91)
-    one = LLM(model=demo_dir, dtype="float32", page_size=8)
+    one = LLM(model=demo_dir, dtype="float32", device="cpu", page_size=8)
     want = run(one, ps, sp)
-    two = LLM(model=demo_dir, dtype="float32", page_size=8, tp_size=2)
+    two = LLM(model=demo_dir, dtype="float32", device="cpu", page_size=8, tp_size=2)  # gloo ranks on any machine
     try:
         assert run(two, ps, sp) == want
     finally:

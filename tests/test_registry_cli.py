@@ -90,6 +90,12 @@ def test_auto_selection_by_priority_and_overrides(fake_plugins, monkeypatch):
     assert not found["broken"].available and "boom" in found["broken"].reason  # a broken plugin never crashes
     assert registry.select_backend().name == "partial"  # highest available priority
     assert registry.select_backend("reference").name == "reference"
+    # a device asked for: the highest backend of that device type (LLM(device="cpu") on a GPU host ran Triton's
+    # GPU kernels on CPU tensors before), the highest overall when none has that type
+    monkeypatch.setattr(_PartialBackend, "default_device", classmethod(lambda cls: "cuda"))
+    assert registry.select_backend(device="cpu").name == "reference"
+    assert registry.select_backend(device="cuda:0").name == "partial"
+    assert registry.select_backend(device="npu").name == "partial"
     monkeypatch.setenv("DSV32_BACKEND", "reference")
     assert registry.select_backend().name == "reference"
     with pytest.raises(registry.BackendError, match="not available here: vendor library 'nolib'.*Usable"):

@@ -118,7 +118,7 @@ def select_ops(config: EngineConfig, cfg: ModelConfig, r: Resolved,
                local_rank: int = 0) -> tuple[BackendInfo, Ops, Resolved]:
     """The backend and its ops on this rank's device (index local_rank when a node runs several ranks), the settings
     fitted to its platform, and its kernel choices resolved."""
-    backend = select_backend(config.backend)
+    backend = select_backend(config.backend, config.device)
     device = torch.device(config.device or backend.cls.default_device())
     if device.type != "cpu" and device.index is None and config.parallel.ranks_per_node > 1:
         device = torch.device(device.type, local_rank)
