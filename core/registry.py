@@ -106,7 +106,7 @@ def select_backend(requested: str | None = None, device: str | None = None) -> B
         return info
     usable = [b for b in backends.values() if b.available and b.priority is not None]
     if device is not None:
-        kind = str(device).split(":")[0]  # a string: torch knows "npu" only once torch_npu is imported
+        kind = str(device).split(":")[0]  # a string: torch.device() knows only the device types loaded so far
         same = [b for b in usable if str(b.cls.default_device()).split(":")[0] == kind]
         usable = same or usable
     return max(usable, key=lambda b: b.priority)
