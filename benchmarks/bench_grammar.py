@@ -60,7 +60,9 @@ def main() -> None:
         result = {"batch": B}
         for name, sp in (("plain", SamplingParams(max_tokens=args.tokens, temperature=0, ignore_eos=True)),
                          ("regex", SamplingParams(max_tokens=args.tokens, temperature=0, regex="[a-z ]+"))):
-            llm.generate(prompt_token_ids=prompts[:1], sampling_params=SamplingParams(max_tokens=4, temperature=0))
+            # warm-up at this batch size: kernels compiled and tuned for its shapes before the timed run
+            llm.generate(prompt_token_ids=prompts, sampling_params=SamplingParams(max_tokens=8, temperature=0,
+                                                                                  ignore_eos=True))
             if name == "regex" and real_bitmask is None:
                 llm.generate(prompt_token_ids=prompts[:1], sampling_params=sp)  # builds the engine's grammar state
                 real_bitmask = eng.grammars.bitmask

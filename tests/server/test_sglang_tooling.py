@@ -164,30 +164,33 @@ def test_flush_cache_empties_the_prefix_cache(server):
 
 
 def test_abort_request_by_rid_and_all(server):
+    import threading
+
     p = prompts(1, seed=5, lo=10, hi=10)[0]
+    streaming = {rid: threading.Event() for rid in ("victim", "other-1", "other-2")}
 
     def stream(rid):
         chunks = []
         with http.stream("POST", server.url + "/generate", json={
                 "input_ids": p, "rid": rid, "stream": True,
-                "sampling_params": {"max_new_tokens": 400, "temperature": 0, "ignore_eos": True}}) as r:
+                "sampling_params": {"max_new_tokens": 500, "temperature": 0, "ignore_eos": True}}) as r:
             for line in r.iter_lines():
                 if line.startswith("data: {"):
                     chunks.append(json.loads(line[6:]))
+                    streaming[rid].set()
         return chunks
 
     with cf.ThreadPoolExecutor(3) as pool:
-        a, b, c = (pool.submit(stream, rid) for rid in ("victim", "other-1", "other-2"))
-        time.sleep(1.0)
+        a, b, c = (pool.submit(stream, rid) for rid in streaming)
+        assert all(e.wait(120) for e in streaming.values())  # every request is generating
         assert http.post(server.url + "/abort_request", json={"rid": "victim"}).status_code == 200
         victim = a.result(timeout=120)
         assert victim[-1]["meta_info"]["finish_reason"]["type"] == "abort"
-        assert victim[-1]["meta_info"]["completion_tokens"] < 400
-        assert not b.done() or b.result()[-1]["meta_info"]["finish_reason"]["type"] == "length"
+        assert victim[-1]["meta_info"]["completion_tokens"] < 500
         assert http.post(server.url + "/abort_request", json={"abort_all": True}).status_code == 200
-        for f in (b, c):
+        for f in (b, c):  # aborted, unless it had already finished (a fast device)
             last = f.result(timeout=120)[-1]["meta_info"]
-            assert last["finish_reason"]["type"] in ("abort", "length")
+            assert last["finish_reason"]["type"] == "abort" or last["completion_tokens"] == 500
     assert http.post(server.url + "/abort_request", json={"rid": "gone"}).status_code == 200  # unknown: no error
     r = http.post(server.url + "/abort_request", json={})
     assert r.status_code == 400 and r.json()["error"]["param"] == "rid"
