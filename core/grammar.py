@@ -119,13 +119,16 @@ def _parameters_grammar(parameters: dict):
             raise GrammarError(f"tool parameters must be a JSON schema of type object, not {parameters.get('type')!r}")
     props = (parameters or {}).get("properties") or {}
     required = set((parameters or {}).get("required") or [])
+    # a property's schema compiles on its own: it takes the definitions its $refs point at (#/$defs/..., pydantic's)
+    defs = {k: parameters[k] for k in ("$defs", "definitions") if parameters and k in parameters}
     parts = []
     for name, schema in props.items():
         head = f'<{DSML}parameter name="{name}" string='
         if _is_plain_string(schema):
             value = xgr.Grammar.concat(_lit(head + '"true">'), xgr.Grammar.from_regex(r"[^<]*"))
         else:
-            value = xgr.Grammar.concat(_lit(head + '"false">'), _schema_grammar(schema if schema else {}))
+            sub = {**defs, **schema} if isinstance(schema, dict) and schema else {}
+            value = xgr.Grammar.concat(_lit(head + '"false">'), _schema_grammar(sub))
         line = xgr.Grammar.concat(value, _lit(f"</{DSML}parameter>\n"))
         parts.append(line if name in required else xgr.Grammar.union(line, _lit("")))
     if not parts:

@@ -167,6 +167,22 @@ def test_forced_tool_calls_parse_and_validate(server):
             jsonschema.validate(json.loads(call["function"]["arguments"]), schemas[int(name[-1])])
 
 
+def test_forced_call_with_refs_to_definitions(server):
+    """Tool schemas as pydantic writes them ($defs and $ref, enums, optional fields): each property's sub-schema keeps
+    the definitions it refers to."""
+    schema = {"$defs": {"Day": {"type": "object", "properties": {"day": {"type": "integer"}, "summary": {
+        "enum": ["sunny", "rainy"], "type": "string"}}, "required": ["day", "summary"], "additionalProperties": False}},
+        "type": "object", "properties": {"city": {"type": "string"}, "days": {"type": "array", "items": {
+            "$ref": "#/$defs/Day"}}, "note": {"anyOf": [{"type": "string"}, {"type": "null"}], "default": None}},
+        "required": ["city", "days"], "additionalProperties": False}
+    tools = [{"type": "function", "function": {"name": "report", "parameters": schema, "strict": True}}]
+    for seed, choice in ((1, {"type": "function", "function": {"name": "report"}}), (2, "required")):
+        r = chat(server, seed=seed, tools=tools, tool_choice=choice)
+        assert r.status_code == 200, r.text
+        for call in r.json()["choices"][0]["message"]["tool_calls"]:
+            jsonschema.validate(json.loads(call["function"]["arguments"]), schema)
+
+
 def test_generate_regex_ebnf_json_schema_and_completions(server):
     regex = r"[a-z]{2,5}-[0-9]{2}"
     r = http.post(server.url + "/generate", json={"text": "Code:", "sampling_params": {
