@@ -200,9 +200,9 @@ class LogprobTensors:
     want: list[int | None]  # per row: None = no logprobs, else how many alternatives
 
 
-def logprob_tensors(logits: torch.Tensor, tokens: torch.Tensor, params: list[SamplingParams]) -> LogprobTensors | None:
-    """Logprobs of the chosen tokens under the (penalized, unscaled by temperature) model distribution."""
-    want = [p.logprobs for p in params]
+def logprob_tensors(logits: torch.Tensor, tokens: torch.Tensor, want: list[int | None]) -> LogprobTensors | None:
+    """Logprobs of the chosen tokens under the (penalized, unscaled by temperature) model distribution; want: per
+    row None (none) or the number of alternatives."""
     if all(w is None for w in want):
         return None
     lp = torch.log_softmax(logits.float(), dim=-1)
@@ -210,15 +210,6 @@ def logprob_tensors(logits: torch.Tensor, tokens: torch.Tensor, params: list[Sam
     kmax = max((w or 0) for w in want)
     top_values, top_ids = lp.topk(kmax, dim=-1) if kmax else (None, None)
     return LogprobTensors(chosen, top_values, top_ids, want)
-
-
-def prompt_token_logprobs(logits: torch.Tensor, targets: list[int], k: int) -> list[TokenLogprob]:
-    """Logprobs of `targets` under rows of logits [N, V] (row i predicts targets[i]), with k alternatives each."""
-    lp = torch.log_softmax(logits.float(), dim=-1)
-    chosen = lp.gather(1, to_device(torch.tensor(targets, dtype=torch.int64), lp.device)[:, None])[:, 0].tolist()
-    if k:
-        values, ids = (t.tolist() for t in lp.topk(k, dim=-1))
-    return [TokenLogprob(t, c, list(zip(ids[i], values[i])) if k else []) for i, (t, c) in enumerate(zip(targets, chosen))]
 
 
 def token_logprobs(t: LogprobTensors | None, tokens: list[int]) -> list[TokenLogprob | None]:

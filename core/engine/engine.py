@@ -330,7 +330,7 @@ class Engine:
                 if bitmask is not None:
                     logits = apply_token_bitmask(logits, bitmask)
             tokens = self._sample(reqs, logits)
-            lps = logprob_tensors(logits, tokens, [r.params for r in reqs])
+            lps = logprob_tensors(logits, tokens, [r.params.logprobs for r in reqs])
         else:
             tokens, lps = torch.empty(len(reqs), dtype=torch.int64, device=logits.device), None
         if reqs:
@@ -455,11 +455,10 @@ class Engine:
         return out
 
     def _record_prompt_logprobs(self, wanted: list[tuple[Request, int, int]], logits: torch.Tensor) -> None:
-        from dsv32.core.sampling import prompt_token_logprobs
-
-        k = max(r.params.prompt_logprobs for r, _, _ in wanted)
-        for (req, _, _), lp in zip(wanted, prompt_token_logprobs(logits, [t for _, _, t in wanted], k)):
-            lp.top = lp.top[:req.params.prompt_logprobs]
+        targets = [t for _, _, t in wanted]
+        lps = logprob_tensors(logits, to_device(torch.tensor(targets, dtype=torch.int64), logits.device),
+                              [r.params.prompt_logprobs for r, _, _ in wanted])
+        for (req, _, _), lp in zip(wanted, token_logprobs(lps, targets)):
             req.prompt_logprobs.append(lp)
 
     def _free_pages(self) -> int:
