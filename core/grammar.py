@@ -154,20 +154,35 @@ def dsml_tools_grammar(tools: list[dict], named: str | None, max_calls: int = MA
     return xgr.Grammar.concat(seq, _lit(close_block))
 
 
+CONSTRAINT_KINDS = ("json_schema", "regex", "ebnf")  # what a request (or SamplingParams) may name directly
+
+
+def grammar_request(kind: str, value) -> GrammarRequest:
+    """A json_schema (an object, or its JSON text; kept as canonical JSON), regex or ebnf (non-empty strings) as a
+    GrammarRequest; GrammarError says what is wrong with the value."""
+    if kind == "json_schema":
+        if isinstance(value, str):
+            try:
+                value = json.loads(value)
+            except json.JSONDecodeError as e:
+                raise GrammarError(f"is not valid JSON: {e}") from None
+        if not isinstance(value, dict):
+            raise GrammarError("must be a JSON schema (an object)")
+        return GrammarRequest("json_schema", json.dumps(value, ensure_ascii=False))
+    if not isinstance(value, str) or not value:
+        raise GrammarError("must be a non-empty string")
+    return GrammarRequest(kind, value)
+
+
 def request_of(params) -> GrammarRequest | None:
     """The constraint a SamplingParams names (json_schema / regex / ebnf), if any."""
-    if params.json_schema is not None:
-        schema = params.json_schema
-        if isinstance(schema, str):
+    for kind in CONSTRAINT_KINDS:
+        value = getattr(params, kind)
+        if value is not None:
             try:
-                schema = json.loads(schema)
-            except json.JSONDecodeError as e:
-                raise GrammarError(f"json_schema is not valid JSON: {e}") from None
-        return GrammarRequest("json_schema", json.dumps(schema, ensure_ascii=False))
-    if params.regex is not None:
-        return GrammarRequest("regex", params.regex)
-    if params.ebnf is not None:
-        return GrammarRequest("ebnf", params.ebnf)
+                return grammar_request(kind, value)
+            except GrammarError as e:
+                raise GrammarError(f"{kind} {e}") from None
     return None
 
 
@@ -195,7 +210,11 @@ class GrammarCompiler:
         req = request_of(params)
         if req is None or params.grammar is not None:
             return params
-        return dataclasses.replace(params, grammar=(req.key, self.compile(req), None, req.control_bytes))
+        return dataclasses.replace(params, grammar=self.grammar(req))
+
+    def grammar(self, req: GrammarRequest, after: int | None = None) -> tuple:
+        """SamplingParams.grammar for a request: (key, serialized compiled grammar, after, control-byte rule)."""
+        return req.key, self.compile(req), after, req.control_bytes
 
     def _compile(self, req: GrammarRequest) -> str:
         grammar = build_grammar(req)

@@ -9,6 +9,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from dsv32.core.grammar import CONSTRAINT_KINDS
+
 from dsv32.core.forward_batch import to_device
 
 
@@ -78,7 +80,7 @@ class SamplingParams:
         def bad(name, why):
             raise ValueError(f"SamplingParams.{name}: {why}")
 
-        given = [n for n in ("json_schema", "regex", "ebnf") if getattr(self, n) is not None]
+        given = [n for n in CONSTRAINT_KINDS if getattr(self, n) is not None]
         if len(given) > 1:
             bad(given[1], f"give one of json_schema, regex, ebnf (got {' and '.join(given)})")
         if given and (self.ignore_eos or self.min_tokens):

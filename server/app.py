@@ -112,14 +112,14 @@ class ServerState:
             return ids[:self.max_model_len - 1]
         return ids
 
-    def _compile(self, req):
+    def _grammar(self, req, after: int | None) -> tuple:
         from dsv32.core.grammar import GrammarCompiler
 
         with self._grammar_lock:
             if self._grammar_compiler is None:
                 self._grammar_compiler = GrammarCompiler(self.tokenizer, self.vocab_size,
                                                          self.engine.info["eos_token_ids"])
-        return self._grammar_compiler.compile(req)
+        return self._grammar_compiler.grammar(req, after)
 
     async def constrain(self, params, found, after: int | None = None) -> None:
         """Structured output: compiles found = (param, GrammarRequest) off the event loop (a bad schema, regex or
@@ -141,10 +141,9 @@ class ServerState:
         from dsv32.core.grammar import GrammarError
 
         try:
-            serialized = await asyncio.to_thread(self._compile, req)
+            params.grammar = await asyncio.to_thread(self._grammar, req, after)
         except GrammarError as e:
             raise RequestError(f"{param}: {e}", param) from None
-        params.grammar = (req.key, serialized, after, req.control_bytes)
 
     def check_model(self, body: dict) -> None:
         name = body.get("model")

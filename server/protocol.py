@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from dsv32.core.grammar import CONSTRAINT_KINDS, GrammarError, GrammarRequest, grammar_request
 from dsv32.core.sampling import SamplingParams
 
 
@@ -192,28 +193,11 @@ def sampling_from_openai(body: dict, prompt_tokens: int, max_model_len: int, gen
 
 # SGLang sampling_params this server cannot honour yet: refused when set
 _NATIVE_UNSUPPORTED = ("structural_tag", "custom_params", "stop_regex")
-_NATIVE_CONSTRAINTS = ("json_schema", "regex", "ebnf")
-
-
-def _schema_text(v, name: str) -> str:
-    """A JSON schema given as an object or as JSON text, as canonical JSON text."""
-    import json
-
-    if isinstance(v, str):
-        try:
-            v = json.loads(v)
-        except json.JSONDecodeError as e:
-            raise RequestError(f"'{name}' is not valid JSON: {e}", name) from None
-    if not isinstance(v, dict):
-        raise RequestError(f"'{name}' must be a JSON schema (an object)", name)
-    return json.dumps(v, ensure_ascii=False)
 
 
 def constraint_openai(body: dict):
     """The structured-output constraint of a chat / completions body, or None: response_format json_object /
     json_schema, or SGLang's extra fields regex / ebnf / json_schema (at most one of them)."""
-    from dsv32.core.grammar import GrammarRequest
-
     found = []
     rf = body.get("response_format")
     if rf is not None:
@@ -228,9 +212,9 @@ def constraint_openai(body: dict):
                 raise RequestError("'response_format.json_schema' must be {'name': ..., 'schema': {...}}",
                                    "response_format.json_schema")
             schema = js.get("schema", js.get("schema_"))
-            found.append(("response_format", GrammarRequest("json_schema", _schema_text(
-                schema, "response_format.json_schema.schema"))))
-    for name in _NATIVE_CONSTRAINTS:
+            found.append(("response_format", _native_constraint("json_schema", schema,
+                                                                 "response_format.json_schema.schema")))
+    for name in CONSTRAINT_KINDS:
         if body.get(name) is not None:
             found.append((name, _native_constraint(name, body[name], name)))
     if len(found) > 1:
@@ -239,13 +223,10 @@ def constraint_openai(body: dict):
 
 
 def _native_constraint(kind: str, v, param: str):
-    from dsv32.core.grammar import GrammarRequest
-
-    if kind == "json_schema":
-        return GrammarRequest("json_schema", _schema_text(v, param))
-    if not isinstance(v, str) or not v:
-        raise RequestError(f"'{param}' must be a non-empty string", param)
-    return GrammarRequest(kind, v)
+    try:
+        return grammar_request(kind, v)
+    except GrammarError as e:
+        raise RequestError(f"'{param}' {e}", param) from None
 
 
 def constraint_native(sp) -> tuple | None:
@@ -253,7 +234,7 @@ def constraint_native(sp) -> tuple | None:
     if not isinstance(sp, dict):
         return None
     found = [(f"sampling_params.{k}", _native_constraint(k, sp[k], f"sampling_params.{k}"))
-             for k in _NATIVE_CONSTRAINTS if sp.get(k) is not None]
+             for k in CONSTRAINT_KINDS if sp.get(k) is not None]
     if len(found) > 1:
         raise RequestError("give one of json_schema, regex, ebnf", found[1][0])
     return found[0] if found else None
@@ -270,7 +251,7 @@ def sampling_from_native(sp: Any, prompt_tokens: int, max_model_len: int, gen_de
         if sp.get(name) is not None:
             raise RequestError(f"'sampling_params.{name}' (constrained decoding) is not supported yet",
                                f"sampling_params.{name}")
-    body = {k: v for k, v in sp.items() if k not in _NATIVE_CONSTRAINTS}  # constraints: constraint_native
+    body = {k: v for k, v in sp.items() if k not in CONSTRAINT_KINDS}  # constraints: constraint_native
     if "max_new_tokens" in body:
         body["max_tokens"] = body.pop("max_new_tokens")
     elif "max_tokens" not in body:
