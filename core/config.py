@@ -150,6 +150,10 @@ class ModelConfig:
         return scale
 
     def is_dense_layer(self, layer: int) -> bool:
+        """Layer `layer` has a dense MLP (else MoE); an MTP layer (index ≥ num_hidden_layers) as the official
+        checkpoints: MoE unless it falls within first_k_dense_replace."""
+        if layer >= len(self.dense_layers):
+            return layer < self.first_k_dense_replace
         return self.dense_layers[layer]
 
     @classmethod
@@ -365,6 +369,54 @@ class SchedulerConfig:
     schedule_policy: str = "fcfs"
 
 
+SPECULATIVE_ALGORITHMS = ("EAGLE", "NEXTN")  # SGLang's names; both mean the checkpoint's MTP (NextN) layer here
+DEFAULT_SPECULATIVE_STEPS = 3  # SGLang's choice for DeepSeek-V3 / V3.2 when only the algorithm is given
+
+
+@dataclass(frozen=True)
+class SpeculativeConfig:
+    """MTP speculative decoding (SGLang's --speculative-* flags): algorithm None (off), 'EAGLE' or its alias 'NEXTN'
+    (the checkpoint's NextN layer drafts); num_steps draft tokens per step (None: 3); eagle_topk 1 (a chain: tree
+    drafting is not implemented); num_draft_tokens num_steps + 1 (None: that)."""
+
+    algorithm: str | None = None
+    num_steps: int | None = None
+    eagle_topk: int | None = None
+    num_draft_tokens: int | None = None
+
+    @property
+    def enabled(self) -> bool:
+        return self.algorithm is not None
+
+    def problems(self) -> list[str]:
+        """What is wrong with these settings, each naming the flag (empty: fine)."""
+        if self.algorithm is None:
+            given = [n for n in ("num_steps", "eagle_topk", "num_draft_tokens") if getattr(self, n) is not None]
+            return [f"speculative_{given[0]} needs speculative_algorithm (EAGLE or NEXTN)"] if given else []
+        out = []
+        if str(self.algorithm).upper() not in SPECULATIVE_ALGORITHMS:
+            out.append(f"speculative_algorithm {self.algorithm!r}: 'EAGLE' or 'NEXTN' (the checkpoint's MTP layer "
+                       "drafts; EAGLE3 / STANDALONE draft models are not implemented)")
+        steps = self.num_steps
+        if steps is not None and (not isinstance(steps, int) or isinstance(steps, bool) or not 1 <= steps <= 16):
+            out.append(f"speculative_num_steps {steps!r}: an integer in [1, 16]")
+        if self.eagle_topk not in (None, 1):
+            out.append(f"speculative_eagle_topk {self.eagle_topk!r}: only 1 (chain drafting; tree drafts are not "
+                       "implemented)")
+        want = (steps if isinstance(steps, int) else DEFAULT_SPECULATIVE_STEPS) + 1
+        if self.num_draft_tokens is not None and self.num_draft_tokens != want:
+            out.append(f"speculative_num_draft_tokens {self.num_draft_tokens!r}: with eagle_topk 1 it is "
+                       f"speculative_num_steps + 1 = {want}")
+        return out
+
+    @property
+    def steps(self) -> int:
+        """Draft tokens per request per step (0: off)."""
+        if self.algorithm is None:
+            return 0
+        return self.num_steps if self.num_steps is not None else DEFAULT_SPECULATIVE_STEPS
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     """Everything a rank needs to build its engine (picklable). model: checkpoint directory; tokenizer: directory
@@ -383,4 +435,10 @@ class EngineConfig:
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    speculative: SpeculativeConfig = field(default_factory=SpeculativeConfig)
     seed: int | None = None  # each rank's sampling RNG (torch.manual_seed) at startup; requests' own seeds win
+
+    @property
+    def with_mtp(self) -> bool:
+        """The MTP layer is loaded: asked for, or speculative decoding drafts with it."""
+        return self.load_mtp or self.speculative.enabled

@@ -7,7 +7,7 @@ import logging
 import weakref
 from dataclasses import dataclass, field
 
-from dsv32.core.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
+from dsv32.core.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig, SpeculativeConfig
 from dsv32.core.engine.build import build_engine_core, load_tokenizer, resolve
 from dsv32.core.parallel import ParallelConfig
 from dsv32.core.sampling import SamplingParams
@@ -93,6 +93,9 @@ class LLM:
     tp_size / dp_size / ep_size / enable_dp_attention: the parallel layout, as SGLang's --tp / --dp / --ep /
     --enable-dp-attention (core/parallel.py): with more than one rank, one process per rank runs the engine
     (torch.distributed: gloo on the CPU) and this object talks to them; dist_timeout_s bounds every wait on a rank.
+    speculative_algorithm ('EAGLE' or 'NEXTN') / speculative_num_steps (default 3) / speculative_eagle_topk (1) /
+    speculative_num_draft_tokens (steps + 1): MTP speculative decoding with the checkpoint's NextN layer, as SGLang's
+    flags (core/engine/speculative.py); `stats()` reports the accept length.
     """
 
     def __init__(self, model: str, dtype: str = "auto", device: str | None = None, backend: str | None = None,
@@ -104,7 +107,9 @@ class LLM:
                  load_format: str = "auto", graph_max_bs: int | None = None, disable_graphs: bool = False,
                  disable_overlap_schedule: bool = False, graph_factory=None, tp_size: int = 1, dp_size: int = 1,
                  ep_size: int = 1, enable_dp_attention: bool = False, dist_timeout_s: float = 600.0,
-                 max_prefill_tokens: int | None = None, seed: int | None = None, schedule_policy: str = "fcfs"):
+                 max_prefill_tokens: int | None = None, seed: int | None = None, schedule_policy: str = "fcfs",
+                 speculative_algorithm: str | None = None, speculative_num_steps: int | None = None,
+                 speculative_eagle_topk: int | None = None, speculative_num_draft_tokens: int | None = None):
         self.engine_config = EngineConfig(
             model=model, tokenizer=tokenizer, dtype=dtype, device=device, backend=backend, load_format=load_format,
             load_mtp=load_mtp, kernels=tuple((kernels or {}).items()), seed=seed,
@@ -118,7 +123,10 @@ class LLM:
                                       disable_graphs=disable_graphs, max_prefill_tokens=max_prefill_tokens,
                                       schedule_policy=schedule_policy),
             parallel=ParallelConfig(tp_size=tp_size, dp_size=dp_size, ep_size=ep_size,
-                                    enable_dp_attention=enable_dp_attention, dist_timeout_s=dist_timeout_s))
+                                    enable_dp_attention=enable_dp_attention, dist_timeout_s=dist_timeout_s),
+            speculative=SpeculativeConfig(algorithm=speculative_algorithm, num_steps=speculative_num_steps,
+                                          eagle_topk=speculative_eagle_topk,
+                                          num_draft_tokens=speculative_num_draft_tokens))
         self.config = ModelConfig.from_pretrained(model)
         self._ranks = None
         if self.engine_config.parallel.world_size == 1:
@@ -146,6 +154,15 @@ class LLM:
     backend = _core_part("backend")
     dtype = _core_part("resolved.dtype")
     indexer_precision = _core_part("resolved.indexer_precision")
+
+    def stats(self) -> dict:
+        """The engine's counters: preemptions, prefix-cache hits and, with speculative decoding, the accept length
+        (avg_spec_accept_length: tokens emitted per verify step; spec_accept_histogram[L]: steps that emitted L)."""
+        if self._ranks is not None:
+            return dict(self._ranks.stats)
+        from dsv32.core.engine.worker import engine_stats
+
+        return engine_stats(self.core)
 
     def shutdown(self) -> None:
         """Stops the rank processes (several ranks); nothing to do in a single process."""

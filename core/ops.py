@@ -321,6 +321,17 @@ class Ops:
         then a draw using the row's generator (None: global RNG). Returns int64 [B]."""
         raise NotImplementedError
 
+    def verify(self, logits: torch.Tensor, drafts: torch.Tensor, temperatures: torch.Tensor, top_ps: torch.Tensor,
+               top_ks: torch.Tensor, min_ps: torch.Tensor, generators: list[torch.Generator | None]) -> torch.Tensor:
+        """Speculative verification, row by row. Row r of logits [R, V] fp32 is the target's distribution p_r (as
+        `sample` makes it from the row's parameters) at a position whose next token was drafted as drafts[r] (int64
+        [R]; −1: none, the row samples as `sample`). Returns int64 [R]: the token row r emits. Greedy rows emit the
+        argmax (the draft is accepted iff it equals it). Sampled rows accept the draft with probability p_r(draft)
+        and otherwise emit a draw from p_r with the draft's mass removed (renormalized): the drafts are one-hot
+        (greedy chain drafting), so the emitted token is distributed exactly as p_r. A draft is accepted iff the
+        returned token equals it."""
+        raise NotImplementedError
+
 
     # ---- the platform, per-batch metadata, device graphs and events (not ops) -------------------------
     def platform(self) -> Platform:

@@ -175,3 +175,34 @@ def decisive_routing(model_dir: str) -> str:
                     tensors[key][:2] = 4.0
             save_file(tensors, path, metadata={"format": "pt"})
     return model_dir
+
+
+def make_mtp_checkpoint(path: str, seed: int = 0, mtp_like_last: bool = False, **overrides):
+    """A tiny checkpoint with an MTP layer (layer num_hidden_layers: a full decoder layer plus enorm, hnorm, eh_proj,
+    shared_head.norm, and the optional duplicates of the head and embedding): transformers' model with one layer more,
+    saved with the config saying one layer less and num_nextn_predict_layers 1 (HF ignores the MTP layer, so the
+    oracle is unchanged). Random weights (the drafts are poor: speculation must still emit the target's tokens);
+    eh_proj is scaled so the MTP layer's input is O(1). Returns the HF model without the MTP layer."""
+    from safetensors.torch import load_file, save_file
+
+    layers = overrides.pop("num_hidden_layers", TINY["num_hidden_layers"])
+    make_checkpoint(path, seed=seed, num_hidden_layers=layers + 1, **overrides)
+    tensors = load_file(os.path.join(path, "model.safetensors"))
+    g = torch.Generator().manual_seed(seed + 1)
+    hd = tensors["model.norm.weight"].shape[0]
+    p = f"model.layers.{layers}."
+    tensors[p + "enorm.weight"] = torch.rand(hd, generator=g) + 0.5
+    tensors[p + "hnorm.weight"] = torch.rand(hd, generator=g) + 0.5
+    tensors[p + "eh_proj.weight"] = torch.randn(hd, 2 * hd, generator=g) / math.sqrt(2 * hd)
+    tensors[p + "shared_head.norm.weight"] = torch.rand(hd, generator=g) + 0.5
+    tensors[p + "shared_head.head.weight"] = tensors["lm_head.weight"].clone()
+    save_file({k: v.contiguous() for k, v in tensors.items()}, os.path.join(path, "model.safetensors"))
+    with open(os.path.join(path, "config.json")) as f:
+        cfg = json.load(f)
+    cfg["num_hidden_layers"], cfg["num_nextn_predict_layers"] = layers, 1
+    for key in ("mlp_layer_types", "layer_types"):  # per-layer lists written by transformers: one entry per layer
+        if isinstance(cfg.get(key), list):
+            cfg[key] = cfg[key][:layers]
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(cfg, f, indent=2)
+    return load_hf(path)

@@ -303,25 +303,50 @@ class ReferenceOps(Ops):
     def sample(self, logits, temperatures, top_ps, top_ks, min_ps, generators):
         out = torch.empty(logits.shape[0], dtype=torch.int64, device=logits.device)
         for i in range(logits.shape[0]):
-            row = logits[i].float()
-            t = float(temperatures[i])
-            if t <= 0.0:
-                out[i] = row.argmax()
-                continue
-            row = row / t
-            k = int(top_ks[i])
-            if 0 < k < row.numel():
-                kth = row.topk(k).values[-1]
-                row = row.masked_fill(row < kth, float("-inf"))
-            p = float(top_ps[i])
-            if p < 1.0:
-                sorted_logits, order = row.sort(descending=True)
-                sorted_probs = sorted_logits.softmax(-1)
-                drop = sorted_probs.cumsum(-1) - sorted_probs >= p  # keep the smallest prefix reaching p
-                row = row.scatter(0, order, sorted_logits.masked_fill(drop, float("-inf")))
-            probs = row.softmax(-1)
-            m = float(min_ps[i])
-            if m > 0.0:
-                probs = probs.masked_fill(probs < m * probs.max(), 0.0)
-            out[i] = torch.multinomial(probs, 1, generator=generators[i])[0]
+            probs = _sampling_probs(logits[i], temperatures[i], top_ps[i], top_ks[i], min_ps[i])
+            out[i] = logits[i].argmax() if probs is None else torch.multinomial(probs, 1, generator=generators[i])[0]
         return out
+
+    def verify(self, logits, drafts, temperatures, top_ps, top_ks, min_ps, generators):
+        out = logits.argmax(dim=-1)  # greedy rows (one op for all of them)
+        for i in range(logits.shape[0]):
+            probs = _sampling_probs(logits[i], temperatures[i], top_ps[i], top_ks[i], min_ps[i])
+            if probs is None:
+                continue
+            d, g = int(drafts[i]), generators[i]
+            if d >= 0:
+                u = torch.rand((), generator=g, device=probs.device) if g is not None else torch.rand((), device=probs.device)
+                if u < probs[d]:
+                    out[i] = d
+                    continue
+                rest = probs.clone()
+                rest[d] = 0.0
+                if float(rest.sum()) > 0.0:  # else p(d) was 1 and u < 1 accepted it (never here)
+                    probs = rest / rest.sum()
+            out[i] = torch.multinomial(probs, 1, generator=g)[0]
+        return out
+
+
+def _sampling_probs(logits: torch.Tensor, temperature, top_p, top_k, min_p) -> torch.Tensor | None:
+    """One row's sampling distribution as `Ops.sample` defines it (temperature, top-k, top-p, min-p); None: greedy."""
+    row = logits.float()
+    t = float(temperature)
+    if t <= 0.0:
+        return None
+    row = row / t
+    k = int(top_k)
+    if 0 < k < row.numel():
+        kth = row.topk(k).values[-1]
+        row = row.masked_fill(row < kth, float("-inf"))
+    p = float(top_p)
+    if p < 1.0:
+        sorted_logits, order = row.sort(descending=True)
+        sorted_probs = sorted_logits.softmax(-1)
+        drop = sorted_probs.cumsum(-1) - sorted_probs >= p  # keep the smallest prefix reaching p
+        row = row.scatter(0, order, sorted_logits.masked_fill(drop, float("-inf")))
+    probs = row.softmax(-1)
+    m = float(min_p)
+    if m > 0.0:
+        probs = probs.masked_fill(probs < m * probs.max(), 0.0)
+        probs = probs / probs.sum()  # verify compares draws with p(draft): normalized
+    return probs

@@ -86,11 +86,18 @@ def resolve(config: EngineConfig, cfg: ModelConfig) -> Resolved:
     problems = config.parallel.problems() + config.parallel.model_problems(cfg)
     if problems:
         raise ValueError("parallel layout: " + "; ".join(problems))
+    problems = config.speculative.problems()
+    if config.speculative.enabled and cfg.num_nextn_predict_layers < 1:
+        problems.append("speculative decoding drafts with the checkpoint's MTP layer, and this one has none "
+                        "(num_nextn_predict_layers is 0 in its config.json): drop speculative_algorithm")
+    if problems:
+        raise ValueError("speculative decoding: " + "; ".join(problems))
     return Resolved(dtype, latent, precision, max_len)
 
 
-def kv_spec(cfg: ModelConfig, r: Resolved, page_size: int, num_pages: int = 1) -> KVCacheSpec:
-    return KVCacheSpec(num_layers=cfg.num_hidden_layers, num_pages=num_pages, page_size=page_size,
+def kv_spec(cfg: ModelConfig, r: Resolved, page_size: int, num_pages: int = 1, mtp: bool = False) -> KVCacheSpec:
+    """mtp: one more layer for the MTP layer's own latent and indexer keys (speculative decoding)."""
+    return KVCacheSpec(num_layers=cfg.num_hidden_layers + (1 if mtp else 0), num_pages=num_pages, page_size=page_size,
                        kv_lora_rank=cfg.kv_lora_rank, rope_dim=cfg.qk_rope_head_dim, index_head_dim=cfg.index_head_dim,
                        latent_dtype=r.latent_dtype, index_fp8=r.indexer_precision == "fp8", index_dtype=r.dtype,
                        latent_layout=r.latent_layout)
@@ -183,17 +190,17 @@ def build_engine_core(config: EngineConfig, groups: ProcessGroups | None = None,
     report: dict = {}
     if config.load_format == "dummy":
         log.info("load_format=dummy: random weights (no checkpoint tensors are read)")
-        weights = dummy_weights(cfg, ops, r.dtype, device, include_mtp=config.load_mtp, plan=plan)
+        weights = dummy_weights(cfg, ops, r.dtype, device, include_mtp=config.with_mtp, plan=plan)
     else:
-        weights = load_weights(config.model, cfg, ops, r.dtype, device, include_mtp=config.load_mtp, plan=plan,
+        weights = load_weights(config.model, cfg, ops, r.dtype, device, include_mtp=config.with_mtp, plan=plan,
                                report=report, progress=layout.local_rank == 0)  # one progress line per node
     model = DeepseekV32(cfg, weights, ops, r.dtype, device, indexer_fp8=r.indexer_precision == "fp8",
                         max_positions=r.max_model_len, groups=groups)
     weights_bytes = _weights_bytes(model.w) + sum(_weights_bytes({"uk": layer.attn.w_uk, "uv": layer.attn.w_uv})
-                                                  for layer in model.layers)
+                                                  for layer in model.layers + ([model.mtp.block] if model.mtp else []))
 
     c, s = config.cache, config.scheduler
-    spec = kv_spec(cfg, r, c.page_size)
+    spec = kv_spec(cfg, r, c.page_size, mtp=config.speculative.enabled)
     pages_per_seq = math.ceil(r.max_model_len / c.page_size)
     num_pages = c.num_kv_pages
     if num_pages is None:
@@ -217,6 +224,10 @@ def build_engine_core(config: EngineConfig, groups: ProcessGroups | None = None,
     if graph_factory is None and ops.platform().graphs and envs.debug_eager_graphs():
         graph_factory = EagerGraph
     graph_bs = _graph_max_bs(ops, s.graph_max_bs, s.disable_graphs, graph_factory, s.max_running_requests)
+    if config.speculative.enabled and graph_bs:
+        # verify and draft batches are multi-token / MTP-only: they run eagerly (graphs for them are not captured yet)
+        log.info("speculative decoding: steps run without device graphs")
+        graph_bs = 0
     runner = ModelRunner(model, kv_cache, r.max_model_len, graph_bs, graph_factory)
     runner.capture()
     graphs_bytes = max(0, ops.memory_allocated() - before_graphs) if before_graphs is not None else None
@@ -225,7 +236,8 @@ def build_engine_core(config: EngineConfig, groups: ProcessGroups | None = None,
     # ranks must fail together: only a single process isolates a failed step's requests and goes on
     isolate = s.isolate_failures and layout.world_size == 1
     engine = Engine(model, kv_cache, dataclasses.replace(s, max_model_len=r.max_model_len, overlap=overlap,
-                                                         isolate_failures=isolate), tokenizer, runner)
+                                                         isolate_failures=isolate), tokenizer, runner,
+                    speculative_steps=config.speculative.steps)
     total = getattr(backend.cls, "total_memory_bytes", None)  # optional for a third-party backend
     estimate = plan_memory(config, cfg, total(device) if total else 0, layout.rank, spec.latent_bytes_per_token(),
                            spec.index_bytes_per_token())

@@ -67,6 +67,7 @@ class Request:
     matcher: object | None = None  # structured output: its grammar state (core/grammar.py; sampling rank only)
     prompt_logprobs: list[TokenLogprob] = field(default_factory=list)  # params.prompt_logprobs: tokens 2.. so far
     prompt_logprobs_sent: bool = False
+    draft_ids: list[int] = field(default_factory=list)  # speculative decoding: tokens drafted to verify next step
 
     @property
     def all_ids(self) -> list[int]:
@@ -111,6 +112,13 @@ class _Launched:
     tokens_host: torch.Tensor
     logprobs_host: LogprobTensors | None
     event: object | None
+    # speculative decoding (core/engine/speculative.py): per sampled request its drafts (rows: one per draft, then its
+    # last); per work item its first position, flat offset and draft count; the target's hidden states [T, Hd]
+    drafts: list[list[int]] | None = None
+    starts: list[int] = field(default_factory=list)
+    offsets: list[int] = field(default_factory=list)
+    work_drafts: list[int] = field(default_factory=list)
+    hidden: torch.Tensor | None = None
 
 
 class _NeedsSync(Exception):
@@ -119,9 +127,10 @@ class _NeedsSync(Exception):
 
 class Engine:
     def __init__(self, model: DeepseekV32, cache: KVCache, config: SchedulerConfig, tokenizer=None,
-                 runner: ModelRunner | None = None):
+                 runner: ModelRunner | None = None, speculative_steps: int = 0):
         """config.max_model_len must be resolved (an int); config.overlap is taken as is (the caller turns it off
-        where the device runs synchronously)."""
+        where the device runs synchronously). speculative_steps: draft tokens per request per step with the model's
+        MTP layer (0: no speculative decoding; the cache needs the MTP layer's layer)."""
         self.model, self.cache, self.ops, self.cfg = model, cache, model.ops, config
         self.runner = runner or ModelRunner(model, cache, config.max_model_len)
         # Ranks of an attention group run identical engines; its first rank samples and the others take its tokens.
@@ -142,6 +151,11 @@ class Engine:
         # the group's first rank logs for the group (its other ranks run the same batches)
         self.batch_log = BatchLog(config.decode_log_interval, enabled=self.samples, device_type=model.device.type)
         self.grammars = None  # core.grammar.EngineGrammars, made with the first constrained request
+        self.spec = None
+        if speculative_steps:
+            from dsv32.core.engine.speculative import Speculator
+
+            self.spec = Speculator(self, speculative_steps)
 
     # ---- requests -----------------------------------------------------------------------------------
     def add_request(self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None) -> Request:
@@ -197,6 +211,13 @@ class Engine:
             self.prefix_cache.hit_tokens = self.prefix_cache.query_tokens = 0
         log.info("cache flushed")
         return True
+
+    def idle_step(self) -> None:
+        """A step without requests of a rank under attention data-parallelism: joins the other groups' passes."""
+        if self.spec is not None:
+            self.spec.idle_step()
+        else:
+            self.runner.idle_step()
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.running or self._pending or self._launched)
@@ -271,7 +292,7 @@ class Engine:
             self.overlapped_steps += 1
         if previous is not None:
             outputs += self._finish(previous)
-        if (not self.cfg.overlap or self._isolating()) and self._launched is not None:
+        if (not self.cfg.overlap or self._isolating() or self.spec is not None) and self._launched is not None:
             outputs += self._sync()  # a suspect's step must succeed or fail on its own
         return outputs
 
@@ -286,21 +307,24 @@ class Engine:
     def _launch(self, work: list[tuple[Request, int]]) -> _Launched:
         """Builds the batch, queues the forward pass and the sampling on the device; returns without waiting."""
         inputs, from_device = [], []  # from_device: (flat token index, row of the previous batch's tokens)
-        flat = 0
+        flat, starts, offsets = 0, [], []
         prev_row = {id(r): i for i, r in enumerate(self._launched.sampled)} if self._launched else {}
         for req, n in work:
             if req.pending:  # its input is the token the launched batch sampled: still on the device
                 assert n == 1 and req.num_cached == req.num_tokens - 1
                 from_device.append((flat, prev_row[id(req)]))
                 inputs.append(([0], req.num_cached, req.pages))
-            else:
-                inputs.append((req.all_ids[req.num_cached:req.num_cached + n], req.num_cached, req.pages))
+            else:  # speculative: a decoding request's last token, then its drafts
+                ids = req.all_ids[req.num_cached:req.num_cached + n - len(req.draft_ids)] + req.draft_ids
+                inputs.append((ids, req.num_cached, req.pages))
+            starts.append(req.num_cached)
+            offsets.append(flat)
             flat += n
         fb = self.runner.build(inputs)
         if from_device:
             dst, src = (to_device(torch.tensor(x, dtype=torch.int64), fb.input_ids.device) for x in zip(*from_device))
             fb.input_ids[dst] = self._launched.tokens[src]
-        rows = [i for i, (req, n) in enumerate(work) if req.num_cached + n == req.num_tokens]
+        rows = [i for i, (req, n) in enumerate(work) if req.num_cached + n == req.num_tokens + len(req.draft_ids)]
         reqs = [work[i][0] for i in rows]
         num_outputs = [len(r.output_ids) + r.pending for r in reqs]
         prefill = [(req, n) for req, n in work if req.num_cached < len(req.prompt_ids)]
@@ -309,8 +333,16 @@ class Engine:
         for req, n in work:
             req.num_cached += n
             req.inflight += 1
-        replays = self.runner.replays
-        if wanted:
+        replays, hidden = self.runner.replays, None
+        if self.spec is not None:  # the target's hidden states feed the MTP layer; logits of every verify row
+            hidden = self.runner.hidden(fb)
+            flat_rows = [offsets[i] + j for i in rows for j in range(work[i][1] - len(work[i][0].draft_ids) - 1,
+                                                                     work[i][1])]
+            logits = self.model.logits(hidden[to_device(torch.tensor(flat_rows, dtype=torch.int64), hidden.device)])
+            if wanted:
+                self._record_prompt_logprobs(wanted, self.model.logits(
+                    hidden[to_device(torch.tensor([f for _, f, _ in wanted], dtype=torch.int64), hidden.device)]))
+        elif wanted:
             logits, prompt_logits = self.runner.logits(fb, rows, [f for _, f, _ in wanted])
             self._record_prompt_logprobs(wanted, prompt_logits)  # every rank: they must want the same positions
         else:
@@ -321,7 +353,9 @@ class Engine:
         if len(prefill) < len(work):
             self.batch_log.decode(len(self.running), sum(r.num_cached for r in self.running), self.kv_usage,
                                   self.runner.replays > replays, len(self.waiting))
-        if reqs and self.samples:
+        if reqs and self.samples and self.spec is not None:
+            tokens, lps = self.spec.verify(reqs, logits, num_outputs)
+        elif reqs and self.samples:
             logits = apply_penalties(logits, [r.prompt_ids for r in reqs], [r.output_ids for r in reqs],
                                      [r.params for r in reqs])
             logits = mask_stops_before_min_tokens(logits, num_outputs, [r.params for r in reqs], self.eos_ids)
@@ -332,7 +366,7 @@ class Engine:
             tokens = self._sample(reqs, logits)
             lps = logprob_tensors(logits, tokens, [r.params.logprobs for r in reqs])
         else:
-            tokens, lps = torch.empty(len(reqs), dtype=torch.int64, device=logits.device), None
+            tokens, lps = torch.empty(logits.shape[0], dtype=torch.int64, device=logits.device), None
         if reqs:
             self.group.broadcast(tokens)  # no-op in a group of one
         for req in reqs:
@@ -343,7 +377,12 @@ class Engine:
             lps = LogprobTensors(_host_copy(lps.chosen), _host_copy(lps.top_values), _host_copy(lps.top_ids), lps.want)
         if event is not None:
             event.record()
-        return _Launched(work, reqs, tokens, tokens_host, lps, event)
+        launched = _Launched(work, reqs, tokens, tokens_host, lps, event)
+        if self.spec is not None:
+            launched.drafts = [list(r.draft_ids) for r in reqs]
+            launched.starts, launched.offsets, launched.hidden = starts, offsets, hidden
+            launched.work_drafts = [len(r.draft_ids) for r, _ in work]
+        return launched
 
     def _finish(self, launched: _Launched) -> list[StepOutput]:
         """Reads a launched batch's tokens (waiting for it) and applies them: stop checks, outputs, page release."""
@@ -355,7 +394,9 @@ class Engine:
         now = time.monotonic()
         for req, n in launched.work:
             req.inflight -= 1
-        for req, tok, lp in zip(launched.sampled, tokens, lps):
+        # the rows whose tokens each sampled request emits: its one row, or (speculative) its accepted drafts' and one
+        emitted = self.spec.accept(launched, tokens) if launched.drafts is not None else [[i] for i in range(len(tokens))]
+        for req, rows in zip(launched.sampled, emitted):
             req.pending -= 1
             if req.finished:  # finished or aborted while this batch ran: the extra token is dropped
                 continue
@@ -363,19 +404,28 @@ class Engine:
                 req.first_token_s = now
             if not req.output_ids and self.prefix_cache is not None:
                 self.prefix_cache.insert(req.prompt_ids, req.pages)  # prompt computed: shareable from now on
-            req.output_ids.append(tok)
-            if req.matcher is not None and not req.matcher.accept(tok):
-                log.error("request %s: token %d is outside its grammar", req.request_id, tok)
-            self.batch_log.sampled(1)
+            new, new_lps = [], []
+            for r in rows:
+                tok, lp = tokens[r], lps[r]
+                req.output_ids.append(tok)
+                new.append(tok)
+                if req.matcher is not None and not req.matcher.accept(tok):
+                    log.error("request %s: token %d is outside its grammar", req.request_id, tok)
+                self.batch_log.sampled(1)
+                if lp is not None:
+                    req.logprobs.append(lp)
+                    new_lps.append(lp)
+                if req.detok is not None:
+                    req.detok.add(tok)
+                self._check_stop(req, tok)
+                if req.finished:  # the tokens after a stop are dropped
+                    break
             req.suspect = False  # a step that ran it alone succeeded
-            if lp is not None:
-                req.logprobs.append(lp)
-            if req.detok is not None:
-                req.detok.add(tok)
-            self._check_stop(req, tok)
             if req.finished:
                 self.running.remove(req)
-            outputs.append(self._output(req, [tok], [lp] if lp is not None else []))
+            outputs.append(self._output(req, new, new_lps))
+        if launched.drafts is not None:
+            self.spec.draft(launched)
         for req, n in launched.work:
             if req.finished and req.inflight == 0:
                 self._release(req)
@@ -409,7 +459,13 @@ class Engine:
             if req.pending and self._length_done(req, len(req.output_ids) + 1):
                 continue  # its pending token ends it (max_tokens / context): nothing more to compute
             n = min(req.num_tokens - req.num_cached, budget)
-            if not self._make_room(req, req.num_cached + n, can_preempt):
+            reserve = 0
+            if self.spec is not None:
+                if req.num_tokens - req.num_cached == 1:  # decoding: verify its drafts too (as many as fit)
+                    req.draft_ids = req.draft_ids[:max(0, min(budget - 1, self.spec.wanted(req)))]
+                    n += len(req.draft_ids)
+                reserve = self._reserve
+            if not self._make_room(req, min(req.num_cached + n + reserve, self.cfg.max_model_len), can_preempt):
                 continue
             work.append((req, n))
             budget -= n
@@ -425,7 +481,7 @@ class Engine:
             self.waiting.popleft()
             self.running.append(req)
             n = min(len(req.all_ids) - req.num_cached, budget, admit)
-            self.cache.grow(req.pages, req.num_cached + n)
+            self.cache.grow(req.pages, min(req.num_cached + n + self._reserve, self.cfg.max_model_len))
             work.append((req, n))
             budget -= n
             admit -= n
@@ -461,6 +517,11 @@ class Engine:
         for (req, _, _), lp in zip(wanted, token_logprobs(lps, targets)):
             req.prompt_logprobs.append(lp)
 
+    @property
+    def _reserve(self) -> int:
+        """Positions past a step's inputs that speculative drafting may write (0 without it)."""
+        return self.spec.reserve_tokens if self.spec is not None else 0
+
     def _free_pages(self) -> int:
         return self.cache.allocator.num_free + (self.prefix_cache.evictable() if self.prefix_cache else 0)
 
@@ -489,7 +550,7 @@ class Engine:
             req.num_cached = len(req.pages) * self.cache.page_size
             if not req.output_ids and req.num_preemptions == 0:
                 req.cached_prompt_tokens = req.num_cached
-        need = self.cache.pages_needed(len(ids), len(req.pages))
+        need = self.cache.pages_needed(min(len(ids) + self._reserve, self.cfg.max_model_len), len(req.pages))
         if self._ensure_free(need):
             return True
         if not self.running and need > self.cache.allocator.num_pages:
@@ -513,6 +574,7 @@ class Engine:
         """Back to the queue's front with its pages freed: recomputed (prompt + outputs) when admitted again."""
         self.running.remove(req)
         self._release(req)
+        req.draft_ids = []
         req.num_preemptions += 1
         self.waiting.appendleft(req)
 

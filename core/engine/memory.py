@@ -135,14 +135,15 @@ def plan_memory(config: EngineConfig, cfg: ModelConfig, device_bytes: int, rank:
     kv_spec) when given, else the fp8 defaults (656 + 132 B)."""
     layout = config.parallel.layout(rank)
     plan = ParallelPlan(cfg, layout)
-    weights = weight_bytes(cfg, plan, config.load_mtp, act_bytes)
-    layers = cfg.num_hidden_layers + (cfg.num_nextn_predict_layers if config.load_mtp else 0)
+    weights = weight_bytes(cfg, plan, config.with_mtp, act_bytes)
+    layers = cfg.num_hidden_layers + (1 if config.speculative.enabled else 0)  # the MTP layer's cache: drafting only
     latent = layers * (latent_bytes_per_token or 656)
     index = layers * (index_bytes_per_token or 132)
     s = config.scheduler
     step = s.chunked_prefill_size if s.chunked_prefill_size > 0 else (s.max_model_len or cfg.max_position_embeddings)
     per_token = activation_bytes_per_token(cfg, plan, act_bytes)
-    logits_rows = min(step, s.max_running_requests)  # a prefill step samples at most one token per request
+    # a step samples one row per request, or each of its draft tokens' rows too (speculative verify)
+    logits_rows = min(step, s.max_running_requests * (config.speculative.steps + 1))
     max_len = s.max_model_len or min(cfg.max_position_embeddings, 32768)
     pages = -(-max_len // config.cache.page_size)
 

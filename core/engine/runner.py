@@ -78,19 +78,22 @@ class ModelRunner:
         self.builds = 0  # batches built (with attention DP: step synchronizations, one per step on every rank)
 
     # ---- batches ------------------------------------------------------------------------------------
-    def build(self, requests: list[tuple[list[int], int, list[int]]]) -> ForwardBatch | None:
+    def build(self, requests: list[tuple[list[int], int, list[int]]], graphs: bool = True) -> ForwardBatch | None:
         """(new token ids, start position, pages) per request → ForwardBatch, padded to a graph size when a graph
         will run it.
 
         With attention data-parallelism every rank calls this once per step, with or without requests: the groups
         agree on the step's per-group token count (the dense MLP / MoE gather pads to it) and on the graph size. A
         rank with no requests then gets a batch of padding rows so that it joins the step's collectives, or None when
-        no group has work."""
+        no group has work (without attention data-parallelism: None for no requests). graphs=False: never padded for
+        a graph (every rank of a step passes the same)."""
+        if not requests and not self.groups.dp_attention:
+            return None
         self.builds += 1
         decode = all(len(ids) == 1 for ids, _, _ in requests)
         n_tokens = sum(len(ids) for ids, _, _ in requests)
         if not self.groups.dp_attention:
-            if self.graphs and decode and len(requests) <= self.graph_sizes[-1]:
+            if graphs and self.graphs and decode and len(requests) <= self.graph_sizes[-1]:
                 return self._padded(requests, next(s for s in self.graph_sizes if s >= len(requests)))
             return ForwardBatch.build(requests, self.cache, self.model.device)
         rows = self.groups.all_gather_ints([n_tokens, len(requests) if decode else -1])
@@ -98,7 +101,7 @@ class ModelRunner:
             return None
         a = self.groups.attn_tp.size
         largest = max(bs for _, bs in rows)
-        if self.graphs and all(bs >= 0 for _, bs in rows) and largest <= self.graph_sizes[-1]:
+        if graphs and self.graphs and all(bs >= 0 for _, bs in rows) and largest <= self.graph_sizes[-1]:
             bs = next(s for s in self.graph_sizes if s >= largest)
             fb = self._padded(requests, bs)
             fb.mlp_tokens_per_group = -(-bs // a) * a
@@ -116,6 +119,14 @@ class ModelRunner:
         fb = self.build([])
         if fb is not None:
             self.logits(fb, [])
+
+    def hidden(self, fb: ForwardBatch) -> torch.Tensor:
+        """The target's hidden states (lm_head input) of every token of fb [T, Hd] (speculative steps: eager)."""
+        return self.model.forward(fb, self.cache)
+
+    def mtp_hidden(self, fb: ForwardBatch, hidden: torch.Tensor) -> torch.Tensor:
+        """The MTP layer's hidden states [T, Hd] on fb (tokens after those whose hidden states are `hidden`)."""
+        return self.model.forward_mtp(fb, self.cache, hidden)
 
     def _graph_for(self, fb: ForwardBatch) -> _Graph | None:
         if not self.graphs or not fb.attn.is_decode or fb.attn.block_table.shape[1] != self.table_width:

@@ -106,7 +106,7 @@ class RankLoop:
             builds = self.core.runner.builds
             outputs = self.engine.step()  # a failure it cannot isolate ends the run (the launcher reports it)
             if self.groups.dp_attention and self.core.runner.builds == builds:
-                self.core.runner.idle_step()
+                self.engine.idle_step()
             if outputs and self.leader:
                 self._to_front(("outputs", outputs, self._group_stats()))
 
@@ -176,13 +176,7 @@ class RankLoop:
 
     # ---- to the front end -------------------------------------------------------------------------------------------
     def _group_stats(self) -> dict:
-        e, pc = self.engine, self.engine.prefix_cache
-        return {"group": self.layout.attn_dp_rank, "running": len(e.running), "waiting": len(e.waiting),
-                "kv_usage": e.kv_usage, "prefix_hit_tokens": pc.hit_tokens if pc else 0,
-                "prefix_query_tokens": pc.query_tokens if pc else 0, "num_preemptions": e.num_preemptions,
-                "graph_replays": self.core.runner.replays, "overlapped_steps": e.overlapped_steps,
-                "gen_throughput": e.batch_log.gen_throughput,
-                "num_tokens": sum(r.num_cached for r in e.running)}
+        return dict(engine_stats(self.core), group=self.layout.attn_dp_rank)
 
     def _to_front(self, msg: tuple) -> None:
         if self.layout.rank != 0:
@@ -216,4 +210,24 @@ class RankLoop:
                                                      "num_preemptions", "graph_replays", "overlapped_steps",
                                                      "gen_throughput", "num_tokens")}
         out["kv_usage"] = sum(s["kv_usage"] for s in known) / max(len(known), 1)
+        if known and "spec_verify_steps" in known[0]:
+            for k in ("spec_verify_steps", "spec_emitted_tokens", "spec_drafted_tokens"):
+                out[k] = sum(s[k] for s in known)
+            out["spec_num_steps"] = known[0]["spec_num_steps"]
+            out["spec_accept_histogram"] = [sum(col) for col in zip(*(s["spec_accept_histogram"] for s in known))]
+            out["avg_spec_accept_length"] = out["spec_emitted_tokens"] / max(out["spec_verify_steps"], 1)
         return out
+
+
+def engine_stats(core) -> dict:
+    """One engine's counters (an attention group's: its first rank's engine), as the front end and LLM.stats() read
+    them."""
+    e, pc = core.engine, core.engine.prefix_cache
+    out = {"running": len(e.running), "waiting": len(e.waiting), "kv_usage": e.kv_usage,
+           "prefix_hit_tokens": pc.hit_tokens if pc else 0, "prefix_query_tokens": pc.query_tokens if pc else 0,
+           "num_preemptions": e.num_preemptions, "graph_replays": core.runner.replays,
+           "overlapped_steps": e.overlapped_steps, "gen_throughput": e.batch_log.gen_throughput,
+           "num_tokens": sum(r.num_cached for r in e.running)}
+    if e.spec is not None:
+        out.update(e.spec.stats.as_dict())
+    return out

@@ -164,3 +164,21 @@ class DecoderLayer:
         h = self.attn(x, fb, cache)
         x, residual = ops.rms_norm(h, w[self.p + "post_attention_layernorm.weight"], eps, residual)
         return self.ffn(x, fb), residual
+
+
+class MTPLayer:
+    """The NextN (MTP) layer: h' = Block(eh_proj([enorm(Emb(next token)) ; hnorm(h)])), returned after
+    shared_head.norm, where h is the hidden state (lm_head input) of the position before; Block is a full decoder
+    layer with its own MLA and indexer caches (cache layer num_hidden_layers). Logits come from the main lm_head."""
+
+    def __init__(self, m: "DeepseekV32", i: int):
+        self.m, self.p = m, f"model.layers.{i}."
+        self.block = DecoderLayer(m, i)
+
+    def __call__(self, ids: torch.Tensor, hidden: torch.Tensor, fb: ForwardBatch, cache: KVCache) -> torch.Tensor:
+        ops, w, eps, p = self.m.ops, self.m.w, self.m.cfg.rms_norm_eps, self.p
+        e = ops.rms_norm(self.m.embed(ids), w[p + "enorm.weight"], eps)
+        h = ops.rms_norm(hidden.to(e.dtype), w[p + "hnorm.weight"], eps)
+        x = ops.linear(torch.cat([e, h], dim=-1), w[p + "eh_proj.weight"])  # embedding half first
+        x, residual = self.block(x, None, fb, cache)
+        return ops.rms_norm(x, w[p + "shared_head.norm.weight"], eps, residual)[0]

@@ -17,7 +17,7 @@ from dsv32.core.communicator import ProcessGroups, single_process
 from dsv32.core.config import ModelConfig
 from dsv32.core.forward_batch import ForwardBatch
 from dsv32.core.kv_cache import KVCache
-from dsv32.core.model.layers import DecoderLayer
+from dsv32.core.model.layers import DecoderLayer, MTPLayer
 from dsv32.core.model.plan import ParallelPlan
 from dsv32.core.ops import LinearWeight, Ops
 from dsv32.core.rope import cos_sin_table
@@ -48,8 +48,11 @@ class DeepseekV32:
                           "self_attn.kv_a_proj_with_mqa": cfg.latent_dim, "mlp.gate_proj": cfg.intermediate_size // n,
                           "mlp.up_proj": cfg.intermediate_size // n, "mlp.shared_experts.gate_proj": Is // n,
                           "mlp.shared_experts.up_proj": Is // n}
+        L = cfg.num_hidden_layers
+        self.has_mtp = f"model.layers.{L}.eh_proj.weight" in weights  # loaded with include_mtp
         self._fuse_linears()
-        self.layers = [DecoderLayer(self, i) for i in range(cfg.num_hidden_layers)]
+        self.layers = [DecoderLayer(self, i) for i in range(L)]
+        self.mtp = MTPLayer(self, L) if self.has_mtp else None
 
     # Linears that read the same input, computed as one where the backend fuses them (one activation quantization,
     # one GEMM launch). The separate weights are dropped: the fused one replaces them.
@@ -58,7 +61,7 @@ class DeepseekV32:
               "mlp.shared_experts.gate_up": ("mlp.shared_experts.gate_proj", "mlp.shared_experts.up_proj")}
 
     def _fuse_linears(self) -> None:
-        for i in range(self.cfg.num_hidden_layers):
+        for i in range(self.cfg.num_hidden_layers + (1 if self.has_mtp else 0)):
             p = f"model.layers.{i}."
             for fused, parts in self._FUSED.items():
                 names = [p + n + ".weight" for n in parts]
@@ -92,6 +95,18 @@ class DeepseekV32:
             h, residual = layer(h, residual, fb, cache)
         h = h + residual if residual is not None else h
         return self.ops.rms_norm(h, self.w["model.norm.weight"], self.cfg.rms_norm_eps)
+
+    @torch.inference_mode()
+    def forward_mtp(self, fb: ForwardBatch, cache: KVCache, hidden: torch.Tensor) -> torch.Tensor:
+        """The MTP (NextN) layer on fb's tokens: token t of fb is the token after the one whose hidden state (the
+        target's, or the MTP layer's own for a further draft) is hidden[t]; writes the MTP layer's KV (cache layer
+        num_hidden_layers) at fb's positions; returns its hidden [T, Hd] after shared_head.norm (lm_head input)."""
+        if self.mtp is None:
+            raise RuntimeError("the model was built without its MTP layer (include_mtp)")
+        if fb.max_kv_len > self.max_positions:
+            raise ValueError(f"position {fb.max_kv_len - 1} exceeds the model's {self.max_positions} positions")
+        self.ops.prepare_metadata(fb.attn)
+        return self.mtp(fb.input_ids, hidden, fb, cache)
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         table = self.w["model.embed_tokens.weight"]

@@ -1,0 +1,233 @@
+"""MTP speculative decoding (SGLang's EAGLE / NEXTN with eagle_topk 1): the checkpoint's NextN layer drafts k tokens
+per request, the target verifies them all in the step that also computes the request's last token, and every emitted
+token is distributed exactly as without speculation (greedy: identical).
+
+One step of a decoding request that holds drafts d_1..d_k (positions: c = tokens in the cache, x = its last token):
+- target verify: the batch row [x, d_1, .., d_k] at positions c..c+k (a multi-token query: each token its own causal
+  length in the indexer and attention); row j's logits (penalties as if d_1..d_j were generated) verify d_{j+1}
+  (`Ops.verify`: greedy match, or rejection sampling); a accepted drafts and the token of row a are emitted;
+- rollback: the cache holds c + a + 1 valid positions; the latent and indexer-key entries of the rejected drafts stay
+  in the request's pages as garbage that the next step overwrites before anything reads it (a query at position p
+  reads only positions ≤ p, and every step writes positions in increasing order from the first invalid one), so
+  rolling back is setting num_cached; pages stay with the request (its next tokens fill them) and go back with it;
+  drafts never reach the prefix cache (it takes full pages of the prompt only);
+- draft: the MTP layer runs over the positions the target just computed with the tokens that follow them (an
+  extend: MTP KV for c..c+a, from the target's hidden states), its last row's argmax is d'_1; then k−1 chain steps
+  (one token per request: the previous draft and the MTP layer's own hidden) give d'_2..d'_k.
+Prefill chunks run the MTP extend too (the MTP layer keeps KV for every position); the chunk that completes the
+prompt samples the first token and drafts. Requests with a grammar do not draft (their mask depends on each token),
+nor does a request about to end (drafts never pass max_tokens or the context).
+
+Speculative steps run synchronously (the accepted count decides the next batch), so overlap applies to steps
+without speculation only. Every rank of an attention group runs the same batches; with attention data-parallelism
+every rank runs 1 + k forward passes per step (target, extend, chain), with padding rows where it has no work.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import torch
+
+from dsv32.core.forward_batch import to_device
+from dsv32.core.sampling import apply_penalties, apply_token_bitmask, logprob_tensors, mask_stops_before_min_tokens
+
+if TYPE_CHECKING:
+    from dsv32.core.engine.engine import Engine, Request
+
+log = logging.getLogger("dsv32.speculative")
+
+
+@dataclass
+class AcceptStats:
+    """Accept lengths (accepted drafts + 1: tokens emitted per verify) of verify steps that carried drafts."""
+
+    num_steps: int
+    histogram: list[int] = field(default_factory=list)  # index L: verify steps that emitted L tokens (L = 1..k+1)
+    verify_steps: int = 0
+    emitted_tokens: int = 0
+    drafted_tokens: int = 0
+
+    def __post_init__(self):
+        self.histogram = self.histogram or [0] * (self.num_steps + 2)
+
+    def record(self, drafts: int, emitted: int) -> None:
+        self.verify_steps += 1
+        self.emitted_tokens += emitted
+        self.drafted_tokens += drafts
+        self.histogram[emitted] += 1
+
+    @property
+    def mean(self) -> float:
+        """Average accept length (SGLang's avg_spec_accept_length); 0 before any verify step."""
+        return self.emitted_tokens / self.verify_steps if self.verify_steps else 0.0
+
+    def as_dict(self) -> dict:
+        return {"spec_num_steps": self.num_steps, "spec_verify_steps": self.verify_steps,
+                "spec_emitted_tokens": self.emitted_tokens, "spec_drafted_tokens": self.drafted_tokens,
+                "spec_accept_histogram": list(self.histogram), "avg_spec_accept_length": self.mean}
+
+
+class Speculator:
+    """The engine's speculative part: draft counts, row-wise verification, rollback and MTP drafting."""
+
+    def __init__(self, engine: "Engine", num_steps: int):
+        if engine.model.mtp is None:
+            raise ValueError("speculative decoding needs the model's MTP layer (load it: include_mtp)")
+        if engine.cache.spec.num_layers <= engine.model.cfg.num_hidden_layers:
+            raise ValueError("speculative decoding needs a KV cache with the MTP layer's own layer (kv_spec mtp=True)")
+        self.engine, self.k = engine, num_steps
+        self.model, self.runner, self.ops = engine.model, engine.runner, engine.ops
+        self.stats = AcceptStats(num_steps)
+
+    # ---- scheduling ---------------------------------------------------------------------------------------------------
+    @property
+    def reserve_tokens(self) -> int:
+        """Positions past a step's last input token that its drafting may write (the chain's MTP KV)."""
+        return self.k - 1
+
+    def wanted(self, req: "Request") -> int:
+        """Drafts worth making for a request's next step: none with a grammar, never past max_tokens (the verify step
+        emits one token more than it accepts) or the context."""
+        if req.matcher is not None or req.params.grammar is not None:
+            return 0
+        left = req.params.max_tokens - len(req.output_ids) - 1
+        room = self.engine.cfg.max_model_len - req.num_tokens
+        return max(0, min(self.k, left, room))
+
+    # ---- verification -------------------------------------------------------------------------------------------------
+    def rows(self, reqs: list["Request"]) -> list[int]:
+        """Logit rows per sampled request: one per draft, plus its last."""
+        return [len(r.draft_ids) + 1 for r in reqs]
+
+    def verify(self, reqs: list["Request"], logits: torch.Tensor, num_outputs: list[int]):
+        """Row-wise penalties / min_tokens / grammar, then Ops.verify. Row j of a request sees its outputs plus d_1..d_j
+        (what it will have generated if those are accepted). Returns (tokens [R], logprob tensors or None)."""
+        e = self.engine
+        prompts, outputs, params, counts, drafts, matchers, gens = [], [], [], [], [], [], []
+        for req, n_out in zip(reqs, num_outputs):
+            d = req.draft_ids
+            for j in range(len(d) + 1):
+                prompts.append(req.prompt_ids)
+                outputs.append(req.output_ids + d[:j])
+                params.append(req.params)
+                counts.append(n_out + j)
+                drafts.append(d[j] if j < len(d) else -1)
+                matchers.append(req.matcher)  # requests with a matcher carry no drafts: one row
+                gens.append(req.generator)
+        logits = apply_penalties(logits, prompts, outputs, params)
+        logits = mask_stops_before_min_tokens(logits, counts, params, e.eos_ids)
+        if e.grammars is not None:
+            bitmask = e.grammars.bitmask(matchers)
+            if bitmask is not None:
+                logits = apply_token_bitmask(logits, bitmask)
+        f32 = dict(dtype=torch.float32)
+        tokens = self.ops.verify(logits, torch.tensor(drafts, dtype=torch.int64),
+                                 torch.tensor([p.temperature for p in params], **f32),
+                                 torch.tensor([p.top_p for p in params], **f32),
+                                 torch.tensor([p.top_k for p in params], dtype=torch.int64),
+                                 torch.tensor([p.min_p for p in params], **f32), gens)
+        return tokens, logprob_tensors(logits, tokens, [p.logprobs for p in params])
+
+    def accept(self, launched, tokens: list[int]) -> list[list[int]]:
+        """Per sampled request, the rows whose tokens it emits (the accepted drafts' rows, then the first rejecting or
+        the last row); rolls back the cache positions of the rejected drafts and records the accept length."""
+        out, r = [], 0
+        for req, drafts in zip(launched.sampled, launched.drafts):
+            emitted = [r]
+            for j, d in enumerate(drafts):
+                if tokens[r + j] != d:
+                    break
+                emitted.append(r + j + 1)
+            rejected = len(drafts) + 1 - len(emitted)
+            req.num_cached -= rejected
+            if drafts:
+                self.stats.record(len(drafts), len(emitted))
+            out.append(emitted)
+            r += len(drafts) + 1
+        return out
+
+    # ---- drafting -----------------------------------------------------------------------------------------------------
+    def draft(self, launched) -> None:
+        """MTP extend over what the launched batch computed (the positions now valid, with the tokens after them), then
+        the chain; sets draft_ids of every request that sampled, is still running and wants drafts."""
+        e, hidden = self.engine, launched.hidden
+        inputs, rows, last, drafting = [], [], [], []
+        for (req, n), start, off, d in zip(launched.work, launched.starts, launched.offsets, launched.work_drafts):
+            req.draft_ids = []
+            if req.finished or req not in e.running or req.matcher is not None:
+                continue
+            valid = req.num_cached - start  # positions start..start+valid-1 hold target KV now (after rollback)
+            ids = req.all_ids
+            if valid <= 0 or start + valid >= len(ids):
+                continue  # nothing computed, or its next token is not known (cannot happen: a chunk ends before it)
+            inputs.append((ids[start + 1:start + valid + 1], start, req.pages))
+            rows.extend(range(off, off + valid))
+            if start + valid == len(ids) - 1:  # reaches its last token: it drafts
+                want = self.wanted(req)
+                if want:
+                    drafting.append((req, want))
+                    last.append(len(rows) - 1)
+        fb = self.runner.build(inputs, graphs=False)
+        if fb is None:
+            self._idle_chain()
+            return
+        h_in = hidden.new_zeros(fb.num_tokens, hidden.shape[1])
+        if rows:
+            h_in[:len(rows)] = hidden[to_device(torch.tensor(rows, dtype=torch.int64), hidden.device)]
+        h = self.runner.mtp_hidden(fb, h_in)
+        if not drafting:
+            self._idle_chain()
+            return
+        pick = to_device(torch.tensor(last, dtype=torch.int64), h.device)
+        h_last = h[pick]
+        tok = self.model.logits(h_last).argmax(dim=-1)
+        drafts = [tok]
+        for i in range(2, self.k + 1):  # chain step i drafts d_i from d_{i-1} at the position after
+            who = [j for j, (_, want) in enumerate(drafting) if want >= i]
+            step_inputs = [([0], req.num_tokens - 2 + i - 1, req.pages) for req, want in drafting if want >= i]
+            fb = self.runner.build(step_inputs, graphs=False)
+            if fb is None or not who:
+                if fb is not None:
+                    self.runner.mtp_hidden(fb, h_last.new_zeros(fb.num_tokens, h_last.shape[1]))
+                continue
+            sel = to_device(torch.tensor(who, dtype=torch.int64), h.device)
+            fb.input_ids[:len(who)] = tok[sel]
+            h_step = h_last.new_zeros(fb.num_tokens, h_last.shape[1])
+            h_step[:len(who)] = h_last[sel]
+            h_new = self.runner.mtp_hidden(fb, h_step)[:len(who)]
+            nxt = self.model.logits(h_new).argmax(dim=-1)
+            # keep every drafting request's row (those that stopped keep their last values, unused)
+            tok = tok.clone()
+            tok[sel] = nxt
+            h_last = h_last.clone()
+            h_last[sel] = h_new
+            drafts.append(tok)
+        table = torch.stack(drafts, dim=1)  # [drafting, k']
+        e.group.broadcast(table)  # the group's schedulers must agree (argmax of identical logits: a no-op in effect)
+        for (req, want), row in zip(drafting, table.tolist()):
+            req.draft_ids = row[:want]
+
+    def _idle_chain(self) -> None:
+        """The chain's forward passes with nothing to draft here: only with attention data-parallelism (the other
+        groups' chain steps gather this rank's rows)."""
+        if not self.model.groups.dp_attention:
+            return
+        for _ in range(self.k - 1):
+            fb = self.runner.build([], graphs=False)
+            if fb is not None:
+                self.runner.mtp_hidden(fb, torch.zeros(fb.num_tokens, self.model.cfg.hidden_size,
+                                                       dtype=self.model.dtype, device=self.model.device))
+
+    def idle_step(self) -> None:
+        """A step of a rank with no requests under attention data-parallelism: the target pass, the MTP extend and the
+        chain, each on padding rows."""
+        self.runner.idle_step()
+        fb = self.runner.build([], graphs=False)
+        if fb is not None:
+            self.runner.mtp_hidden(fb, torch.zeros(fb.num_tokens, self.model.cfg.hidden_size, dtype=self.model.dtype,
+                                                   device=self.model.device))
+        self._idle_chain()
+

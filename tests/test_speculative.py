@@ -1,0 +1,195 @@
+"""MTP speculative decoding (core/engine/speculative.py): greedy output with speculation equals output without it,
+token for token; rejected drafts are rolled back (every page returns); the rejection sampler keeps the target's
+distribution; the flags' errors.
+
+Two kinds of drafts: the checkpoint's random MTP layer (its drafts are almost always rejected: the plain path), and an
+"oracle" that replaces the MTP layer's drafts by the known greedy continuation with some tokens corrupted, so that
+steps accept 0..k drafts (rollback at every offset). The MTP layer itself still runs (its KV is written every step)."""
+
+from __future__ import annotations
+
+import random
+import shutil
+
+import pytest
+import torch
+from _tiny import make_mtp_checkpoint
+from test_engine import GREEDY, assert_all_pages_returned, prompts_of
+
+from dsv32 import LLM, SamplingParams
+from dsv32.core.demo import make_demo_checkpoint
+
+
+@pytest.fixture(scope="module")
+def mtp_dir(tmp_path_factory):
+    path = str(tmp_path_factory.mktemp("mtp"))
+    make_mtp_checkpoint(path, seed=4)
+    return path
+
+
+@pytest.fixture(scope="module")
+def mtp_text_dir(tmp_path_factory):
+    """A random MTP checkpoint with the demo tokenizer (stop strings need text)."""
+    demo = make_demo_checkpoint(str(tmp_path_factory.mktemp("demo")))
+    path = str(tmp_path_factory.mktemp("mtp_text"))
+    make_mtp_checkpoint(path, seed=6, vocab_size=512)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(f"{demo}/{name}", f"{path}/{name}")
+    return path
+
+
+def run(llm, prompts, params):
+    return [o.token_ids for o in llm.generate(prompt_token_ids=prompts, sampling_params=params)]
+
+
+def spec_llm(path, steps=3, **kw):
+    return LLM(model=path, dtype="float32", speculative_algorithm="EAGLE", speculative_num_steps=steps, **kw)
+
+
+def use_oracle_drafts(llm, refs: dict, corrupt: float = 0.3, seed: int = 0, vocab: int = 320):
+    """After each step's MTP drafting, replace every request's drafts by its reference continuation (refs: prompt
+    tuple → greedy output), each token corrupted with probability `corrupt`."""
+    spec, rng = llm.engine.spec, random.Random(seed)
+    draft = spec.draft
+
+    def oracle(launched):
+        draft(launched)
+        for req in llm.engine.running:
+            if req.draft_ids:
+                n, k = len(req.output_ids), len(req.draft_ids)
+                want = (refs[tuple(req.prompt_ids)][n:n + k] + [0] * k)[:k]
+                req.draft_ids = [t if rng.random() >= corrupt else (t + 1) % vocab for t in want]
+
+    spec.draft = oracle
+
+
+@pytest.mark.parametrize("steps", [1, 2, 3])
+def test_greedy_with_mtp_drafts_equals_plain(mtp_dir, steps):
+    prompts = prompts_of([17, 7, 30, 1], seed=steps)
+    sp = SamplingParams(max_tokens=20, **GREEDY)
+    want = run(LLM(model=mtp_dir, dtype="float32"), prompts, sp)
+    llm = spec_llm(mtp_dir, steps, page_size=4)
+    assert run(llm, prompts, sp) == want
+    s = llm.stats()
+    assert s["spec_verify_steps"] > 0 and s["spec_drafted_tokens"] > 0
+    assert s["avg_spec_accept_length"] >= 1.0 and sum(s["spec_accept_histogram"]) == s["spec_verify_steps"]
+    assert_all_pages_returned(llm)
+
+
+@pytest.mark.parametrize("corrupt", [0.0, 0.3, 0.7])
+def test_oracle_drafts_accept_and_roll_back(mtp_dir, corrupt):
+    """Accepted drafts (all, some, few): output identical, accept length > 1, every page back. Small pages and chunked
+    prefill so that verify rows and rollbacks cross page and chunk boundaries."""
+    prompts = prompts_of([23, 9, 41, 3, 16], seed=7)
+    sp = SamplingParams(max_tokens=25, **GREEDY)
+    want = run(LLM(model=mtp_dir, dtype="float32"), prompts, sp)
+    llm = spec_llm(mtp_dir, 3, page_size=4, chunked_prefill_size=12)
+    use_oracle_drafts(llm, {tuple(p): w for p, w in zip(prompts, want)}, corrupt, seed=int(corrupt * 10))
+    assert run(llm, prompts, sp) == want
+    s = llm.stats()
+    hist = s["spec_accept_histogram"]
+    if corrupt == 0.0:
+        assert s["avg_spec_accept_length"] > 3.5 and hist[4] > 0
+    else:
+        assert 1.0 < s["avg_spec_accept_length"] < 4.0 and hist[1] > 0 and sum(hist[2:]) > 0
+    assert_all_pages_returned(llm)
+
+
+def test_speculation_with_preemption_prefix_cache_and_n(mtp_dir):
+    """A pool too small for the batch (preemption, recompute), shared prefixes (prefix cache), n > 1 and seeded
+    sampling rows mixed with greedy ones: greedy rows identical to plain decoding, every page back."""
+    base = prompts_of([14, 22, 9], seed=8)
+    prompts = base + [base[0] + [5, 6, 7, 8, 9, 10], base[1][:16] + [1, 2, 3]]
+    greedy = SamplingParams(max_tokens=24, **GREEDY)
+    want = run(LLM(model=mtp_dir, dtype="float32", page_size=4), prompts, greedy)
+    llm = spec_llm(mtp_dir, 2, page_size=4, num_kv_pages=30, max_model_len=64)
+    use_oracle_drafts(llm, {tuple(p): w for p, w in zip(prompts, want)}, 0.2, seed=3)
+    params = [greedy] * len(prompts) + [SamplingParams(max_tokens=24, n=2, temperature=0.9, seed=1, ignore_eos=True)]
+    outs = llm.generate(prompt_token_ids=prompts + [base[2]], sampling_params=params)
+    assert [o.token_ids for o in outs[:len(prompts)]] == want
+    assert [len(c.token_ids) for c in outs[-1].outputs] == [24, 24]
+    assert llm.engine.num_preemptions > 0
+    assert llm.engine.prefix_cache.hit_tokens > 0
+    assert llm.stats()["avg_spec_accept_length"] > 1.5
+    assert_all_pages_returned(llm)
+
+
+def test_speculation_with_penalties_logprobs_stops(mtp_text_dir):
+    """Penalties see the drafts before each row (as if generated), min_tokens / stop tokens / stop strings end the
+    request at the first stopping token of an accepted run, logprobs come for every emitted token."""
+    prompts = prompts_of([12, 20, 8, 15], seed=9, vocab=512)
+    params = [SamplingParams(max_tokens=30, temperature=0, repetition_penalty=1.3, frequency_penalty=0.5,
+                             presence_penalty=0.3, ignore_eos=True),
+              SamplingParams(max_tokens=30, temperature=0, logprobs=3, ignore_eos=True),
+              SamplingParams(max_tokens=30, temperature=0, min_tokens=10, ignore_eos=False),
+              SamplingParams(max_tokens=30, temperature=0, ignore_eos=True)]
+    plain = LLM(model=mtp_text_dir, dtype="float32")
+    ref = plain.generate(prompt_token_ids=prompts, sampling_params=params)
+    want = [o.outputs[0].token_ids for o in ref]
+    # a stop token and a stop string that the plain run reaches midway
+    params[3] = SamplingParams(max_tokens=30, temperature=0, ignore_eos=True, stop_token_ids=[want[3][9]])
+    text = ref[0].outputs[0].text
+    params[0] = SamplingParams(**{**params[0].__dict__, "stop": [text[len(text) // 2:len(text) // 2 + 2]]})
+    ref = plain.generate(prompt_token_ids=prompts, sampling_params=params)
+    want = [o.outputs[0].token_ids for o in ref]
+    llm = spec_llm(mtp_text_dir, 3, page_size=4)
+    use_oracle_drafts(llm, {tuple(p): w for p, w in zip(prompts, want)}, 0.25, seed=5, vocab=512)
+    got = llm.generate(prompt_token_ids=prompts, sampling_params=params)
+    assert [o.outputs[0].token_ids for o in got] == want
+    assert [o.outputs[0].text for o in got] == [o.outputs[0].text for o in ref]
+    assert [o.outputs[0].finish_reason for o in got] == [o.outputs[0].finish_reason for o in ref]
+    a, b = ref[1].outputs[0].logprobs, got[1].outputs[0].logprobs
+    assert len(a) == len(b) == len(want[1])
+    for x, y in zip(a, b):  # verify rows are computed in a multi-token batch: fp32 rounding differs slightly
+        assert x.token_id == y.token_id and abs(x.logprob - y.logprob) < 1e-4
+        assert [t for t, _ in x.top] == [t for t, _ in y.top]
+    assert llm.stats()["avg_spec_accept_length"] > 1.5
+
+
+@pytest.mark.parametrize("kw", [dict(temperature=1.0), dict(temperature=0.7, top_k=3), dict(temperature=1.3, top_p=0.8),
+                                dict(temperature=1.0, min_p=0.2)])
+def test_rejection_sampling_preserves_the_target_distribution(kw):
+    """Ops.verify with a one-hot draft: the emitted token's frequencies over N draws match the target distribution p
+    (as `sample` defines it from the row's parameters). Bound: every token's frequency within 5 standard errors
+    (sqrt(p(1-p)/N)) + 1e-3 of p; the draft is accepted with frequency p(draft). Seeded: deterministic."""
+    from dsv32.backends.reference.ops import ReferenceOps, _sampling_probs
+
+    ops = ReferenceOps()
+    V, N = 8, 20000
+    logits = torch.tensor([[2.0, 1.5, 1.0, 0.5, 0.0, -0.5, -1.0, 3.0]])
+    p = _sampling_probs(logits[0], kw["temperature"], kw.get("top_p", 1.0), kw.get("top_k", -1), kw.get("min_p", 0.0))
+    p = p / p.sum()
+    for draft in (0, 1, 6):  # likely, less likely, and (with the cuts) impossible drafts
+        rows = logits.expand(N, V).contiguous()
+        f32 = dict(dtype=torch.float32)
+        out = ops.verify(rows, torch.full((N,), draft), torch.full((N,), kw["temperature"], **f32),
+                         torch.full((N,), kw.get("top_p", 1.0), **f32), torch.full((N,), kw.get("top_k", -1)),
+                         torch.full((N,), kw.get("min_p", 0.0), **f32), [torch.Generator().manual_seed(draft)] * N)
+        freq = torch.bincount(out, minlength=V).double() / N
+        bound = 5 * (p * (1 - p) / N).sqrt() + 1e-3
+        assert ((freq - p).abs() <= bound).all(), (draft, freq, p)
+
+
+def test_greedy_verify_accepts_only_the_argmax():
+    from dsv32.backends.reference.ops import ReferenceOps
+
+    logits = torch.tensor([[0.0, 3.0, 1.0], [2.0, 0.0, 1.0], [0.0, 0.0, 5.0]])
+    z = torch.zeros(3)
+    out = ReferenceOps().verify(logits, torch.tensor([1, 2, -1]), z, z + 1, torch.full((3,), -1), z, [None] * 3)
+    assert out.tolist() == [1, 0, 2]
+
+
+def test_speculative_flag_errors(mtp_dir, tiny_dir):
+    with pytest.raises(ValueError, match="eagle_topk"):
+        spec_llm(mtp_dir, 3, speculative_eagle_topk=4)
+    with pytest.raises(ValueError, match="num_draft_tokens"):
+        spec_llm(mtp_dir, 3, speculative_num_draft_tokens=8)
+    with pytest.raises(ValueError, match="EAGLE3|'EAGLE' or 'NEXTN'"):
+        LLM(model=mtp_dir, dtype="float32", speculative_algorithm="EAGLE3")
+    with pytest.raises(ValueError, match="needs speculative_algorithm"):
+        LLM(model=mtp_dir, dtype="float32", speculative_num_steps=2)
+    with pytest.raises(ValueError, match="has none"):
+        spec_llm(tiny_dir, 2)
+    ok = LLM(model=mtp_dir, dtype="float32", speculative_algorithm="NEXTN", speculative_num_steps=2,
+             speculative_eagle_topk=1, speculative_num_draft_tokens=3)
+    assert ok.engine.spec.k == 2 and ok.kv_cache.spec.num_layers == ok.config.num_hidden_layers + 1
