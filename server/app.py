@@ -561,13 +561,15 @@ def create_app(state: ServerState) -> FastAPI:
     @app.get("/get_server_info")
     async def server_info():
         """SGLang's server info: the server's arguments at the top level (the API key redacted), the engine's
-        capacity, and internal_states (the latest generation throughput; accept length once speculation exists)."""
+        capacity, and internal_states (the latest generation throughput; with speculative decoding the average accept
+        length, which SGLang's bench_serving prints as "Accept length")."""
         stats, info = state.engine.stats, state.engine.info
         ok = state.engine.alive and not state.draining
         return {**state.cfg.server_args, "status": "ready" if ok else "unavailable", "version": __version__,
                 "max_total_num_tokens": info["memory"]["max_tokens"], "max_req_input_len": state.max_model_len - 1,
                 "internal_states": [{"last_gen_throughput": stats.get("gen_throughput", 0.0),
-                                     "avg_spec_accept_length": None, "num_running_reqs": stats.get("running", 0),
+                                     "avg_spec_accept_length": stats.get("avg_spec_accept_length"),
+                                     "num_running_reqs": stats.get("running", 0),
                                      "num_queue_reqs": stats.get("waiting", 0),
                                      "token_usage": stats.get("kv_usage", 0.0)}],
                 "engine": {k: v for k, v in info.items() if k != "memory_per_rank"}}

@@ -9,14 +9,16 @@ unchanged), labelled model_name:
   sglang:generation_tokens_histogram;
 - gauges, from the engine's latest stats at scrape time: sglang:num_running_reqs, sglang:num_queue_reqs,
   sglang:num_used_tokens, sglang:token_usage (share of KV pages held by requests), sglang:gen_throughput (tokens/s),
-  sglang:cache_hit_rate (prefix-cache hits / prompt tokens looked up).
+  sglang:cache_hit_rate (prefix-cache hits / prompt tokens looked up);
+- with speculative decoding: sglang:spec_accept_length (average tokens emitted per verify step, SGLang's gauge) and
+  dsv32_spec_accept_length, a histogram of the accept length of every verify step (buckets 1 .. draft tokens + 1).
 """
 
 from __future__ import annotations
 
 import prometheus_client
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
 prometheus_client.disable_created_metrics()  # no *_created samples (SGLang's exposition has none either)
 
@@ -50,6 +52,20 @@ class _EngineGauges:
         c = CounterMetricFamily("dsv32_num_preemptions", "requests preempted to free KV pages", labels=["model_name"])
         c.add_metric([self.model_name], s.get("num_preemptions", 0))
         yield c
+        if "spec_accept_histogram" in s:
+            g = GaugeMetricFamily("sglang:spec_accept_length", "average accept length of speculative decoding "
+                                  "(tokens emitted per verify step)", labels=["model_name"])
+            g.add_metric([self.model_name], s.get("avg_spec_accept_length", 0.0))
+            yield g
+            h = HistogramMetricFamily("dsv32_spec_accept_length", "tokens emitted per speculative verify step",
+                                      labels=["model_name"])
+            counts, acc, buckets = s["spec_accept_histogram"], 0, []
+            for length in range(1, len(counts)):
+                acc += counts[length]
+                buckets.append((str(float(length)), acc))
+            buckets.append(("+Inf", acc))
+            h.add_metric([self.model_name], buckets, sum_value=s.get("spec_emitted_tokens", 0))
+            yield h
 
 
 class Metrics:

@@ -170,6 +170,17 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
                    help="structured output (response_format json_object / json_schema, regex, ebnf, forced tool "
                         "calls) through xgrammar (default, as SGLang); 'none': such requests get a 400")
 
+    g = p.add_argument_group("speculative decoding (SGLang's flags): the checkpoint's MTP (NextN) layer drafts tokens "
+                             "that the model verifies in one step; greedy output is unchanged, sampled output keeps "
+                             "its distribution")
+    g.add_argument("--speculative-algorithm", default=None, type=str.upper, choices=["EAGLE", "NEXTN"],
+                   help="EAGLE or NEXTN (the same here: MTP drafting); off when not given")
+    g.add_argument("--speculative-num-steps", type=int, default=None,
+                   help="draft tokens per request per step (default 3)")
+    g.add_argument("--speculative-eagle-topk", type=int, default=None, help="1 (chain drafting; trees not implemented)")
+    g.add_argument("--speculative-num-draft-tokens", type=int, default=None,
+                   help="tokens verified per request per step: speculative-num-steps + 1 (the default)")
+
     g = p.add_argument_group("not available yet (exit with an error when set)")
     g.add_argument("--attention-backend", default=None,
                    help="'nsa' / 'dsa' (DeepSeek sparse attention) is the only one")
@@ -193,9 +204,8 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
         g.add_argument(flag, default=None, help="context-parallel prefill (not yet)")
     g.add_argument("--enable-torch-compile", action="store_true",
                    help="not implemented: decode steps replay CUDA graphs of dsv32's own kernels instead")
-    for flag in ("--speculative-algorithm", "--speculative-num-steps", "--speculative-eagle-topk",
-                 "--speculative-num-draft-tokens", "--speculative-draft-model-path"):
-        g.add_argument(flag, default=None, help="MTP speculative decoding (not yet)")
+    g.add_argument("--speculative-draft-model-path", default=None,
+                   help="a separate draft model (not implemented: the checkpoint's own MTP layer drafts)")
 
 
 def check_unsupported(args: argparse.Namespace) -> None:
@@ -247,10 +257,10 @@ def check_unsupported(args: argparse.Namespace) -> None:
         problems.append("--max-total-tokens: must be ≥ 1, and not given with --num-kv-pages")
     if args.max_prefill_tokens is not None and args.max_prefill_tokens < 1:
         problems.append(f"--max-prefill-tokens {args.max_prefill_tokens}: must be ≥ 1")
-    spec = [f for f in ("speculative_algorithm", "speculative_num_steps", "speculative_eagle_topk",
-                        "speculative_num_draft_tokens", "speculative_draft_model_path") if getattr(args, f) is not None]
-    if spec:
-        problems.append(f"--{spec[0].replace('_', '-')}: MTP speculative decoding is not implemented yet")
+    if args.speculative_draft_model_path is not None:
+        problems.append("--speculative-draft-model-path: a separate draft model is not implemented; the checkpoint's "
+                        "MTP layer drafts (--speculative-algorithm EAGLE without a draft model)")
+    problems += ["--" + p.replace("_", "-") for p in speculative_config(args).problems()]
     if args.quantization not in (None, "fp8", "modelslim", "ascend"):
         problems.append(f"--quantization {args.quantization}: only DeepSeek FP8-block ('fp8') and msModelSlim W8A8 "
                         "('modelslim') checkpoints are supported")
@@ -264,6 +274,13 @@ def parallel_config(args: argparse.Namespace):
     return ParallelConfig(tp_size=args.tp, dp_size=args.dp, ep_size=args.ep, enable_dp_attention=args.enable_dp_attention,
                           nnodes=args.nnodes, node_rank=args.node_rank, dist_init_addr=args.dist_init_addr,
                           dist_timeout_s=args.dist_timeout, watchdog_timeout_s=getattr(args, "watchdog_timeout", None))
+
+
+def speculative_config(args: argparse.Namespace):
+    from dsv32.core.config import SpeculativeConfig
+
+    return SpeculativeConfig(algorithm=args.speculative_algorithm, num_steps=args.speculative_num_steps,
+                             eagle_topk=args.speculative_eagle_topk, num_draft_tokens=args.speculative_num_draft_tokens)
 
 
 def engine_config(args: argparse.Namespace, model: str):
@@ -290,7 +307,7 @@ def engine_config(args: argparse.Namespace, model: str):
                                   max_prefill_tokens=getattr(args, "max_prefill_tokens", None),
                                   decode_log_interval=getattr(args, "decode_log_interval", 40),
                                   schedule_policy=getattr(args, "schedule_policy", "fcfs")),
-        parallel=parallel_config(args))
+        parallel=parallel_config(args), speculative=speculative_config(args))
 
 
 # The kernel flags (SGLang's, plus --dsa-indexer-backend): each backend says which values it can run

@@ -88,8 +88,8 @@ def resolve(config: EngineConfig, cfg: ModelConfig) -> Resolved:
         raise ValueError("parallel layout: " + "; ".join(problems))
     problems = config.speculative.problems()
     if config.speculative.enabled and cfg.num_nextn_predict_layers < 1:
-        problems.append("speculative decoding drafts with the checkpoint's MTP layer, and this one has none "
-                        "(num_nextn_predict_layers is 0 in its config.json): drop speculative_algorithm")
+        problems.append("this checkpoint has no MTP layer to draft with (num_nextn_predict_layers is 0 in its "
+                        "config.json): drop --speculative-algorithm (speculative_algorithm)")
     if problems:
         raise ValueError("speculative decoding: " + "; ".join(problems))
     return Resolved(dtype, latent, precision, max_len)

@@ -16,7 +16,7 @@ import sys
 
 import pytest
 
-from _tiny import make_checkpoint
+from _tiny import make_mtp_checkpoint
 
 HERE = os.path.dirname(__file__)
 COMMANDS = os.path.join(HERE, "data", "sglang_v32_commands.txt")
@@ -29,13 +29,14 @@ def _lines() -> list[str]:
 
 @pytest.fixture(scope="module")
 def model(tmp_path_factory):
-    """A tiny V3.2 that splits over 16 ranks (16 heads, 16 experts, vocab 512), with the demo tokenizer."""
+    """A tiny V3.2 that splits over 16 ranks (16 heads, 16 experts, vocab 512), with an MTP layer (as the real
+    checkpoints: the lines with --speculative-* start) and the demo tokenizer."""
     from dsv32.core.demo import make_demo_checkpoint
 
     root = tmp_path_factory.mktemp("sglang-cmds")
     demo = make_demo_checkpoint(str(root / "demo"))
     path = root / "tiny16"
-    make_checkpoint(str(path), seed=5, vocab_size=512, num_attention_heads=16, num_key_value_heads=16,
+    make_mtp_checkpoint(str(path), seed=5, vocab_size=512, num_attention_heads=16, num_key_value_heads=16,
                     n_routed_experts=16, n_group=4, topk_group=2, intermediate_size=128, moe_intermediate_size=32,
                     max_position_embeddings=163840)
     for f in ("tokenizer.json", "tokenizer_config.json"):
@@ -109,9 +110,11 @@ def test_every_documented_command_line(model):
     # context length, --attention-backend nsa, --allow-auto-truncate, --watchdog-timeout, ...
     for must in ("--model deepseek-ai/DeepSeek-V3.2-Exp --tp 8", "--tp 8 --ep 8 --dp 8 --enable-dp-attention",
                  "--kv-cache-dtype fp8_e4m3",
-                 "--chat-template ./tool_chat_template_deepseekv32.jinja --tp-size 8 --dp-size 8 --enable-dp-attention --ep"):
+                 "--chat-template ./tool_chat_template_deepseekv32.jinja --tp-size 8 --dp-size 8 --enable-dp-attention --ep",
+                 "--tp 8 --speculative-algorithm EAGLE --speculative-num-steps 3 --speculative-eagle-topk 1",
+                 "--enable-dp-attention --speculative-algorithm EAGLE"):
         assert any(must in line for line in started), must
-    assert len(started) == 23 and len(refused) == 21, (len(started), len(refused))
+    assert len(started) == 28 and len(refused) == 16, (len(started), len(refused))
 
 
 def test_serving_flags_take_effect(model):
