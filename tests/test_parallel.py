@@ -372,3 +372,27 @@ def test_dp_feed_forward_in_chunks_equals_whole(model, monkeypatch):
         mlp_tokens_per_group = 13  # padded past the 11 tokens
 
     torch.testing.assert_close(ffn(x, Batch()), whole, rtol=1e-5, atol=1e-5)  # fp32: GEMM shapes differ
+
+
+@pytest.mark.parametrize("layout", ["tp2", "dp2", "tp4-dp2"])
+def test_parallel_speculative_decoding_equals_single_process(tmp_path, layout, check_agreement):
+    """MTP speculative decoding over ranks (TP: the group's first rank verifies and broadcasts; DP attention: every
+    rank runs the target, MTP-extend and chain passes of each step, padding where it has no requests): greedy tokens
+    equal the single-process plain run's, the accept length reaches LLM.stats()."""
+    from _tiny import make_mtp_checkpoint
+
+    path = str(tmp_path / "mtp")
+    make_mtp_checkpoint(path, seed=8, n_group=2, topk_group=1, first_k_dense_replace=1, index_topk=16)
+    g = torch.Generator().manual_seed(4)
+    prompts = [torch.randint(0, 320, (n,), generator=g).tolist() for n in (33, 12, 5, 27)]
+    params = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True)
+    want = [o.token_ids for o in LLM(model=path, dtype="float32", device="cpu").generate(
+        prompt_token_ids=prompts, sampling_params=params)]
+    llm = LLM(model=path, dtype="float32", device="cpu", speculative_algorithm="EAGLE", speculative_num_steps=2,
+              **LAYOUTS[layout])
+    try:
+        assert [o.token_ids for o in llm.generate(prompt_token_ids=prompts, sampling_params=params)] == want
+        s = llm.stats()
+        assert s["spec_verify_steps"] > 0 and s["avg_spec_accept_length"] >= 1.0
+    finally:
+        llm.shutdown()
