@@ -88,7 +88,7 @@ def offline(path, concs, args):
                             "overhead": round(max(0.0, 1 - gpu_ms / wall_ms), 3)})
             rows.append(row)
             print(row, flush=True)
-    return rows, {"graphs": sorted({bs for bs, _ in llm.runner.graphs}), "overlap": eng.cfg.overlap}
+    return rows, {"graphs": sorted({key.batch_size for key in llm.runner.graphs}), "overlap": eng.cfg.overlap}
 
 
 def serve(path, concs, args):

@@ -26,8 +26,8 @@ class ForwardBatch:
     input_ids / positions / slots are [T] int64 (slots: physical cache slot each token is written to);
     attn holds per-token request rows, the block table and per-request kv lengths after this step;
     logits_indices [B] picks the token of each request whose next-token logits are wanted (its last).
-    num_requests: the real requests; rows past it (when built with pad_to) are padding: one token at position
-    0 of a scratch page, whose outputs are discarded.
+    num_requests: the real requests; rows past it (when built with pad_to) are padding: pad_tokens tokens at positions
+    0.. of a scratch page, whose outputs are discarded.
     """
 
     input_ids: torch.Tensor
@@ -36,6 +36,8 @@ class ForwardBatch:
     attn: AttnMetadata
     logits_indices: torch.Tensor
     num_requests: int = 0
+    # tokens of every request when they all have the same number (graph replay needs it), else 0
+    tokens_per_request: int = 0
     # With attention data-parallelism: the step's token count per attention group (every group's largest, padded to a
     # multiple of the group's ranks), to which the dense MLP / MoE gather pads each group's tokens. Set by the runner.
     mlp_tokens_per_group: int = 0
@@ -50,15 +52,16 @@ class ForwardBatch:
 
     @classmethod
     def build(cls, requests: list[tuple[list[int], int, list[int]]], kv_cache, device, pad_to: int = 0,
-              table_width: int | None = None) -> "ForwardBatch":
+              table_width: int | None = None, pad_tokens: int = 1) -> "ForwardBatch":
         """requests: (new token ids, start position, page list) per request; pages must already cover
-        start + len(new tokens) positions. pad_to: add one-token padding requests up to this many (decode graphs);
+        start + len(new tokens) positions. pad_to: add padding requests of pad_tokens tokens (≤ the page size) up to
+        this many (graphs);
         table_width: block-table columns (default: the longest page list)."""
         device = torch.device(device)
         ids, positions, slots, token_req, kv_lens, logits_idx = [], [], [], [], [], []
         offset = 0
         scratch = [getattr(kv_cache, "scratch_page", -1)]
-        padded = list(requests) + [([0], 0, scratch)] * max(0, pad_to - len(requests))
+        padded = list(requests) + [([0] * pad_tokens, 0, scratch)] * max(0, pad_to - len(requests))
         for r, (new_ids, start, pages) in enumerate(padded):
             n = len(new_ids)
             ids.extend(new_ids)
@@ -81,5 +84,6 @@ class ForwardBatch:
             kv_lens=kv, kv_lens_cpu=kv_lens, page_size=kv_cache.page_size,
             is_decode=all(len(new_ids) == 1 for new_ids, _, _ in padded),
         )
+        widths = {len(new_ids) for new_ids, _, _ in padded}
         return cls(input_ids=input_ids, positions=pos, slots=slot, attn=attn, logits_indices=logits_indices,
-                   num_requests=len(requests))
+                   num_requests=len(requests), tokens_per_request=widths.pop() if len(widths) == 1 else 0)

@@ -36,7 +36,7 @@ def test_graph_replay_matches_eager(tiny_dir):
     eager = LLM(model=tiny_dir, dtype="float32", page_size=8, disable_graphs=True)
     assert not eager.runner.graphs
     graphs = LLM(model=tiny_dir, dtype="float32", page_size=8, graph_max_bs=8, graph_factory=EagerGraph)
-    assert sorted(graphs.runner.graphs) == [(bs, sparse) for bs in (1, 2, 4, 8) for sparse in (False, True)]
+    assert sorted(graphs.runner.graphs) == [("target", bs, 1, sparse) for bs in (1, 2, 4, 8) for sparse in (False, True)]
     want = outputs(eager, prompts, sp)
     assert outputs(graphs, prompts, sp) == want
     assert graphs.runner.replays >= 19  # every decode step replayed a graph

@@ -374,11 +374,15 @@ def test_dp_feed_forward_in_chunks_equals_whole(model, monkeypatch):
     torch.testing.assert_close(ffn(x, Batch()), whole, rtol=1e-5, atol=1e-5)  # fp32: GEMM shapes differ
 
 
-@pytest.mark.parametrize("layout", ["tp2", "dp2", "tp4-dp2"])
-def test_parallel_speculative_decoding_equals_single_process(tmp_path, layout, check_agreement):
+@pytest.mark.parametrize("layout,graphs", [("tp2", False), ("dp2", False), ("tp4-dp2", False), ("tp2", True),
+                                           ("dp2", True)])
+def test_parallel_speculative_decoding_equals_single_process(tmp_path, layout, graphs, check_agreement, monkeypatch):
     """MTP speculative decoding over ranks (TP: the group's first rank verifies and broadcasts; DP attention: every
-    rank runs the target, MTP-extend and chain passes of each step, padding where it has no requests): greedy tokens
-    equal the single-process plain run's, the accept length reaches LLM.stats()."""
+    rank runs the target, MTP-extend and chain passes of each step, padding where it has no requests), eager or with
+    graphs (EagerGraph in the ranks; DP groups agree on one verify / draft graph): greedy tokens equal the
+    single-process plain run's, the accept length reaches LLM.stats()."""
+    if graphs:
+        monkeypatch.setenv("DSV32_DEBUG_EAGER_GRAPHS", "1")
     from _tiny import make_mtp_checkpoint
 
     path = str(tmp_path / "mtp")
@@ -389,10 +393,11 @@ def test_parallel_speculative_decoding_equals_single_process(tmp_path, layout, c
     want = [o.token_ids for o in LLM(model=path, dtype="float32", device="cpu").generate(
         prompt_token_ids=prompts, sampling_params=params)]
     llm = LLM(model=path, dtype="float32", device="cpu", speculative_algorithm="EAGLE", speculative_num_steps=2,
-              **LAYOUTS[layout])
+              page_size=4, **(dict(graph_max_bs=4) if graphs else {}), **LAYOUTS[layout])
     try:
         assert [o.token_ids for o in llm.generate(prompt_token_ids=prompts, sampling_params=params)] == want
         s = llm.stats()
         assert s["spec_verify_steps"] > 0 and s["avg_spec_accept_length"] >= 1.0
+        assert (s["graph_replays"] > 0) == graphs
     finally:
         llm.shutdown()

@@ -229,3 +229,29 @@ def test_served_with_speculation(mtp_text_dir, tmp_path):
         assert json.loads(out.read_text().splitlines()[-1])["accept_length"] >= 1.0
     finally:
         server.stop()
+
+
+@pytest.mark.parametrize("steps", [1, 3])
+def test_speculation_replays_verify_and_draft_graphs(mtp_dir, steps):
+    """Graphs (EagerGraph on the CPU: replay re-runs the captured pass on the static buffers): verify batches padded
+    to k + 1 tokens per request, the MTP extend after them and the chain replay graphs of their kind; greedy output
+    equal to the plain eager run's, oracle drafts accepted, every page back."""
+    from dsv32.core.engine.runner import EagerGraph
+
+    prompts = prompts_of([13, 5, 26], seed=11)
+    sp = SamplingParams(max_tokens=22, **GREEDY)
+    want = run(LLM(model=mtp_dir, dtype="float32", page_size=4), prompts, sp)
+    llm = spec_llm(mtp_dir, steps, page_size=4, graph_max_bs=4, graph_factory=EagerGraph)
+    kinds = {(key.kind, key.tokens) for key in llm.runner.graphs}
+    assert kinds == {("target", 1), ("target", steps + 1), ("mtp", 1), ("mtp", steps + 1)}
+    replayed = []
+    orig = llm.runner._replay
+    llm.runner._replay = lambda g, fb: replayed.append(
+        next(k for k, v in llm.runner.graphs.items() if v is g)) or orig(g, fb)
+    use_oracle_drafts(llm, {tuple(p): w for p, w in zip(prompts, want)}, 0.25, seed=steps)
+    assert run(llm, prompts, sp) == want
+    seen = {(k.kind, k.tokens) for k in replayed}
+    assert ("target", steps + 1) in seen and ("mtp", steps + 1) in seen
+    assert steps == 1 or ("mtp", 1) in seen
+    assert llm.stats()["avg_spec_accept_length"] > 1.3
+    assert_all_pages_returned(llm)

@@ -224,11 +224,8 @@ def build_engine_core(config: EngineConfig, groups: ProcessGroups | None = None,
     if graph_factory is None and ops.platform().graphs and envs.debug_eager_graphs():
         graph_factory = EagerGraph
     graph_bs = _graph_max_bs(ops, s.graph_max_bs, s.disable_graphs, graph_factory, s.max_running_requests)
-    if config.speculative.enabled and graph_bs:
-        # verify and draft batches are multi-token / MTP-only: they run eagerly (graphs for them are not captured yet)
-        log.info("speculative decoding: steps run without device graphs")
-        graph_bs = 0
-    runner = ModelRunner(model, kv_cache, r.max_model_len, graph_bs, graph_factory)
+    k = config.speculative.steps
+    runner = ModelRunner(model, kv_cache, r.max_model_len, graph_bs, graph_factory, verify_tokens=k + 1 if k else 0)
     runner.capture()
     graphs_bytes = max(0, ops.memory_allocated() - before_graphs) if before_graphs is not None else None
     # CPU: nothing to overlap (unless a test forces it to exercise the scheduling)

@@ -68,6 +68,7 @@ class Request:
     prompt_logprobs: list[TokenLogprob] = field(default_factory=list)  # params.prompt_logprobs: tokens 2.. so far
     prompt_logprobs_sent: bool = False
     draft_ids: list[int] = field(default_factory=list)  # speculative decoding: tokens drafted to verify next step
+    verify_pad: int = 0  # dummy drafts after them in this step's verify (padded to the graph's width)
 
     @property
     def all_ids(self) -> list[int]:
@@ -113,11 +114,12 @@ class _Launched:
     logprobs_host: LogprobTensors | None
     event: object | None
     # speculative decoding (core/engine/speculative.py): per sampled request its drafts (rows: one per draft, then its
-    # last); per work item its first position, flat offset and draft count; the target's hidden states [T, Hd]
+    # last) and the position after its inputs before the drafts; per work item its first position and flat offset;
+    # the target's hidden states [T, Hd]
     drafts: list[list[int]] | None = None
+    sample_ends: list[int] = field(default_factory=list)
     starts: list[int] = field(default_factory=list)
     offsets: list[int] = field(default_factory=list)
-    work_drafts: list[int] = field(default_factory=list)
     hidden: torch.Tensor | None = None
 
 
@@ -315,7 +317,9 @@ class Engine:
                 from_device.append((flat, prev_row[id(req)]))
                 inputs.append(([0], req.num_cached, req.pages))
             else:  # speculative: a decoding request's last token, then its drafts
-                ids = req.all_ids[req.num_cached:req.num_cached + n - len(req.draft_ids)] + req.draft_ids
+                real = n - len(req.draft_ids) - req.verify_pad
+                ids = req.all_ids[req.num_cached:req.num_cached + real] + req.draft_ids
+                ids += ids[-1:] * req.verify_pad
                 inputs.append((ids, req.num_cached, req.pages))
             starts.append(req.num_cached)
             offsets.append(flat)
@@ -324,7 +328,8 @@ class Engine:
         if from_device:
             dst, src = (to_device(torch.tensor(x, dtype=torch.int64), fb.input_ids.device) for x in zip(*from_device))
             fb.input_ids[dst] = self._launched.tokens[src]
-        rows = [i for i, (req, n) in enumerate(work) if req.num_cached + n == req.num_tokens + len(req.draft_ids)]
+        rows = [i for i, (req, n) in enumerate(work)
+                if req.num_cached + n == req.num_tokens + len(req.draft_ids) + req.verify_pad]
         reqs = [work[i][0] for i in rows]
         num_outputs = [len(r.output_ids) + r.pending for r in reqs]
         prefill = [(req, n) for req, n in work if req.num_cached < len(req.prompt_ids)]
@@ -335,10 +340,10 @@ class Engine:
             req.inflight += 1
         replays, hidden = self.runner.replays, None
         if self.spec is not None:  # the target's hidden states feed the MTP layer; logits of every verify row
-            hidden = self.runner.hidden(fb)
-            flat_rows = [offsets[i] + j for i in rows for j in range(work[i][1] - len(work[i][0].draft_ids) - 1,
-                                                                     work[i][1])]
-            logits = self.model.logits(hidden[to_device(torch.tensor(flat_rows, dtype=torch.int64), hidden.device)])
+            last = [offsets[i] + work[i][1] - work[i][0].verify_pad - 1 for i in rows]  # each one's last real token
+            flat_rows = [t - len(work[i][0].draft_ids) + j for i, t in zip(rows, last)
+                         for j in range(len(work[i][0].draft_ids) + 1)]
+            hidden, logits = self.runner.hidden_and_logits(fb, flat_rows)
             if wanted:
                 self._record_prompt_logprobs(wanted, self.model.logits(
                     hidden[to_device(torch.tensor([f for _, f, _ in wanted], dtype=torch.int64), hidden.device)]))
@@ -380,8 +385,9 @@ class Engine:
         launched = _Launched(work, reqs, tokens, tokens_host, lps, event)
         if self.spec is not None:
             launched.drafts = [list(r.draft_ids) for r in reqs]
+            launched.sample_ends = [starts[i] + work[i][1] - len(work[i][0].draft_ids) - work[i][0].verify_pad
+                                    for i in rows]
             launched.starts, launched.offsets, launched.hidden = starts, offsets, hidden
-            launched.work_drafts = [len(r.draft_ids) for r, _ in work]
         return launched
 
     def _finish(self, launched: _Launched) -> list[StepOutput]:
@@ -485,7 +491,7 @@ class Engine:
             work.append((req, n))
             budget -= n
             admit -= n
-        return work
+        return self.spec.pad_verify(work) if self.spec is not None else work
 
     def _order_by_prefix(self) -> None:
         """SGLang's lpm: waiting requests with the longest prefix in the cache first (ties keep arrival order;

@@ -85,8 +85,25 @@ class Speculator:
     # ---- scheduling ---------------------------------------------------------------------------------------------------
     @property
     def reserve_tokens(self) -> int:
-        """Positions past a step's last input token that its drafting may write (the chain's MTP KV)."""
-        return self.k - 1
+        """Positions past a step's real inputs that the step may write: the chain's MTP KV (k − 1), or the dummy drafts
+        of a verify padded for a graph (up to k)."""
+        return self.k
+
+    def pad_verify(self, work: list[tuple["Request", int]]) -> list[tuple["Request", int]]:
+        """When every item is a decoding request's verify and a verify graph fits the batch: each padded to k + 1
+        tokens (dummy drafts after its real ones: their rows are never verified, their KV is overwritten later), so
+        that the batch replays the graph; else unchanged."""
+        for req, _ in work:
+            req.verify_pad = 0
+        q = self.k + 1
+        if not work or not self.runner.graph_fits(len(work), q):
+            return work
+        if any(req.num_tokens - req.num_cached != 1 or req.num_cached + q > self.engine.cfg.max_model_len
+               for req, _ in work):
+            return work
+        for req, n in work:
+            req.verify_pad = q - n
+        return [(req, q) for req, _ in work]
 
     def wanted(self, req: "Request") -> int:
         """Drafts worth making for a request's next step: none with a grammar, never past max_tokens (the verify step
@@ -133,16 +150,16 @@ class Speculator:
 
     def accept(self, launched, tokens: list[int]) -> list[list[int]]:
         """Per sampled request, the rows whose tokens it emits (the accepted drafts' rows, then the first rejecting or
-        the last row); rolls back the cache positions of the rejected drafts and records the accept length."""
+        the last row); rolls back the cache positions of the rejected drafts (and of the dummy ones) and records the
+        accept length."""
         out, r = [], 0
-        for req, drafts in zip(launched.sampled, launched.drafts):
+        for req, drafts, end in zip(launched.sampled, launched.drafts, launched.sample_ends):
             emitted = [r]
             for j, d in enumerate(drafts):
                 if tokens[r + j] != d:
                     break
                 emitted.append(r + j + 1)
-            rejected = len(drafts) + 1 - len(emitted)
-            req.num_cached -= rejected
+            req.num_cached = end + len(emitted) - 1  # its inputs and the accepted drafts
             if drafts:
                 self.stats.record(len(drafts), len(emitted))
             out.append(emitted)
@@ -154,8 +171,12 @@ class Speculator:
         """MTP extend over what the launched batch computed (the positions now valid, with the tokens after them), then
         the chain; sets draft_ids of every request that sampled, is still running and wants drafts."""
         e, hidden = self.engine, launched.hidden
+        q = self.k + 1
+        # a padded verify (every item k + 1 tokens) is followed by a padded extend: k + 1 positions per request, as
+        # the verify computed them (the rows past a request's valid ones write MTP KV that is overwritten later)
+        padded = all(n == q for _, n in launched.work) and self.runner.graph_fits(len(launched.work), q, "mtp")
         inputs, rows, last, drafting = [], [], [], []
-        for (req, n), start, off, d in zip(launched.work, launched.starts, launched.offsets, launched.work_drafts):
+        for (req, n), start, off in zip(launched.work, launched.starts, launched.offsets):
             req.draft_ids = []
             if req.finished or req not in e.running or req.matcher is not None:
                 continue
@@ -163,14 +184,16 @@ class Speculator:
             ids = req.all_ids
             if valid <= 0 or start + valid >= len(ids):
                 continue  # nothing computed, or its next token is not known (cannot happen: a chunk ends before it)
-            inputs.append((ids[start + 1:start + valid + 1], start, req.pages))
-            rows.extend(range(off, off + valid))
+            width = q if padded else valid
+            tokens = ids[start + 1:start + valid + 1]
+            inputs.append((tokens + tokens[-1:] * (width - valid), start, req.pages))
+            rows.extend(range(off, off + width))
             if start + valid == len(ids) - 1:  # reaches its last token: it drafts
                 want = self.wanted(req)
                 if want:
                     drafting.append((req, want))
-                    last.append(len(rows) - 1)
-        fb = self.runner.build(inputs, graphs=False)
+                    last.append(len(rows) - width + valid - 1)
+        fb = self.runner.build(inputs, kind="mtp")
         if fb is None:
             self._idle_chain()
             return
@@ -188,7 +211,7 @@ class Speculator:
         for i in range(2, self.k + 1):  # chain step i drafts d_i from d_{i-1} at the position after
             who = [j for j, (_, want) in enumerate(drafting) if want >= i]
             step_inputs = [([0], req.num_tokens - 2 + i - 1, req.pages) for req, want in drafting if want >= i]
-            fb = self.runner.build(step_inputs, graphs=False)
+            fb = self.runner.build(step_inputs, kind="mtp")
             if fb is None or not who:
                 if fb is not None:
                     self.runner.mtp_hidden(fb, h_last.new_zeros(fb.num_tokens, h_last.shape[1]))
@@ -216,7 +239,7 @@ class Speculator:
         if not self.model.groups.dp_attention:
             return
         for _ in range(self.k - 1):
-            fb = self.runner.build([], graphs=False)
+            fb = self.runner.build([], kind="mtp")
             if fb is not None:
                 self.runner.mtp_hidden(fb, torch.zeros(fb.num_tokens, self.model.cfg.hidden_size,
                                                        dtype=self.model.dtype, device=self.model.device))
@@ -225,7 +248,7 @@ class Speculator:
         """A step of a rank with no requests under attention data-parallelism: the target pass, the MTP extend and the
         chain, each on padding rows."""
         self.runner.idle_step()
-        fb = self.runner.build([], graphs=False)
+        fb = self.runner.build([], kind="mtp")
         if fb is not None:
             self.runner.mtp_hidden(fb, torch.zeros(fb.num_tokens, self.model.cfg.hidden_size, dtype=self.model.dtype,
                                                    device=self.model.device))

@@ -47,7 +47,7 @@ def test_graphs_and_overlap_equal_eager(backend, dtype, kv, tiny_dir, monkeypatc
     kw = dict(model=tiny_dir, dtype=dtype, device="cuda", backend=backend, kv_cache_dtype=kv, page_size=8)
     eager = LLM(**kw, disable_graphs=True, disable_overlap_schedule=True)
     fast = LLM(**kw, graph_max_bs=4)
-    assert fast.engine.cfg.overlap and sorted(fast.runner.graphs) == [(b, s) for b in (1, 2, 4) for s in (False, True)]
+    assert fast.engine.cfg.overlap and sorted(fast.runner.graphs) == [("target", b, 1, s) for b in (1, 2, 4) for s in (False, True)]
     for lengths in ((5, 9, 12, 40), (7, 30), (11,)):
         prompts = _prompts(lengths)
         assert _gen(fast, prompts) == _gen(eager, prompts), lengths
