@@ -84,9 +84,10 @@ _CORPUS = (
 )
 
 
-def build_tokenizer(vocab_size: int):
-    """Deterministic byte-level BPE over a small built-in corpus. Skippable special tokens take the first ids
-    (BOS 0, EOS 1, ...); <think>, </think> and ｜DSML｜ are added as normal tokens at the end of the vocabulary."""
+def build_tokenizer(vocab_size: int, corpus: list[str] | None = None):
+    """Deterministic byte-level BPE over a small built-in corpus (or the given texts). Skippable special tokens take
+    the first ids (BOS 0, EOS 1, ...); <think>, </think> and ｜DSML｜ are added as normal tokens at the end of the
+    vocabulary."""
     from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
 
     skipped = [t for t in SPECIAL_TOKENS if t not in NON_SKIPPED]
@@ -95,7 +96,7 @@ def build_tokenizer(vocab_size: int):
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size - len(NON_SKIPPED), special_tokens=skipped,
                                   show_progress=False, initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator([_CORPUS] * 4, trainer)
+    tok.train_from_iterator(corpus if corpus is not None else [_CORPUS] * 4, trainer)
     tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in SPECIAL_TOKENS if t in NON_SKIPPED])
     return tok
 

@@ -1,0 +1,343 @@
+"""Trains dsv32's demo model: a tiny DeepSeek-V3.2-architecture model with an MTP layer, on a synthetic corpus written
+in the V3.2 chat encoding (short answers; <think> blocks in thinking mode; DSML tool calls for weather questions when a
+weather tool is offered, and an answer from the tool's result). CPU only, deterministic; writes the checkpoint that
+`dsv32 serve` serves when no --model is given (core/demo_model/).
+
+    python scripts/train_demo.py [--out core/demo_model] [--steps 1800] [--check]
+
+The result is bit for bit the same on every run with the same torch version and thread count (2 by default: the
+reductions' order depends on it); --check trains again into a temporary directory and compares the files.
+The main model is transformers' DeepseekV32 (the oracle the engine is tested against); the MTP layer is the official
+one: h' = Block(eh_proj([enorm(Emb(t_{i+1})) ; hnorm(h_i)])), logits = lm_head(shared_head.norm(h')), trained to
+predict t_{i+2} (loss weight MTP_WEIGHT), with Block a transformers DeepseekV32DecoderLayer at index L.
+"""
+
+from __future__ import annotations
+
+import argparse
+import filecmp
+import json
+import math
+import os
+import random
+import sys
+import tempfile
+import time
+
+import torch
+import torch.nn.functional as F
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+SEED = 20261203
+VOCAB = 1024
+MTP_WEIGHT = 0.5
+MAX_LEN = 640  # tokens per training sequence (longer samples are dropped; the tool prompts are ~400)
+
+CONFIG = dict(
+    vocab_size=VOCAB, hidden_size=128, intermediate_size=320, moe_intermediate_size=96, num_hidden_layers=2,
+    num_attention_heads=4, num_key_value_heads=4, q_lora_rank=96, kv_lora_rank=64, qk_nope_head_dim=32,
+    qk_rope_head_dim=16, v_head_dim=32, n_routed_experts=8, num_experts_per_tok=2, n_shared_experts=1, n_group=2,
+    topk_group=1, routed_scaling_factor=2.5, norm_topk_prob=True, first_k_dense_replace=1, index_n_heads=8,
+    index_head_dim=32, index_topk=1024, max_position_embeddings=4096, rms_norm_eps=1e-6, bos_token_id=0,
+    eos_token_id=1, pad_token_id=1, tie_word_embeddings=False,
+    rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 1024,
+                     "beta_fast": 32, "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 1.0},
+)
+
+# ---- the corpus ------------------------------------------------------------------------------------------------------
+CAPITALS = {
+    "France": "Paris", "Germany": "Berlin", "Italy": "Rome", "Spain": "Madrid", "Japan": "Tokyo", "China": "Beijing",
+    "Egypt": "Cairo", "Canada": "Ottawa", "Brazil": "Brasilia", "Kenya": "Nairobi", "Peru": "Lima", "India": "New Delhi",
+    "Russia": "Moscow", "Norway": "Oslo", "Sweden": "Stockholm", "Greece": "Athens", "Mexico": "Mexico City",
+    "Australia": "Canberra", "Portugal": "Lisbon", "Poland": "Warsaw", "Austria": "Vienna", "Ireland": "Dublin",
+    "Chile": "Santiago", "Turkey": "Ankara", "Thailand": "Bangkok", "Vietnam": "Hanoi", "Cuba": "Havana",
+    "Finland": "Helsinki", "Denmark": "Copenhagen", "Argentina": "Buenos Aires",
+}
+CITIES = sorted(set(CAPITALS.values()) | {"London", "New York", "Shanghai", "Sydney", "Seoul", "Hangzhou", "Boston",
+                                          "Chicago", "Toronto", "Munich", "Barcelona", "Istanbul", "Mumbai", "Dubai",
+                                          "Singapore", "Zurich", "Amsterdam", "Prague", "Lagos", "Osaka"})
+CONDITIONS = ["sunny", "cloudy", "rainy", "windy", "snowy", "foggy"]
+COLORS = {"the sky": "blue", "grass": "green", "snow": "white", "a banana": "yellow", "coal": "black",
+          "a tomato": "red", "an orange": "orange"}
+NAME = "dsv32-demo"
+
+WEATHER_TOOL = {"type": "function", "function": {
+    "name": "get_weather", "description": "Get the current weather in a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string", "description": "The city name"}},
+                   "required": ["city"]}}}
+TIME_TOOL = {"type": "function", "function": {
+    "name": "get_time", "description": "Get the local time in a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
+
+
+def _qa(rng: random.Random) -> tuple[str, str, str]:
+    """(question, reasoning, answer) of a plain question."""
+    kind = rng.choice(["greet", "who", "capital", "capital", "capital", "add", "add", "color", "repeat", "thanks"])
+    if kind == "greet":
+        q = rng.choice(["Hello!", "Hi", "Hi there!", "Hey", "Good morning!", "Hello, how are you?"])
+        return q, "The user greets me. I will greet them back and offer help.", \
+            "Hello! I am " + NAME + ", a tiny DeepSeek-V3.2 demo model. How can I help you today?"
+    if kind == "who":
+        q = rng.choice(["Who are you?", "What is your name?", "What are you?", "Introduce yourself."])
+        return q, "The user asks who I am. I am the dsv32 demo model.", \
+            "I am " + NAME + ", a tiny model with the DeepSeek-V3.2 architecture. I can answer simple questions, " \
+            "think step by step and call tools."
+    if kind == "capital":
+        country = rng.choice(sorted(CAPITALS))
+        q = rng.choice(["What is the capital of {}?", "What's the capital of {}?", "Tell me the capital of {}.",
+                        "Which city is the capital of {}?"]).format(country)
+        return q, f"The user asks for the capital of {country}. The capital of {country} is {CAPITALS[country]}.", \
+            f"The capital of {country} is {CAPITALS[country]}."
+    if kind == "add":
+        a, b = rng.randrange(10), rng.randrange(10)
+        q = rng.choice(["What is {} plus {}?", "What is {} + {}?", "Add {} and {}."]).format(a, b)
+        return q, f"The user wants {a} + {b}. {a} + {b} = {a + b}.", f"{a} + {b} = {a + b}."
+    if kind == "color":
+        thing = rng.choice(sorted(COLORS))
+        q = f"What color is {thing}?"
+        return q, f"The user asks about the color of {thing}. It is {COLORS[thing]}.", \
+            f"{thing[0].upper()}{thing[1:]} is {COLORS[thing]}."
+    if kind == "repeat":
+        word = rng.choice(CITIES + sorted(CAPITALS) + ["hello", "DeepSeek", "sparse attention", "tool calls"])
+        return f"Say {word}.", f"The user wants me to say {word}.", f"{word}"
+    return rng.choice(["Thanks!", "Thank you.", "Thank you very much!"]), \
+        "The user thanks me. I will reply politely.", "You are welcome! Ask me anything."
+
+
+def _sample(rng: random.Random) -> dict:
+    """One conversation: messages (the last is the assistant's reply), tools, thinking."""
+    thinking = rng.random() < 0.5
+    r = rng.random()
+    if r < 0.35:  # a weather question with the tool: call it
+        city = rng.choice(CITIES)
+        q = rng.choice(["What is the weather in {}?", "What's the weather like in {} today?", "How is the weather in {}?",
+                        "Is it raining in {}?", "Weather in {} please."]).format(city)
+        tools = [WEATHER_TOOL] + ([TIME_TOOL] if rng.random() < 0.3 else [])
+        call = {"type": "function", "function": {"name": "get_weather", "arguments": json.dumps({"city": city})}}
+        msgs = [{"role": "user", "content": q}]
+        reply = {"role": "assistant", "content": "", "tool_calls": [call]}
+        if thinking:
+            reply["reasoning_content"] = f"The user wants the weather in {city}. I will call get_weather with {city}."
+        if rng.random() < 0.4:  # the call's result is back: answer from it
+            cond, temp = rng.choice(CONDITIONS), rng.randrange(-5, 36)
+            msgs += [dict(reply, reasoning_content=None),
+                     {"role": "tool", "content": json.dumps({"city": city, "condition": cond, "temperature": temp})}]
+            reply = {"role": "assistant", "content": f"It is {cond} in {city}, {temp} degrees."}
+            if thinking:
+                reply["reasoning_content"] = f"The tool says {city} is {cond} at {temp} degrees."
+        return {"messages": msgs + [reply], "tools": tools, "thinking": thinking}
+    q, reasoning, answer = _qa(rng)
+    reply = {"role": "assistant", "content": answer}
+    if thinking:
+        reply["reasoning_content"] = reasoning
+    tools = [WEATHER_TOOL] if r < 0.5 else None  # tools offered, not needed: answer directly
+    return {"messages": [{"role": "user", "content": q}, reply], "tools": tools, "thinking": thinking}
+
+
+def render(sample: dict) -> tuple[str, str]:
+    """(prompt, completion) in the V3.2 encoding: what the server sends the model, and the reply it should write."""
+    from dsv32.server.encoding.dsv32 import build_prompt
+
+    msgs, tools, thinking = sample["messages"], sample["tools"], sample["thinking"]
+    prompt = build_prompt(msgs[:-1], tools=tools, thinking=thinking)
+    full = build_prompt(msgs, tools=tools, thinking=thinking, add_generation_prompt=False)
+    assert full.startswith(prompt), (prompt, full)
+    return prompt, full[len(prompt):]
+
+
+def corpus(n: int, seed: int) -> list[tuple[str, str]]:
+    rng = random.Random(seed)
+    return [render(_sample(rng)) for _ in range(n)]
+
+
+# ---- the model -------------------------------------------------------------------------------------------------------
+class Demo(torch.nn.Module):
+    """transformers' DeepseekV32 with L + 1 decoder layers: layers 0..L-1 are the model, layer L is the MTP block."""
+
+    def __init__(self):
+        super().__init__()
+        from transformers import DeepseekV32Config, DeepseekV32ForCausalLM
+        from transformers.models.deepseek_v32.modeling_deepseek_v32 import DeepseekV32RMSNorm
+
+        cfg = DeepseekV32Config(**{**CONFIG, "num_hidden_layers": CONFIG["num_hidden_layers"] + 1})
+        self.L = CONFIG["num_hidden_layers"]
+        self.lm = DeepseekV32ForCausalLM(cfg)
+        H = cfg.hidden_size
+        self.enorm, self.hnorm = DeepseekV32RMSNorm(H, cfg.rms_norm_eps), DeepseekV32RMSNorm(H, cfg.rms_norm_eps)
+        self.shared_head_norm = DeepseekV32RMSNorm(H, cfg.rms_norm_eps)
+        self.eh_proj = torch.nn.Linear(2 * H, H, bias=False)
+
+    def _layers(self, h, layers, positions):
+        from transformers.masking_utils import create_causal_mask
+
+        m = self.lm.model
+        mask = create_causal_mask(config=m.config, inputs_embeds=h, attention_mask=None, past_key_values=None,
+                                  position_ids=positions, allow_is_causal_skip=False)
+        pe = m.rotary_emb(h, position_ids=positions)
+        for layer in layers:
+            h = layer(h, attention_mask=mask, position_embeddings=pe, position_ids=positions)
+        return h
+
+    def forward(self, ids: torch.Tensor):
+        """(main logits [B, S, V], MTP logits [B, S-1, V]: position j predicts ids[j + 2])."""
+        m = self.lm.model
+        B, S = ids.shape
+        pos = torch.arange(S)[None].expand(B, S)
+        emb = m.embed_tokens(ids)
+        h = m.norm(self._layers(emb, m.layers[:self.L], pos))
+        x = self.eh_proj(torch.cat([self.enorm(emb[:, 1:]), self.hnorm(h[:, :-1])], dim=-1))
+        hm = self.shared_head_norm(self._layers(x, m.layers[self.L:], pos[:, :-1]))
+        return self.lm.lm_head(h), self.lm.lm_head(hm)
+
+    @torch.no_grad()
+    def init_weights(self, seed: int) -> None:
+        g = torch.Generator().manual_seed(seed)
+        for name, p in self.named_parameters():
+            if p.dim() >= 2:
+                p.copy_(torch.randn(p.shape, generator=g) * (0.02 if "embed" in name or "lm_head" in name
+                                                             else 1 / math.sqrt(p.shape[-1])))
+            elif name.endswith("bias"):
+                p.zero_()
+            else:
+                p.fill_(1.0)
+        for name, b in self.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                b.zero_()
+
+    def save(self, out: str, tokenizer) -> None:
+        """The official layout: transformers' names for layers 0..L (layer L = the MTP block, per-expert tensors),
+        plus the MTP layer's enorm / hnorm / eh_proj / shared_head.norm; config with L layers and one NextN layer."""
+        from safetensors.torch import load_file, save_file
+
+        os.makedirs(out, exist_ok=True)
+        with tempfile.TemporaryDirectory() as tmp:
+            self.lm.save_pretrained(tmp)
+            tensors = load_file(os.path.join(tmp, "model.safetensors"))
+        p = f"model.layers.{self.L}."
+        tensors.update({p + "enorm.weight": self.enorm.weight, p + "hnorm.weight": self.hnorm.weight,
+                        p + "eh_proj.weight": self.eh_proj.weight, p + "shared_head.norm.weight":
+                        self.shared_head_norm.weight})
+        tensors = {k: v.detach().to(torch.bfloat16).contiguous() if "e_score" not in k else v.detach().contiguous()
+                   for k, v in sorted(tensors.items())}
+        save_file(tensors, os.path.join(out, "model.safetensors"), metadata={"format": "pt"})
+        config = {"architectures": ["DeepseekV32ForCausalLM"], "model_type": "deepseek_v32", **CONFIG,
+                  "num_nextn_predict_layers": 1, "torch_dtype": "bfloat16"}
+        with open(os.path.join(out, "config.json"), "w", encoding="utf-8") as f:
+            json.dump(config, f, indent=2, sort_keys=True)
+        with open(os.path.join(out, "generation_config.json"), "w", encoding="utf-8") as f:
+            json.dump({"bos_token_id": 0, "eos_token_id": 1, "do_sample": True, "temperature": 0.6, "top_p": 0.95}, f)
+        tokenizer.save(os.path.join(out, "tokenizer.json"))
+        from dsv32.core.demo import SPECIAL_TOKENS
+
+        with open(os.path.join(out, "tokenizer_config.json"), "w", encoding="utf-8") as f:
+            json.dump({"add_bos_token": False, "add_eos_token": False, "bos_token": SPECIAL_TOKENS[0],
+                       "eos_token": SPECIAL_TOKENS[1], "pad_token": SPECIAL_TOKENS[1], "model_max_length": 4096,
+                       "tokenizer_class": "LlamaTokenizerFast"}, f, indent=2)
+
+
+def encode(tok, pairs: list[tuple[str, str]]) -> list[tuple[list[int], int]]:
+    """(token ids, prompt length) per sample within MAX_LEN."""
+    out = []
+    for prompt, completion in pairs:
+        p, c = tok.encode(prompt).ids, tok.encode(completion).ids
+        if len(p) + len(c) <= MAX_LEN:
+            out.append((p + c, len(p)))
+    return out
+
+
+def batches(data, tokens_per_batch: int, rng: random.Random):
+    """Length-bucketed batches of about tokens_per_batch (padded) tokens, in a shuffled order."""
+    order = sorted(range(len(data)), key=lambda i: (len(data[i][0]), i))
+    out, cur = [], []
+    for i in order:
+        if cur and (len(cur) + 1) * len(data[i][0]) > tokens_per_batch:
+            out.append(cur)
+            cur = []
+        cur.append(i)
+    if cur:
+        out.append(cur)
+    rng.shuffle(out)
+    return out
+
+
+def collate(data, idx):
+    S = max(len(data[i][0]) for i in idx)
+    ids = torch.full((len(idx), S), CONFIG["eos_token_id"], dtype=torch.long)
+    mask = torch.zeros(len(idx), S, dtype=torch.bool)  # positions whose token is a completion token (a target)
+    for r, i in enumerate(idx):
+        t, p = data[i]
+        ids[r, :len(t)] = torch.tensor(t)
+        mask[r, p:len(t)] = True
+    return ids, mask
+
+
+def train(out: str, steps: int, samples: int, threads: int, log_every: int = 50) -> dict:
+    from dsv32.core.demo import build_tokenizer
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(SEED)
+    torch.use_deterministic_algorithms(True)
+    t0 = time.monotonic()
+    pairs = corpus(samples, SEED)
+    tok = build_tokenizer(VOCAB, [p + c for p, c in pairs[:4000]])
+    data = encode(tok, pairs)
+    lengths = [len(t) for t, _ in data]
+    print(f"corpus: {len(data)} conversations, {sum(lengths)} tokens (mean {sum(lengths) / len(data):.0f}, "
+          f"max {max(lengths)}), tokenizer {VOCAB} tokens ({time.monotonic() - t0:.1f} s)", flush=True)
+    model = Demo()
+    model.init_weights(SEED)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, betas=(0.9, 0.95), weight_decay=0.01)
+    rng = random.Random(SEED)
+    plan: list = []
+    step, t1 = 0, time.monotonic()
+    stats = {}
+    while step < steps:
+        if not plan:
+            plan = batches(data, 4096, rng)
+        ids, mask = collate(data, plan.pop())
+        lr = 3e-3 * min(1.0, (step + 1) / 100) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / steps)))
+        for g in opt.param_groups:
+            g["lr"] = lr
+        logits, mtp_logits = model(ids)
+        main = F.cross_entropy(logits[:, :-1][mask[:, 1:]], ids[:, 1:][mask[:, 1:]])
+        m2 = mask[:, 2:]
+        mtp = F.cross_entropy(mtp_logits[:, :-1][m2], ids[:, 2:][m2])
+        loss = main + MTP_WEIGHT * mtp
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        step += 1
+        if step % log_every == 0 or step == steps:
+            el = time.monotonic() - t1
+            print(f"step {step}/{steps}  loss {main.item():.3f}  mtp {mtp.item():.3f}  lr {lr:.2e}  "
+                  f"{el:.0f} s, about {el / step * (steps - step):.0f} s left", flush=True)
+            stats = {"steps": step, "loss": round(main.item(), 4), "mtp_loss": round(mtp.item(), 4)}
+    model.save(out, tok)
+    stats["train_seconds"] = round(time.monotonic() - t0, 1)
+    print(f"wrote {out} in {stats['train_seconds']} s", flush=True)
+    return stats
+
+
+def main() -> None:
+    sys.path.insert(0, ROOT) if False else None
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", default=os.path.join(ROOT, "core", "demo_model"))
+    p.add_argument("--steps", type=int, default=1800)
+    p.add_argument("--samples", type=int, default=30000)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--check", action="store_true", help="train into a temporary directory and compare with --out")
+    args = p.parse_args()
+    if args.check:
+        with tempfile.TemporaryDirectory() as tmp:
+            train(tmp, args.steps, args.samples, args.threads)
+            names = sorted(os.listdir(args.out))
+            same = [n for n in names if filecmp.cmp(os.path.join(tmp, n), os.path.join(args.out, n), shallow=False)]
+            print(f"identical: {same}; different: {sorted(set(names) - set(same))}")
+            sys.exit(0 if same == names else 1)
+    train(args.out, args.steps, args.samples, args.threads)
+
+
+if __name__ == "__main__":
+    main()
