@@ -1,8 +1,12 @@
-"""A tiny DeepSeek-V3.2-architecture checkpoint with deterministic random weights and a byte-level BPE
-tokenizer carrying the DeepSeek-V3.2 special tokens, written in the official format (config.json,
-model.safetensors, tokenizer.json, tokenizer_config.json, generation_config.json) and then loaded through
-the normal loader. Used by `dsv32 demo` and by `dsv32 serve` without --model, so a new user sees the engine
-work without downloading anything. The weights are random: the text it generates is gibberish."""
+"""The demo models, in the official checkpoint format (config.json, model.safetensors, tokenizer.json,
+tokenizer_config.json, generation_config.json), loaded through the normal loader:
+
+- the trained demo (`trained_demo_path()`, shipped in core/demo_model/, 2 layers + an MTP layer, a few MB): made by
+  scripts/train_demo.py on CPU from a synthetic corpus in the V3.2 chat encoding. It answers short questions, thinks
+  in <think> blocks when asked to, calls a weather tool in DSML, and its MTP layer drafts well on that domain. `dsv32
+  serve` without --model and `dsv32 demo` use it, so a new user sees the engine work without downloading anything;
+- `make_demo_checkpoint`: a random-weight model with a byte-level BPE tokenizer carrying the DeepSeek-V3.2 special
+  tokens (its text is gibberish), for tests that need any model with a tokenizer."""
 
 from __future__ import annotations
 
@@ -14,6 +18,18 @@ import torch
 
 from dsv32.core.config import ModelConfig
 from dsv32.core.model.specs import weight_specs
+
+TRAINED_DEMO_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "demo_model")
+TRAINED_DEMO_NAME = "dsv32-demo"
+
+
+def trained_demo_path() -> str:
+    """The shipped trained demo model's directory (read-only package data)."""
+    if not os.path.isfile(os.path.join(TRAINED_DEMO_DIR, "model.safetensors")):
+        raise FileNotFoundError(f"the trained demo model is missing from {TRAINED_DEMO_DIR}: reinstall dsv32, or "
+                                "regenerate it with `python scripts/train_demo.py`")
+    return TRAINED_DEMO_DIR
+
 
 DEMO_CONFIG = {
     "architectures": ["DeepseekV32ForCausalLM"], "model_type": "deepseek_v32", "vocab_size": 512,

@@ -19,6 +19,9 @@ def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     return t.pin_memory().to(device, non_blocking=True)
 
 
+_SMALL = 16  # requests with at most this many new tokens get their positions and slots as Python ints
+
+
 @dataclass
 class ForwardBatch:
     """Flat (ragged) batch of new tokens of B requests.
@@ -62,18 +65,35 @@ class ForwardBatch:
         offset = 0
         scratch = [getattr(kv_cache, "scratch_page", -1)]
         padded = list(requests) + [([0] * pad_tokens, 0, scratch)] * max(0, pad_to - len(requests))
+        P = kv_cache.page_size
+        small_pos: list[int] = []  # a few tokens per request (decode, verify): plain ints are faster than tensors
+        small_slots: list[int] = []
+
+        def flush():
+            if small_pos:
+                positions.append(torch.tensor(small_pos, dtype=torch.int64))
+                slots.append(torch.tensor(small_slots, dtype=torch.int64))
+                small_pos.clear()
+                small_slots.clear()
+
         for r, (new_ids, start, pages) in enumerate(padded):
             n = len(new_ids)
             ids.extend(new_ids)
-            positions.append(torch.arange(start, start + n))
-            slots.append(kv_cache.slots(pages, start, start + n))
+            if n <= _SMALL:
+                small_pos.extend(range(start, start + n))
+                small_slots.extend(pages[p // P] * P + p % P for p in range(start, start + n))
+            else:
+                flush()
+                positions.append(torch.arange(start, start + n))
+                slots.append(kv_cache.slots(pages, start, start + n))
             token_req.extend([r] * n)
             kv_lens.append(start + n)
             offset += n
             logits_idx.append(offset - 1)
+        flush()
         # One host tensor, one copy: [ids | positions | slots | token_req | logits_idx | kv_lens]
         T, B = len(ids), len(padded)
-        flat = torch.cat([torch.tensor(ids, dtype=torch.int64), torch.cat(positions), torch.cat(slots),
+        flat = torch.cat([torch.tensor(ids, dtype=torch.int64), *positions, *slots,
                           torch.tensor(token_req, dtype=torch.int64), torch.tensor(logits_idx, dtype=torch.int64),
                           torch.tensor(kv_lens, dtype=torch.int64)])
         flat = to_device(flat, device)

@@ -173,8 +173,8 @@ class KVCache:
 
     def block_table(self, page_lists: list[list[int]], width: int | None = None) -> torch.Tensor:
         width = width or max((len(p) for p in page_lists), default=0) or 1
-        table = torch.full((len(page_lists), width), -1, dtype=torch.int32)
-        for i, pages in enumerate(page_lists):
-            if pages:
-                table[i, : len(pages)] = torch.tensor(pages, dtype=torch.int32)
-        return table
+        if any(len(p) > width for p in page_lists):
+            raise ValueError(f"a request holds more pages than the block table's {width} columns")
+        # one tensor from padded rows (a tensor per row costs more than the whole table at decode batch sizes)
+        return torch.tensor([pages[:width] + [-1] * (width - len(pages)) for pages in page_lists],
+                            dtype=torch.int32).view(len(page_lists), width)

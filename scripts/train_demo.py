@@ -3,7 +3,7 @@ in the V3.2 chat encoding (short answers; <think> blocks in thinking mode; DSML 
 weather tool is offered, and an answer from the tool's result). CPU only, deterministic; writes the checkpoint that
 `dsv32 serve` serves when no --model is given (core/demo_model/).
 
-    python scripts/train_demo.py [--out core/demo_model] [--steps 1800] [--check]
+    python scripts/train_demo.py [--out core/demo_model] [--steps 2200] [--check]
 
 The result is bit for bit the same on every run with the same torch version and thread count (2 by default: the
 reductions' order depends on it); --check trains again into a temporary directory and compares the files.
@@ -32,6 +32,7 @@ ROOT = os.path.dirname(HERE)
 SEED = 20261203
 VOCAB = 1024
 MTP_WEIGHT = 0.5
+TOKENIZER_SAMPLES = 4000  # the corpus's first conversations train the tokenizer
 MAX_LEN = 640  # tokens per training sequence (longer samples are dropped; the tool prompts are ~400)
 
 CONFIG = dict(
@@ -152,6 +153,12 @@ def corpus(n: int, seed: int) -> list[tuple[str, str]]:
 
 
 # ---- the model -------------------------------------------------------------------------------------------------------
+def _every_key(hidden_states, q_resid, position_embeddings, attention_mask, position_ids, past_key_values=None):
+    B, S, T = attention_mask.shape
+    assert T <= CONFIG["index_topk"], "training sequences must be shorter than index_topk"
+    return torch.arange(T, dtype=torch.int32).expand(B, S, T)
+
+
 class Demo(torch.nn.Module):
     """transformers' DeepseekV32 with L + 1 decoder layers: layers 0..L-1 are the model, layer L is the MTP block."""
 
@@ -167,6 +174,11 @@ class Demo(torch.nn.Module):
         self.enorm, self.hnorm = DeepseekV32RMSNorm(H, cfg.rms_norm_eps), DeepseekV32RMSNorm(H, cfg.rms_norm_eps)
         self.shared_head_norm = DeepseekV32RMSNorm(H, cfg.rms_norm_eps)
         self.eh_proj = torch.nn.Linear(2 * H, H, bias=False)
+        # Training sequences are shorter than index_topk, so the indexer selects every causal key (and its top-k gets
+        # no gradient): skip its scoring, which is most of a CPU step. Same result as transformers' indexer here.
+        for layer in self.lm.model.layers:
+            layer.self_attn.indexer.forward = _every_key
+
 
     def _layers(self, h, layers, positions):
         from transformers.masking_utils import create_causal_mask
@@ -218,11 +230,10 @@ class Demo(torch.nn.Module):
         tensors.update({p + "enorm.weight": self.enorm.weight, p + "hnorm.weight": self.hnorm.weight,
                         p + "eh_proj.weight": self.eh_proj.weight, p + "shared_head.norm.weight":
                         self.shared_head_norm.weight})
-        tensors = {k: v.detach().to(torch.bfloat16).contiguous() if "e_score" not in k else v.detach().contiguous()
-                   for k, v in sorted(tensors.items())}
+        tensors = {k: v.detach().float().contiguous() for k, v in sorted(tensors.items())}
         save_file(tensors, os.path.join(out, "model.safetensors"), metadata={"format": "pt"})
         config = {"architectures": ["DeepseekV32ForCausalLM"], "model_type": "deepseek_v32", **CONFIG,
-                  "num_nextn_predict_layers": 1, "torch_dtype": "bfloat16"}
+                  "num_nextn_predict_layers": 1, "torch_dtype": "float32"}
         with open(os.path.join(out, "config.json"), "w", encoding="utf-8") as f:
             json.dump(config, f, indent=2, sort_keys=True)
         with open(os.path.join(out, "generation_config.json"), "w", encoding="utf-8") as f:
@@ -262,25 +273,39 @@ def batches(data, tokens_per_batch: int, rng: random.Random):
 
 
 def collate(data, idx):
+    """ids [B, S] (right-padded) and the mask of target positions: every token of a conversation, not only the reply
+    (modelling the questions too gives the attention far more to learn from: replies alone taught the format but not
+    to copy the city or country from the question within the time budget)."""
     S = max(len(data[i][0]) for i in idx)
     ids = torch.full((len(idx), S), CONFIG["eos_token_id"], dtype=torch.long)
-    mask = torch.zeros(len(idx), S, dtype=torch.bool)  # positions whose token is a completion token (a target)
+    mask = torch.zeros(len(idx), S, dtype=torch.bool)
     for r, i in enumerate(idx):
-        t, p = data[i]
+        t, _ = data[i]
         ids[r, :len(t)] = torch.tensor(t)
-        mask[r, p:len(t)] = True
+        mask[r, 1:len(t)] = True
     return ids, mask
 
 
 def train(out: str, steps: int, samples: int, threads: int, log_every: int = 50) -> dict:
     from dsv32.core.demo import build_tokenizer
 
+    threads_before, deterministic_before = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
     torch.set_num_threads(threads)
-    torch.manual_seed(SEED)
     torch.use_deterministic_algorithms(True)
+    try:
+        return _train(out, steps, samples, log_every)
+    finally:  # the caller's settings back (tests train in their own process)
+        torch.set_num_threads(threads_before)
+        torch.use_deterministic_algorithms(deterministic_before)
+
+
+def _train(out: str, steps: int, samples: int, log_every: int) -> dict:
+    from dsv32.core.demo import build_tokenizer
+
+    torch.manual_seed(SEED)
     t0 = time.monotonic()
     pairs = corpus(samples, SEED)
-    tok = build_tokenizer(VOCAB, [p + c for p, c in pairs[:4000]])
+    tok = build_tokenizer(VOCAB, [p + c for p, c in pairs[:TOKENIZER_SAMPLES]])
     data = encode(tok, pairs)
     lengths = [len(t) for t, _ in data]
     print(f"corpus: {len(data)} conversations, {sum(lengths)} tokens (mean {sum(lengths) / len(data):.0f}, "
@@ -321,10 +346,9 @@ def train(out: str, steps: int, samples: int, threads: int, log_every: int = 50)
 
 
 def main() -> None:
-    sys.path.insert(0, ROOT) if False else None
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default=os.path.join(ROOT, "core", "demo_model"))
-    p.add_argument("--steps", type=int, default=1800)
+    p.add_argument("--steps", type=int, default=2200)
     p.add_argument("--samples", type=int, default=30000)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--check", action="store_true", help="train into a temporary directory and compare with --out")

@@ -1,5 +1,5 @@
-"""The `dsv32` command line. Subcommands: `env` (this machine, backends, kernels per op), `demo` (a tiny
-checkpoint made on the spot, run through the offline engine), `generate` (offline generation from token ids or
+"""The `dsv32` command line. Subcommands: `env` (this machine, backends, kernels per op), `demo` (the
+built-in trained demo model answers three questions through the offline engine, with MTP speculative decoding), `generate` (offline generation from token ids or
 text), `serve` (the OpenAI-compatible server) and `bench serve` (a load generator for it)."""
 
 from __future__ import annotations
@@ -87,26 +87,37 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
+DEMO_QUESTIONS = (("What is the capital of France?", False, None), ("What is 3 plus 4?", True, None),
+                  ("What is the weather in Tokyo?", False, "weather"))
+
+
 def _demo(args: argparse.Namespace) -> int:
-    import os
     import time
 
     from dsv32 import LLM, SamplingParams
-    from dsv32.core import envs
-    from dsv32.core.demo import make_demo_checkpoint
+    from dsv32.core.demo import trained_demo_path
+    from dsv32.server.encoding.dsv32 import build_prompt
 
-    path = make_demo_checkpoint(args.path or os.path.join(envs.cache_dir(), "demo-model"))
-    print(f"demo checkpoint (tiny DeepSeek-V3.2 architecture, random weights): {path}")
-    llm = LLM(model=path, dtype="float32")
-    prompts = [[0, 17, 42, 99, 7], list(range(2, 100))]  # the second is longer than index_topk: sparse attention
+    path = trained_demo_path()
+    spec = dict(speculative_algorithm="EAGLE", speculative_num_steps=args.speculative_num_steps) \
+        if args.speculative_num_steps else {}
+    print(f"demo model (tiny DeepSeek-V3.2 with an MTP layer, trained by scripts/train_demo.py): {path}")
+    llm = LLM(model=path, **spec)
+    weather = {"type": "function", "function": {"name": "get_weather", "description": "Get the current weather in a "
+               "city", "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
+                                      "required": ["city"]}}}
+    prompts = [build_prompt([{"role": "user", "content": q}], tools=[weather] if tools else None, thinking=thinking)
+               for q, thinking, tools in DEMO_QUESTIONS]
     t0 = time.monotonic()
-    outs = llm.generate(prompt_token_ids=prompts, sampling_params=SamplingParams(max_tokens=args.max_tokens,
-                                                                                 temperature=0, ignore_eos=True))
+    outs = llm.generate(prompts, SamplingParams(max_tokens=args.max_tokens, temperature=0, skip_special_tokens=False))
     dt = time.monotonic() - t0
-    for p, o in zip(prompts, outs):
-        print(f"prompt {len(p)} tokens -> {o.token_ids} ({o.finish_reason})")
-    n = sum(len(o.token_ids) for o in outs)
-    print(f"{n} tokens in {dt:.2f} s on {llm.backend.name}/{llm.model.device}")
+    for (q, thinking, tools), o in zip(DEMO_QUESTIONS, outs):
+        mode = ("thinking" if thinking else "chat") + (", with a weather tool" if tools else "")
+        print(f"\n> {q}  ({mode})\n{o.outputs[0].text}")
+    n = sum(len(o.outputs[0].token_ids) for o in outs)
+    stats = llm.stats()
+    accept = f", accept length {stats['avg_spec_accept_length']:.2f}" if spec else ""
+    print(f"\n{n} tokens in {dt:.2f} s on {llm.backend.name}/{llm.model.device}{accept}")
     return 0
 
 
@@ -172,15 +183,17 @@ def build_parser() -> argparse.ArgumentParser:
     env.add_argument("--bf16-weights", action="store_true", help="report for a bf16 checkpoint (default: FP8-block)")
     env.set_defaults(func=_env)
 
-    demo = sub.add_parser("demo", help="create a tiny demo checkpoint (random weights) and generate with it")
-    demo.add_argument("--path", default=None, help="where to write it (default: $DSV32_CACHE_DIR/demo-model)")
-    demo.add_argument("--max-tokens", type=int, default=16)
+    demo = sub.add_parser("demo", help="answer three questions (chat, thinking, a tool call) with the built-in trained "
+                                        "demo model")
+    demo.add_argument("--max-tokens", type=int, default=80)
+    demo.add_argument("--speculative-num-steps", type=int, default=3,
+                      help="MTP draft tokens per step (0: no speculative decoding)")
     demo.set_defaults(func=_demo)
 
     from dsv32.server.serve import add_serve_args, serve
 
     srv = sub.add_parser("serve", help="start the OpenAI-compatible server (SGLang's flag names); without --model "
-                                        "it serves a built-in tiny demo model")
+                                        "it serves the built-in trained demo model")
     add_serve_args(srv)
     srv.set_defaults(func=serve)
 

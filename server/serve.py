@@ -1,7 +1,8 @@
 """`dsv32 serve` / `python -m dsv32.server.launch_server`: SGLang's flag names, one command to a server.
 
-Without --model it serves the built-in tiny demo model (random weights, real tokenizer with the DeepSeek-V3.2
-special tokens), so the OpenAI endpoint works on any machine. Flags for features that do not exist yet exit
+Without --model it serves the built-in trained demo model (core/demo_model: a tiny DeepSeek-V3.2 with an MTP layer that
+answers short questions, reasons in thinking mode and calls a weather tool), with the DeepSeek-V3.2 reasoning and
+tool-call parsers on, so the OpenAI endpoint works on any machine. Flags for features that do not exist yet exit
 with a clear error; nothing is silently ignored.
 """
 
@@ -40,7 +41,8 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model")
     g.add_argument("--model", "--model-path", dest="model", default=None,
                    help="checkpoint directory (config.json, *.safetensors, tokenizer.json). Default: the built-in "
-                        "tiny demo model (random weights) created in $DSV32_CACHE_DIR/demo-model")
+                        "trained demo model (tiny; short answers, reasoning, a weather tool; with --reasoning-parser "
+                        "deepseek-v3 and --tool-call-parser deepseekv32 unless given)")
     g.add_argument("--served-model-name", default=None, help="model name clients send (default: the model path)")
     g.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32"])
     g.add_argument("--quantization", default=None,
@@ -339,8 +341,7 @@ def _auto_chat_template(args, model_dir: str) -> str:
 
 
 def _model_dir(args: argparse.Namespace) -> str:
-    from dsv32.core import envs
-    from dsv32.core.demo import make_demo_checkpoint
+    from dsv32.core.demo import trained_demo_path
 
     if args.model is not None:
         if not os.path.isfile(os.path.join(args.model, "config.json")):
@@ -348,8 +349,12 @@ def _model_dir(args: argparse.Namespace) -> str:
                     f"{args.model} --local-dir DIR`) and pass --model DIR") if not os.path.exists(args.model) else ""
             raise FlagError(f"--model {args.model}: no config.json in that directory{hint}")
         return args.model
-    model = make_demo_checkpoint(os.path.join(envs.cache_dir(), "demo-model"))
-    log.info("no --model given: serving the built-in tiny demo model (random weights) from %s", model)
+    model = trained_demo_path()
+    # the demo shows reasoning and tool calls: its parsers are on unless the user chose otherwise
+    args.reasoning_parser = args.reasoning_parser or "deepseek-v3"
+    args.tool_call_parser = args.tool_call_parser or "deepseekv32"
+    log.info("no --model given: serving the built-in trained demo model from %s (reasoning parser %s, tool-call "
+             "parser %s)", model, args.reasoning_parser, args.tool_call_parser)
     return model
 
 

@@ -27,13 +27,15 @@ def _free_port() -> int:
 
 
 class Server:
-    def __init__(self, model: str, *flags: str, api_key: str | None = None):
+    def __init__(self, model: str | None, *flags: str, api_key: str | None = None, log_dir: str | None = None):
+        """model None: `dsv32 serve` without --model (the built-in demo; log_dir then names where the log goes)."""
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        cmd = [sys.executable, "-m", "dsv32.server.launch_server", "--model", model, "--port", str(self.port),
-               "--dtype", "float32", "--served-model-name", "tiny", *flags, *(["--api-key", api_key] if api_key else [])]
+        cmd = [sys.executable, "-m", "dsv32.server.launch_server", *(["--model", model] if model else []),
+               "--port", str(self.port), "--dtype", "float32", "--served-model-name", "tiny", *flags,
+               *(["--api-key", api_key] if api_key else [])]
         self.headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        self.log = open(os.path.join(model, f"server-{self.port}.log"), "w")
+        self.log = open(os.path.join(log_dir or model, f"server-{self.port}.log"), "w")
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT)
         t0 = time.monotonic()
         while time.monotonic() - t0 < 120:

@@ -64,3 +64,13 @@ def test_extras_resolve(extra, needs, tmp_path):
         except PackageNotFoundError:
             installed = False
         assert name in planned or installed, f"dsv32[{extra}] does not bring {name}: {sorted(planned)}"
+
+
+def test_demo_model_is_package_data():
+    """`dsv32 serve` without --model reads the trained demo from the installed package: its files are package data."""
+    data = _pyproject()["tool"]["setuptools"]["package-data"]["dsv32.core"]
+    assert data == ["demo_model/*"]
+    from dsv32.core.demo import trained_demo_path
+
+    names = set(os.listdir(trained_demo_path()))
+    assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"} <= names

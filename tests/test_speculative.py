@@ -50,17 +50,18 @@ def use_oracle_drafts(llm, refs: dict, corrupt: float = 0.3, seed: int = 0, voca
     """After each step's MTP drafting, replace every request's drafts by its reference continuation (refs: prompt
     tuple → greedy output), each token corrupted with probability `corrupt`."""
     spec, rng = llm.engine.spec, random.Random(seed)
-    draft = spec.draft
 
-    def oracle(launched):
-        draft(launched)
-        for req in llm.engine.running:
-            if req.draft_ids:
-                n, k = len(req.output_ids), len(req.draft_ids)
-                want = (refs[tuple(req.prompt_ids)][n:n + k] + [0] * k)[:k]
-                req.draft_ids = [t if rng.random() >= corrupt else (t + 1) % vocab for t in want]
+    def oracle(drafting):  # the MTP drafting (after an eager / ragged step, or queued after a uniform one), then this
+        def run(launched):
+            drafting(launched)
+            for req in llm.engine.running:
+                if req.draft_ids:
+                    n, k = len(req.output_ids), len(req.draft_ids)
+                    want = (refs[tuple(req.prompt_ids)][n:n + k] + [0] * k)[:k]
+                    req.draft_ids = [t if rng.random() >= corrupt else (t + 1) % vocab for t in want]
+        return run
 
-    spec.draft = oracle
+    spec.draft, spec.take_drafts = oracle(spec.draft), oracle(spec.take_drafts)
 
 
 @pytest.mark.parametrize("steps", [1, 2, 3])
@@ -234,8 +235,9 @@ def test_served_with_speculation(mtp_text_dir, tmp_path):
 @pytest.mark.parametrize("steps", [1, 3])
 def test_speculation_replays_verify_and_draft_graphs(mtp_dir, steps):
     """Graphs (EagerGraph on the CPU: replay re-runs the captured pass on the static buffers): verify batches padded
-    to k + 1 tokens per request, the MTP extend after them and the chain replay graphs of their kind; greedy output
-    equal to the plain eager run's, oracle drafts accepted, every page back."""
+    to k + 1 tokens per request, the MTP extend after them and the chain replay graphs of their kind, the drafting
+    queued on the device right after the verify (positions from the accepted counts); greedy output equal to the plain
+    eager run's, oracle drafts accepted, every page back."""
     from dsv32.core.engine.runner import EagerGraph
 
     prompts = prompts_of([13, 5, 26], seed=11)
@@ -249,7 +251,10 @@ def test_speculation_replays_verify_and_draft_graphs(mtp_dir, steps):
     llm.runner._replay = lambda g, fb: replayed.append(
         next(k for k, v in llm.runner.graphs.items() if v is g)) or orig(g, fb)
     use_oracle_drafts(llm, {tuple(p): w for p, w in zip(prompts, want)}, 0.25, seed=steps)
+    queued, take = [], llm.engine.spec.take_drafts
+    llm.engine.spec.take_drafts = lambda launched: queued.append(1) or take(launched)
     assert run(llm, prompts, sp) == want
+    assert len(queued) > 5  # uniform steps drafted on the device right after their verify (one sync per step)
     seen = {(k.kind, k.tokens) for k in replayed}
     assert ("target", steps + 1) in seen and ("mtp", steps + 1) in seen
     assert steps == 1 or ("mtp", 1) in seen

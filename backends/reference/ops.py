@@ -309,7 +309,7 @@ class ReferenceOps(Ops):
 
     def verify(self, logits, drafts, temperatures, top_ps, top_ks, min_ps, generators):
         out = logits.argmax(dim=-1)  # greedy rows (one op for all of them)
-        for i in range(logits.shape[0]):
+        for i in (temperatures > 0).nonzero().flatten().tolist():  # host tensors: the sampled rows
             probs = _sampling_probs(logits[i], temperatures[i], top_ps[i], top_ks[i], min_ps[i])
             if probs is None:
                 continue

@@ -74,6 +74,15 @@ class Request:
     def all_ids(self) -> list[int]:
         return self.prompt_ids + self.output_ids
 
+    def ids(self, start: int, end: int) -> list[int]:
+        """all_ids[start:end] without copying the whole sequence (a step reads a few tokens of a long one)."""
+        n = len(self.prompt_ids)
+        if end <= n:
+            return self.prompt_ids[start:end]
+        if start >= n:
+            return self.output_ids[start - n:end - n]
+        return self.prompt_ids[start:] + self.output_ids[:end - n]
+
     @property
     def num_tokens(self) -> int:
         """Prompt + generated tokens, counting a sampled token still on the device."""
@@ -121,6 +130,8 @@ class _Launched:
     starts: list[int] = field(default_factory=list)
     offsets: list[int] = field(default_factory=list)
     hidden: torch.Tensor | None = None
+    row_width: int = 0  # rows per sampled request when uniform (k + 1), else 0: one per draft plus one
+    queued_drafts: torch.Tensor | None = None  # uniform: the drafts queued after the verify [requests, k] (host copy)
 
 
 class _NeedsSync(Exception):
@@ -318,7 +329,7 @@ class Engine:
                 inputs.append(([0], req.num_cached, req.pages))
             else:  # speculative: a decoding request's last token, then its drafts
                 real = n - len(req.draft_ids) - req.verify_pad
-                ids = req.all_ids[req.num_cached:req.num_cached + real] + req.draft_ids
+                ids = req.ids(req.num_cached, req.num_cached + real) + req.draft_ids
                 ids += ids[-1:] * req.verify_pad
                 inputs.append((ids, req.num_cached, req.pages))
             starts.append(req.num_cached)
@@ -335,14 +346,16 @@ class Engine:
         prefill = [(req, n) for req, n in work if req.num_cached < len(req.prompt_ids)]
         first = [req for req, _ in prefill if req.num_cached == req.cached_prompt_tokens]
         wanted = self._prompt_positions(work)  # (request, flat index, target token) for prompt logprobs
+        # speculative, every request verifying k + 1 (padded) tokens: drafting is queued right after the verify
+        uniform = self.spec is not None and self.spec.uniform(work)
         for req, n in work:
             req.num_cached += n
             req.inflight += 1
         replays, hidden = self.runner.replays, None
         if self.spec is not None:  # the target's hidden states feed the MTP layer; logits of every verify row
             last = [offsets[i] + work[i][1] - work[i][0].verify_pad - 1 for i in rows]  # each one's last real token
-            flat_rows = [t - len(work[i][0].draft_ids) + j for i, t in zip(rows, last)
-                         for j in range(len(work[i][0].draft_ids) + 1)]
+            flat_rows = list(range(flat)) if uniform else [t - len(work[i][0].draft_ids) + j for i, t in zip(rows, last)
+                                                           for j in range(len(work[i][0].draft_ids) + 1)]
             hidden, logits = self.runner.hidden_and_logits(fb, flat_rows)
             if wanted:
                 self._record_prompt_logprobs(wanted, self.model.logits(
@@ -359,7 +372,7 @@ class Engine:
             self.batch_log.decode(len(self.running), sum(r.num_cached for r in self.running), self.kv_usage,
                                   self.runner.replays > replays, len(self.waiting))
         if reqs and self.samples and self.spec is not None:
-            tokens, lps = self.spec.verify(reqs, logits, num_outputs)
+            tokens, lps = self.spec.verify(reqs, logits, num_outputs, self.spec.k + 1 if uniform else None)
         elif reqs and self.samples:
             logits = apply_penalties(logits, [r.prompt_ids for r in reqs], [r.output_ids for r in reqs],
                                      [r.params for r in reqs])
@@ -376,6 +389,7 @@ class Engine:
             self.group.broadcast(tokens)  # no-op in a group of one
         for req in reqs:
             req.pending += 1
+        queued = _host_copy(self.spec.draft_queued(work, starts, tokens, hidden)) if uniform else None
         event = self.ops.new_event()
         tokens_host = _host_copy(tokens)
         if lps is not None:
@@ -385,6 +399,8 @@ class Engine:
         launched = _Launched(work, reqs, tokens, tokens_host, lps, event)
         if self.spec is not None:
             launched.drafts = [list(r.draft_ids) for r in reqs]
+            launched.row_width = self.spec.k + 1 if uniform else 0
+            launched.queued_drafts = queued  # complete with the event, as the tokens
             launched.sample_ends = [starts[i] + work[i][1] - len(work[i][0].draft_ids) - work[i][0].verify_pad
                                     for i in rows]
             launched.starts, launched.offsets, launched.hidden = starts, offsets, hidden
@@ -430,7 +446,9 @@ class Engine:
             if req.finished:
                 self.running.remove(req)
             outputs.append(self._output(req, new, new_lps))
-        if launched.drafts is not None:
+        if launched.queued_drafts is not None:
+            self.spec.take_drafts(launched)
+        elif launched.drafts is not None:
             self.spec.draft(launched)
         for req, n in launched.work:
             if req.finished and req.inflight == 0:

@@ -85,9 +85,10 @@ class Speculator:
     # ---- scheduling ---------------------------------------------------------------------------------------------------
     @property
     def reserve_tokens(self) -> int:
-        """Positions past a step's real inputs that the step may write: the chain's MTP KV (k − 1), or the dummy drafts
-        of a verify padded for a graph (up to k)."""
-        return self.k
+        """Positions past a step's first input that the step may write beyond its real inputs: the dummy drafts of a
+        verify padded for a graph (up to k), then the chain's MTP KV, whose queued batches are built for the largest
+        accepted count (up to position start + 2k − 1)."""
+        return 2 * self.k
 
     def pad_verify(self, work: list[tuple["Request", int]]) -> list[tuple["Request", int]]:
         """When every item is a decoding request's verify and a verify graph fits the batch: each padded to k + 1
@@ -119,16 +120,27 @@ class Speculator:
         """Logit rows per sampled request: one per draft, plus its last."""
         return [len(r.draft_ids) + 1 for r in reqs]
 
-    def verify(self, reqs: list["Request"], logits: torch.Tensor, num_outputs: list[int]):
+    def uniform(self, work: list[tuple["Request", int]]) -> bool:
+        """Every item is a decoding request verifying k + 1 tokens (drafts, padded) without a grammar, and the MTP
+        layer's graphs fit the batch: the step queues its drafting right after the verify (draft_queued)."""
+        q, limit = self.k + 1, self.engine.cfg.max_model_len
+        return bool(work) and all(n == q and req.num_tokens - req.num_cached == 1 and req.matcher is None
+                                  and req.params.grammar is None and req.num_cached + 2 * self.k <= limit
+                                  for req, n in work) \
+            and self.runner.graph_fits(len(work), q, "mtp")
+
+    def verify(self, reqs: list["Request"], logits: torch.Tensor, num_outputs: list[int], width: int | None = None):
         """Row-wise penalties / min_tokens / grammar, then Ops.verify. Row j of a request sees its outputs plus d_1..d_j
-        (what it will have generated if those are accepted). Returns (tokens [R], logprob tensors or None)."""
+        (what it will have generated if those are accepted). width: rows per request (uniform batches: k + 1, the
+        rows past its drafts verify nothing), else one per draft plus one. Returns (tokens [R], logprobs or None)."""
         e = self.engine
         prompts, outputs, params, counts, drafts, matchers, gens = [], [], [], [], [], [], []
         for req, n_out in zip(reqs, num_outputs):
             d = req.draft_ids
-            for j in range(len(d) + 1):
+            penalized = req.params.has_penalties  # only penalties read the history (copied per row)
+            for j in range(width or len(d) + 1):
                 prompts.append(req.prompt_ids)
-                outputs.append(req.output_ids + d[:j])
+                outputs.append(req.output_ids + d[:j] if penalized else None)
                 params.append(req.params)
                 counts.append(n_out + j)
                 drafts.append(d[j] if j < len(d) else -1)
@@ -154,6 +166,7 @@ class Speculator:
         accept length."""
         out, r = [], 0
         for req, drafts, end in zip(launched.sampled, launched.drafts, launched.sample_ends):
+            width = launched.row_width or len(drafts) + 1
             emitted = [r]
             for j, d in enumerate(drafts):
                 if tokens[r + j] != d:
@@ -163,7 +176,7 @@ class Speculator:
             if drafts:
                 self.stats.record(len(drafts), len(emitted))
             out.append(emitted)
-            r += len(drafts) + 1
+            r += width
         return out
 
     # ---- drafting -----------------------------------------------------------------------------------------------------
@@ -181,14 +194,14 @@ class Speculator:
             if req.finished or req not in e.running or req.matcher is not None:
                 continue
             valid = req.num_cached - start  # positions start..start+valid-1 hold target KV now (after rollback)
-            ids = req.all_ids
-            if valid <= 0 or start + valid >= len(ids):
+            total = len(req.prompt_ids) + len(req.output_ids)
+            if valid <= 0 or start + valid >= total:
                 continue  # nothing computed, or its next token is not known (cannot happen: a chunk ends before it)
             width = q if padded else valid
-            tokens = ids[start + 1:start + valid + 1]
+            tokens = req.ids(start + 1, start + valid + 1)
             inputs.append((tokens + tokens[-1:] * (width - valid), start, req.pages))
             rows.extend(range(off, off + width))
-            if start + valid == len(ids) - 1:  # reaches its last token: it drafts
+            if start + valid == total - 1:  # reaches its last token: it drafts
                 want = self.wanted(req)
                 if want:
                     drafting.append((req, want))
@@ -232,6 +245,53 @@ class Speculator:
         e.group.broadcast(table)  # the group's schedulers must agree (argmax of identical logits: a no-op in effect)
         for (req, want), row in zip(drafting, table.tolist()):
             req.draft_ids = row[:want]
+
+    def draft_queued(self, work, starts: list[int], tokens: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+        """Uniform verify batches: the drafting queued on the device right after the verify, with no host sync (the
+        host learns the accepted counts with the drafts, at the step's one sync). Row j of a request emitted the token
+        at position start + j + 1 (an accepted draft, then the bonus), so the verify's tokens are the MTP extend's
+        inputs over positions start..start+k; the accepted count a (leading matches) picks the extend row whose hidden
+        state drafts d'_1; chain step i runs at position start + a + i − 1, computed on the device (the batch is built
+        for the largest a, so its host-side lengths are upper bounds). Returns the drafts [requests, k]."""
+        q, k, bs = self.k + 1, self.k, len(work)
+        dev = tokens.device
+        drafts = [r.draft_ids + [-1] * (k - len(r.draft_ids)) for r, _ in work]
+        tok = tokens.view(bs, q)
+        accepted = (tok[:, :k] == to_device(torch.tensor(drafts, dtype=torch.int64), dev)).int().cumprod(1).sum(1)
+        fb = self.runner.build([([0] * q, start, req.pages) for (req, _), start in zip(work, starts)], kind="mtp")
+        fb.input_ids[:bs * q] = tokens[:bs * q]
+        h_in = hidden.new_zeros(fb.num_tokens, hidden.shape[1])
+        h_in[:bs * q] = hidden[:bs * q]
+        h = self.runner.mtp_hidden(fb, h_in)
+        rows = torch.arange(bs, device=dev)
+        h_last = h[rows * q + accepted]
+        cur = self.model.logits(h_last).argmax(dim=-1)
+        out = [cur]
+        start = to_device(torch.tensor(starts, dtype=torch.int64), dev)
+        P = self.engine.cache.page_size
+        for i in range(2, k + 1):
+            fb = self.runner.build([([0], s + k + i - 1, req.pages) for (req, _), s in zip(work, starts)], kind="mtp")
+            pos = start + accepted + (i - 1)
+            page = fb.attn.block_table[:bs].gather(1, (pos // P)[:, None]).squeeze(1).long()
+            fb.positions[:bs] = pos  # also the attention metadata's positions (one tensor)
+            fb.slots[:bs] = page * P + pos % P
+            fb.attn.kv_lens[:bs] = pos + 1
+            fb.input_ids[:bs] = cur
+            h_in = h_last.new_zeros(fb.num_tokens, h_last.shape[1])
+            h_in[:bs] = h_last
+            h_last = self.runner.mtp_hidden(fb, h_in)[:bs]
+            cur = self.model.logits(h_last).argmax(dim=-1)
+            out.append(cur)
+        table = torch.stack(out, dim=1)
+        self.engine.group.broadcast(table)  # the group's schedulers must agree (argmax of identical logits anyway)
+        return table
+
+    def take_drafts(self, launched) -> None:
+        """Uniform steps: each running request's drafts from the queued drafting (as many as it wants)."""
+        e = self.engine
+        for req, row in zip(launched.sampled, launched.queued_drafts.tolist()):
+            keep = req in e.running and not req.finished
+            req.draft_ids = row[:self.wanted(req)] if keep else []
 
     def _idle_chain(self) -> None:
         """The chain's forward passes with nothing to draft here: only with attention data-parallelism (the other

@@ -99,7 +99,7 @@ def test_dsml_grammar_accepts_the_encoders_rendering_and_nothing_looser():
 def server(tmp_path_factory):
     from dsv32.core.demo import make_demo_checkpoint
 
-    model = make_demo_checkpoint(str(tmp_path_factory.mktemp("demo") / "demo"))  # the embedded default's model
+    model = make_demo_checkpoint(str(tmp_path_factory.mktemp("demo") / "demo"))  # random weights: grammars decide
     s = Server(model, "--reasoning-parser", "deepseek-v3", "--tool-call-parser", "deepseekv32",
                "--max-running-requests", "16")
     yield s
