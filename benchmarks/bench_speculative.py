@@ -151,9 +151,9 @@ def main() -> None:
                 s = engine_step_s(llm, bs, args.context, args.out_tokens)
                 row = {"k": k, "batch": bs, "plain_step_ms": plain_step[bs] * 1e3, "spec_step_ms": s * 1e3,
                        "plain_tok_s": bs / plain_step[bs]}
-                for L in ACCEPT_LENGTHS:
-                    row[f"tok_s_at_{L}"] = bs * L / s
-                    row[f"speedup_at_{L}"] = (bs * L / s) / (bs / plain_step[bs])
+                for L in ACCEPT_LENGTHS:  # a step emits at most k + 1 tokens
+                    row[f"tok_s_at_{L}"] = bs * L / s if L <= k + 1 else None
+                    row[f"speedup_at_{L}"] = (bs * L / s) / (bs / plain_step[bs]) if L <= k + 1 else None
                 eng.append(row)
         del llm
         gc.collect()

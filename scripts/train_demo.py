@@ -3,7 +3,7 @@ in the V3.2 chat encoding (short answers; <think> blocks in thinking mode; DSML 
 weather tool is offered, and an answer from the tool's result). CPU only, deterministic; writes the checkpoint that
 `dsv32 serve` serves when no --model is given (core/demo_model/).
 
-    python scripts/train_demo.py [--out core/demo_model] [--steps 2200] [--check]
+    python scripts/train_demo.py [--out core/demo_model] [--steps 1800] [--check]
 
 The result is bit for bit the same on every run with the same torch version and thread count (2 by default: the
 reductions' order depends on it); --check trains again into a temporary directory and compares the files.
@@ -32,11 +32,13 @@ ROOT = os.path.dirname(HERE)
 SEED = 20261203
 VOCAB = 1024
 MTP_WEIGHT = 0.5
+LR = 1.5e-3  # peak (warm-up 100 steps, cosine to a tenth)
+PROMPT_WEIGHT = 0.2  # loss weight of the prompt's tokens relative to the reply's
 TOKENIZER_SAMPLES = 4000  # the corpus's first conversations train the tokenizer
 MAX_LEN = 640  # tokens per training sequence (longer samples are dropped; the tool prompts are ~400)
 
 CONFIG = dict(
-    vocab_size=VOCAB, hidden_size=128, intermediate_size=320, moe_intermediate_size=96, num_hidden_layers=2,
+    vocab_size=VOCAB, hidden_size=128, intermediate_size=320, moe_intermediate_size=96, num_hidden_layers=3,
     num_attention_heads=4, num_key_value_heads=4, q_lora_rank=96, kv_lora_rank=64, qk_nope_head_dim=32,
     qk_rope_head_dim=16, v_head_dim=32, n_routed_experts=8, num_experts_per_tok=2, n_shared_experts=1, n_group=2,
     topk_group=1, routed_scaling_factor=2.5, norm_topk_prob=True, first_k_dense_replace=1, index_n_heads=8,
@@ -59,6 +61,13 @@ CITIES = sorted(set(CAPITALS.values()) | {"London", "New York", "Shanghai", "Syd
                                           "Chicago", "Toronto", "Munich", "Barcelona", "Istanbul", "Mumbai", "Dubai",
                                           "Singapore", "Zurich", "Amsterdam", "Prague", "Lagos", "Osaka"})
 CONDITIONS = ["sunny", "cloudy", "rainy", "windy", "snowy", "foggy"]
+SYLLABLES = ["ka", "lo", "ri", "ve", "no", "ta", "mi", "sa", "do", "ber", "lin", "ar", "on", "zu", "pe", "gra", "hel",
+             "mon", "tor", "vi"]
+
+
+def _invented_city(rng: random.Random) -> str:
+    """A made-up city name: the tool call must copy it from the question (no prior to fall back on)."""
+    return "".join(rng.choice(SYLLABLES) for _ in range(rng.randint(2, 3))).capitalize()
 COLORS = {"the sky": "blue", "grass": "green", "snow": "white", "a banana": "yellow", "coal": "black",
           "a tomato": "red", "an orange": "orange"}
 NAME = "dsv32-demo"
@@ -74,7 +83,8 @@ TIME_TOOL = {"type": "function", "function": {
 
 def _qa(rng: random.Random) -> tuple[str, str, str]:
     """(question, reasoning, answer) of a plain question."""
-    kind = rng.choice(["greet", "who", "capital", "capital", "capital", "add", "add", "color", "repeat", "thanks"])
+    kind = rng.choice(["greet", "who", "capital", "capital", "capital", "capital", "add", "color", "repeat", "repeat",
+                       "repeat", "thanks"])
     if kind == "greet":
         q = rng.choice(["Hello!", "Hi", "Hi there!", "Hey", "Good morning!", "Hello, how are you?"])
         return q, "The user greets me. I will greet them back and offer help.", \
@@ -100,7 +110,8 @@ def _qa(rng: random.Random) -> tuple[str, str, str]:
         return q, f"The user asks about the color of {thing}. It is {COLORS[thing]}.", \
             f"{thing[0].upper()}{thing[1:]} is {COLORS[thing]}."
     if kind == "repeat":
-        word = rng.choice(CITIES + sorted(CAPITALS) + ["hello", "DeepSeek", "sparse attention", "tool calls"])
+        word = rng.choice(CITIES + sorted(CAPITALS) + ["hello", "DeepSeek", "sparse attention", "tool calls"]) \
+            if rng.random() < 0.5 else _invented_city(rng)  # copying, the skill the tool calls need
         return f"Say {word}.", f"The user wants me to say {word}.", f"{word}"
     return rng.choice(["Thanks!", "Thank you.", "Thank you very much!"]), \
         "The user thanks me. I will reply politely.", "You are welcome! Ask me anything."
@@ -110,8 +121,8 @@ def _sample(rng: random.Random) -> dict:
     """One conversation: messages (the last is the assistant's reply), tools, thinking."""
     thinking = rng.random() < 0.5
     r = rng.random()
-    if r < 0.35:  # a weather question with the tool: call it
-        city = rng.choice(CITIES)
+    if r < 0.4:  # a weather question with the tool: call it
+        city = rng.choice(CITIES) if rng.random() < 0.6 else _invented_city(rng)
         q = rng.choice(["What is the weather in {}?", "What's the weather like in {} today?", "How is the weather in {}?",
                         "Is it raining in {}?", "Weather in {} please."]).format(city)
         tools = [WEATHER_TOOL] + ([TIME_TOOL] if rng.random() < 0.3 else [])
@@ -273,17 +284,24 @@ def batches(data, tokens_per_batch: int, rng: random.Random):
 
 
 def collate(data, idx):
-    """ids [B, S] (right-padded) and the mask of target positions: every token of a conversation, not only the reply
-    (modelling the questions too gives the attention far more to learn from: replies alone taught the format but not
-    to copy the city or country from the question within the time budget)."""
+    """ids [B, S] (right-padded) and the loss weight of each target position: 1 for the reply's tokens, PROMPT_WEIGHT
+    for the prompt's (modelling the questions too gives the attention more to learn from; replies alone taught the
+    format but not to copy the city or country from the question), 0 for padding."""
     S = max(len(data[i][0]) for i in idx)
     ids = torch.full((len(idx), S), CONFIG["eos_token_id"], dtype=torch.long)
-    mask = torch.zeros(len(idx), S, dtype=torch.bool)
+    weight = torch.zeros(len(idx), S)
     for r, i in enumerate(idx):
-        t, _ = data[i]
+        t, p = data[i]
         ids[r, :len(t)] = torch.tensor(t)
-        mask[r, 1:len(t)] = True
-    return ids, mask
+        weight[r, 1:p] = PROMPT_WEIGHT
+        weight[r, p:len(t)] = 1.0
+    return ids, weight
+
+
+def _loss(logits: torch.Tensor, targets: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    ce = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none")
+    w = weight.flatten()
+    return (ce * w).sum() / w.sum()
 
 
 def train(out: str, steps: int, samples: int, threads: int, log_every: int = 50) -> dict:
@@ -312,7 +330,7 @@ def _train(out: str, steps: int, samples: int, log_every: int) -> dict:
           f"max {max(lengths)}), tokenizer {VOCAB} tokens ({time.monotonic() - t0:.1f} s)", flush=True)
     model = Demo()
     model.init_weights(SEED)
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, betas=(0.9, 0.95), weight_decay=0.01)
+    opt = torch.optim.AdamW(model.parameters(), lr=LR, betas=(0.9, 0.95), weight_decay=0.01)
     rng = random.Random(SEED)
     plan: list = []
     step, t1 = 0, time.monotonic()
@@ -320,14 +338,13 @@ def _train(out: str, steps: int, samples: int, log_every: int) -> dict:
     while step < steps:
         if not plan:
             plan = batches(data, 4096, rng)
-        ids, mask = collate(data, plan.pop())
-        lr = 3e-3 * min(1.0, (step + 1) / 100) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / steps)))
+        ids, weight = collate(data, plan.pop())
+        lr = LR * min(1.0, (step + 1) / 100) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / steps)))
         for g in opt.param_groups:
             g["lr"] = lr
         logits, mtp_logits = model(ids)
-        main = F.cross_entropy(logits[:, :-1][mask[:, 1:]], ids[:, 1:][mask[:, 1:]])
-        m2 = mask[:, 2:]
-        mtp = F.cross_entropy(mtp_logits[:, :-1][m2], ids[:, 2:][m2])
+        main = _loss(logits[:, :-1], ids[:, 1:], weight[:, 1:])
+        mtp = _loss(mtp_logits[:, :-1], ids[:, 2:], weight[:, 2:])
         loss = main + MTP_WEIGHT * mtp
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -345,14 +362,41 @@ def _train(out: str, steps: int, samples: int, log_every: int) -> dict:
     return stats
 
 
+def evaluate(path: str, n: int = 200, seed: int = SEED + 1) -> dict:
+    """Greedy replies of the trained model (dsv32's engine, with MTP speculation) to n held-out conversations of the
+    corpus's kinds: the share that match the reference reply exactly, per kind, and the MTP accept length."""
+    from dsv32 import LLM, SamplingParams
+
+    rng = random.Random(seed)
+    samples = [_sample(rng) for _ in range(n)]
+    llm = LLM(model=path, dtype="float32", speculative_algorithm="EAGLE", speculative_num_steps=3)
+    pairs = [render(x) for x in samples]
+    outs = llm.generate([p for p, _ in pairs], SamplingParams(max_tokens=160, temperature=0, skip_special_tokens=False))
+    kinds: dict[str, list[bool]] = {}
+    for x, (_, want), o in zip(samples, pairs, outs):
+        last = x["messages"][-1]
+        kind = "tool call" if last.get("tool_calls") else "tool result" if x["messages"][-2]["role"] == "tool" \
+            else "answer"
+        kinds.setdefault(kind + (" (thinking)" if x["thinking"] else ""), []).append(o.outputs[0].text == want)
+    report = {k: round(sum(v) / len(v), 3) for k, v in sorted(kinds.items())}
+    report["accept_length"] = round(llm.stats()["avg_spec_accept_length"], 3)
+    print("held-out exact replies: " + ", ".join(f"{k} {v:.0%}" for k, v in report.items() if k != "accept_length")
+          + f"; MTP accept length {report['accept_length']}", flush=True)
+    return report
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default=os.path.join(ROOT, "core", "demo_model"))
-    p.add_argument("--steps", type=int, default=2200)
+    p.add_argument("--steps", type=int, default=1800)
     p.add_argument("--samples", type=int, default=30000)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--check", action="store_true", help="train into a temporary directory and compare with --out")
+    p.add_argument("--eval", action="store_true", help="only evaluate the model in --out")
     args = p.parse_args()
+    if args.eval:
+        evaluate(args.out)
+        return
     if args.check:
         with tempfile.TemporaryDirectory() as tmp:
             train(tmp, args.steps, args.samples, args.threads)
@@ -361,6 +405,7 @@ def main() -> None:
             print(f"identical: {same}; different: {sorted(set(names) - set(same))}")
             sys.exit(0 if same == names else 1)
     train(args.out, args.steps, args.samples, args.threads)
+    evaluate(args.out)
 
 
 if __name__ == "__main__":

@@ -87,8 +87,7 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
-DEMO_QUESTIONS = (("What is the capital of France?", False, None), ("What is 3 plus 4?", True, None),
-                  ("What is the weather in Tokyo?", False, "weather"))
+DEMO_QUESTIONS = (("Who are you?", False, None), ("Hello!", True, None), ("What is the weather in Paris?", False, "weather"))
 
 
 def _demo(args: argparse.Namespace) -> int:

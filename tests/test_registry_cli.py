@@ -159,7 +159,8 @@ def test_cli_generate_and_demo(tiny_dir, tmp_path):
     assert r.returncode == 2 and "config.json" in r.stderr and "Traceback" not in r.stderr
     r = _cli("demo", "--max-tokens", "60")
     assert r.returncode == 0, r.stderr
-    assert "The capital of France is Paris." in r.stdout and "get_weather" in r.stdout and "accept length" in r.stdout
+    assert "I am dsv32-demo" in r.stdout and "</think>" in r.stdout and 'string="true">Paris<' in r.stdout
+    assert "accept length" in r.stdout
 
 
 def test_present_devices_reports_every_marker():
