@@ -305,8 +305,6 @@ def _loss(logits: torch.Tensor, targets: torch.Tensor, weight: torch.Tensor) -> 
 
 
 def train(out: str, steps: int, samples: int, threads: int, log_every: int = 50) -> dict:
-    from dsv32.core.demo import build_tokenizer
-
     threads_before, deterministic_before = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
     torch.set_num_threads(threads)
     torch.use_deterministic_algorithms(True)

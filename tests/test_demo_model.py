@@ -12,8 +12,6 @@ import os
 import re
 import sys
 
-import pytest
-
 from dsv32 import LLM, SamplingParams
 from dsv32.core.demo import trained_demo_path
 from dsv32.server.encoding.dsv32 import build_prompt
