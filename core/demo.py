@@ -1,7 +1,7 @@
 """The demo models, in the official checkpoint format (config.json, model.safetensors, tokenizer.json,
 tokenizer_config.json, generation_config.json), loaded through the normal loader:
 
-- the trained demo (`trained_demo_path()`, shipped in core/demo_model/, 2 layers + an MTP layer, a few MB): made by
+- the trained demo (`trained_demo_path()`, bundled in core/demo_model/, 3 layers + an MTP layer, 7 MB): made by
   scripts/train_demo.py on CPU from a synthetic corpus in the V3.2 chat encoding. It answers short questions, thinks
   in <think> blocks when asked to, calls a weather tool in DSML, and its MTP layer drafts well on that domain. `dsv32
   serve` without --model and `dsv32 demo` use it, so a new user sees the engine work without downloading anything;
@@ -24,7 +24,7 @@ TRAINED_DEMO_NAME = "dsv32-demo"
 
 
 def trained_demo_path() -> str:
-    """The shipped trained demo model's directory (read-only package data)."""
+    """The bundled trained demo model's directory (read-only package data)."""
     if not os.path.isfile(os.path.join(TRAINED_DEMO_DIR, "model.safetensors")):
         raise FileNotFoundError(f"the trained demo model is missing from {TRAINED_DEMO_DIR}: reinstall dsv32, or "
                                 "regenerate it with `python scripts/train_demo.py`")
