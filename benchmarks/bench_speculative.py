@@ -30,7 +30,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import header, print_table, write_json  # noqa: E402
+from common import header, print_table, time_ms, write_json  # noqa: E402
 
 ACCEPT_LENGTHS = (2.0, 2.5, 3.0)
 
@@ -44,19 +44,9 @@ def model_dir(path: str) -> str:
     return path
 
 
-def replay_ms(fn, iters: int = 30) -> float:
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(iters):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        times.append((a, b))
-    torch.cuda.synchronize()
-    return statistics.median(a.elapsed_time(b) for a, b in times)
+def replay_ms(fn) -> float:
+    """Median ms of fn() run back to back (its graph replays are the engine's own; the L2 is not flushed)."""
+    return time_ms(fn, iters=30, graph=False, flush=False)[0]
 
 
 def device_rows(llm, k: int, batches: list[int], context: int) -> list[dict]:
@@ -72,13 +62,11 @@ def device_rows(llm, k: int, batches: list[int], context: int) -> list[dict]:
             return fb
 
         dec, ver, ext, chain = batch(1, "target"), batch(k + 1, "target"), batch(k + 1, "mtp"), batch(1, "mtp")
-        h_ext = torch.zeros(ext.num_tokens, model.cfg.hidden_size, dtype=model.dtype, device="cuda")
-        h_chain = torch.zeros(chain.num_tokens, model.cfg.hidden_size, dtype=model.dtype, device="cuda")
         every = list(range(bs * (k + 1)))
         decode_ms = replay_ms(lambda: runner.hidden_and_logits(dec, list(range(bs))))
         verify_ms = replay_ms(lambda: runner.hidden_and_logits(ver, every))
-        extend_ms = replay_ms(lambda: runner.mtp_hidden(ext, h_ext))
-        chain_ms = replay_ms(lambda: model.logits(runner.mtp_hidden(chain, h_chain)[:bs]).argmax(-1))
+        extend_ms = replay_ms(lambda: runner.mtp_hidden(ext))
+        chain_ms = replay_ms(lambda: model.logits(runner.mtp_hidden(chain)[:bs]).argmax(-1))
         for p in pages:
             cache.allocator.release(p)
         draft_verify = verify_ms + extend_ms + (k - 1) * chain_ms

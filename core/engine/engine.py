@@ -374,13 +374,8 @@ class Engine:
         if reqs and self.samples and self.spec is not None:
             tokens, lps = self.spec.verify(reqs, logits, num_outputs, self.spec.k + 1 if uniform else None)
         elif reqs and self.samples:
-            logits = apply_penalties(logits, [r.prompt_ids for r in reqs], [r.output_ids for r in reqs],
-                                     [r.params for r in reqs])
-            logits = mask_stops_before_min_tokens(logits, num_outputs, [r.params for r in reqs], self.eos_ids)
-            if self.grammars is not None:
-                bitmask = self.grammars.bitmask([r.matcher for r in reqs])
-                if bitmask is not None:
-                    logits = apply_token_bitmask(logits, bitmask)
+            logits = self.sampling_logits(logits, [r.prompt_ids for r in reqs], [r.output_ids for r in reqs],
+                                          [r.params for r in reqs], num_outputs, [r.matcher for r in reqs])
             tokens = self._sample(reqs, logits)
             lps = logprob_tensors(logits, tokens, [r.params.logprobs for r in reqs])
         else:
@@ -603,6 +598,18 @@ class Engine:
         self.waiting.appendleft(req)
 
     # ---- sampling and stopping ----------------------------------------------------------------------
+    def sampling_logits(self, logits: torch.Tensor, prompts: list, outputs: list, params: list[SamplingParams],
+                        num_outputs: list[int], matchers: list) -> torch.Tensor:
+        """The logits rows are sampled from: penalties and logit bias (histories read only for penalized rows), stop
+        tokens banned before min_tokens, each active grammar's mask. One entry per row in every list."""
+        logits = apply_penalties(logits, prompts, outputs, params)
+        logits = mask_stops_before_min_tokens(logits, num_outputs, params, self.eos_ids)
+        if self.grammars is not None:
+            bitmask = self.grammars.bitmask(matchers)
+            if bitmask is not None:
+                logits = apply_token_bitmask(logits, bitmask)
+        return logits
+
     def _sample(self, batch: list[Request], logits: torch.Tensor) -> torch.Tensor:
         # Parameter tensors stay on the host: the sampler may branch on them without waiting for the device.
         f32 = dict(dtype=torch.float32)

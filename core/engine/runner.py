@@ -160,12 +160,21 @@ class ModelRunner:
         self._replay(g, fb)
         return g.hidden, g.logits[self._index(rows, g.logits.device)]
 
-    def mtp_hidden(self, fb: ForwardBatch, hidden: torch.Tensor) -> torch.Tensor:
-        """The MTP layer's hidden states [T, Hd] on fb (tokens after those whose hidden states are `hidden`)."""
+    def mtp_hidden(self, fb: ForwardBatch, hidden: torch.Tensor | None = None) -> torch.Tensor:
+        """The MTP layer's hidden states [T, Hd] on fb (tokens after those whose hidden states are `hidden`): hidden has
+        a row for each of fb's first tokens, the rest (padding rows; all of them when None) read zeros."""
+        n = 0 if hidden is None else hidden.shape[0]
         g = self._graph_for(fb, "mtp")
         if g is None:
-            return self.model.forward_mtp(fb, self.cache, hidden)
-        g.hidden_in.copy_(hidden)
+            if n == fb.num_tokens:
+                return self.model.forward_mtp(fb, self.cache, hidden)
+            h = torch.zeros(fb.num_tokens, self.model.cfg.hidden_size, dtype=self.model.dtype, device=self.model.device)
+            if n:
+                h[:n] = hidden
+            return self.model.forward_mtp(fb, self.cache, h)
+        g.hidden_in[n:].zero_()
+        if n:
+            g.hidden_in[:n].copy_(hidden)
         self._replay(g, fb)
         return g.hidden
 

@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from dsv32.core.forward_batch import to_device
-from dsv32.core.sampling import apply_penalties, apply_token_bitmask, logprob_tensors, mask_stops_before_min_tokens
+from dsv32.core.sampling import logprob_tensors
 
 if TYPE_CHECKING:
     from dsv32.core.engine.engine import Engine, Request
@@ -146,12 +146,7 @@ class Speculator:
                 drafts.append(d[j] if j < len(d) else -1)
                 matchers.append(req.matcher)  # requests with a matcher carry no drafts: one row
                 gens.append(req.generator)
-        logits = apply_penalties(logits, prompts, outputs, params)
-        logits = mask_stops_before_min_tokens(logits, counts, params, e.eos_ids)
-        if e.grammars is not None:
-            bitmask = e.grammars.bitmask(matchers)
-            if bitmask is not None:
-                logits = apply_token_bitmask(logits, bitmask)
+        logits = e.sampling_logits(logits, prompts, outputs, params, counts, matchers)
         f32 = dict(dtype=torch.float32)
         tokens = self.ops.verify(logits, torch.tensor(drafts, dtype=torch.int64),
                                  torch.tensor([p.temperature for p in params], **f32),
@@ -210,10 +205,8 @@ class Speculator:
         if fb is None:
             self._idle_chain()
             return
-        h_in = hidden.new_zeros(fb.num_tokens, hidden.shape[1])
-        if rows:
-            h_in[:len(rows)] = hidden[to_device(torch.tensor(rows, dtype=torch.int64), hidden.device)]
-        h = self.runner.mtp_hidden(fb, h_in)
+        h = self.runner.mtp_hidden(fb, hidden[to_device(torch.tensor(rows, dtype=torch.int64), hidden.device)]
+                                   if rows else None)
         if not drafting:
             self._idle_chain()
             return
@@ -227,13 +220,11 @@ class Speculator:
             fb = self.runner.build(step_inputs, kind="mtp")
             if fb is None or not who:
                 if fb is not None:
-                    self.runner.mtp_hidden(fb, h_last.new_zeros(fb.num_tokens, h_last.shape[1]))
+                    self.runner.mtp_hidden(fb)
                 continue
             sel = to_device(torch.tensor(who, dtype=torch.int64), h.device)
             fb.input_ids[:len(who)] = tok[sel]
-            h_step = h_last.new_zeros(fb.num_tokens, h_last.shape[1])
-            h_step[:len(who)] = h_last[sel]
-            h_new = self.runner.mtp_hidden(fb, h_step)[:len(who)]
+            h_new = self.runner.mtp_hidden(fb, h_last[sel])[:len(who)]
             nxt = self.model.logits(h_new).argmax(dim=-1)
             # keep every drafting request's row (those that stopped keep their last values, unused)
             tok = tok.clone()
@@ -260,9 +251,7 @@ class Speculator:
         accepted = (tok[:, :k] == to_device(torch.tensor(drafts, dtype=torch.int64), dev)).int().cumprod(1).sum(1)
         fb = self.runner.build([([0] * q, start, req.pages) for (req, _), start in zip(work, starts)], kind="mtp")
         fb.input_ids[:bs * q] = tokens[:bs * q]
-        h_in = hidden.new_zeros(fb.num_tokens, hidden.shape[1])
-        h_in[:bs * q] = hidden[:bs * q]
-        h = self.runner.mtp_hidden(fb, h_in)
+        h = self.runner.mtp_hidden(fb, hidden[:bs * q])
         rows = torch.arange(bs, device=dev)
         h_last = h[rows * q + accepted]
         cur = self.model.logits(h_last).argmax(dim=-1)
@@ -277,9 +266,7 @@ class Speculator:
             fb.slots[:bs] = page * P + pos % P
             fb.attn.kv_lens[:bs] = pos + 1
             fb.input_ids[:bs] = cur
-            h_in = h_last.new_zeros(fb.num_tokens, h_last.shape[1])
-            h_in[:bs] = h_last
-            h_last = self.runner.mtp_hidden(fb, h_in)[:bs]
+            h_last = self.runner.mtp_hidden(fb, h_last)[:bs]
             cur = self.model.logits(h_last).argmax(dim=-1)
             out.append(cur)
         table = torch.stack(out, dim=1)
@@ -301,8 +288,7 @@ class Speculator:
         for _ in range(self.k - 1):
             fb = self.runner.build([], kind="mtp")
             if fb is not None:
-                self.runner.mtp_hidden(fb, torch.zeros(fb.num_tokens, self.model.cfg.hidden_size,
-                                                       dtype=self.model.dtype, device=self.model.device))
+                self.runner.mtp_hidden(fb)
 
     def idle_step(self) -> None:
         """A step of a rank with no requests under attention data-parallelism: the target pass, the MTP extend and the
@@ -310,7 +296,6 @@ class Speculator:
         self.runner.idle_step()
         fb = self.runner.build([], kind="mtp")
         if fb is not None:
-            self.runner.mtp_hidden(fb, torch.zeros(fb.num_tokens, self.model.cfg.hidden_size, dtype=self.model.dtype,
-                                                   device=self.model.device))
+            self.runner.mtp_hidden(fb)
         self._idle_chain()
 
