@@ -92,6 +92,41 @@ class Fp8BlockQuantConfig:
 
 
 @dataclass(frozen=True)
+class Fp4QuantConfig:
+    """FP4 weights (core/fp4.py): NVFP4 from NVIDIA ModelOpt (`method` "modelopt_fp4") or MXFP4 from AMD Quark
+    ("quark"). Which linears are FP4 comes from the checkpoint's exclusion list (and Quark's per-layer overrides), never
+    from a built-in list. `act` "mxfp4": the checkpoint asks for dynamic MXFP4 activations (Quark `input_tensors`;
+    W4A4), emulated by rounding activations through MXFP4 before each product; NVFP4's static activation scales are
+    used only by native FP4-math kernels (elsewhere NVFP4 runs weight-only, as vLLM's Marlin path does)."""
+
+    method: str
+    fmt: str  # "nvfp4" | "mxfp4"
+    group_size: int
+    exclude: tuple[str, ...] = ()  # module-name patterns: shell wildcards, or "re:<regex>" (Quark)
+    act: str = ""
+    overrides: tuple[tuple[str, bool], ...] = ()  # Quark layer_quant_config: (pattern, quantized) in file order
+    kv_cache_quant: str | None = None  # informational: the KV cache format comes from --kv-cache-dtype
+
+    def quantized(self, module: str) -> bool:
+        """Whether linear `module` (e.g. "model.layers.3.mlp.experts.7.up_proj") is FP4 by this configuration."""
+        for pattern, quantized in self.overrides:
+            if _module_matches(pattern, module):
+                return quantized
+        return not any(_module_matches(p, module) for p in self.exclude)
+
+
+def _module_matches(pattern: str, module: str) -> bool:
+    """A ModelOpt / Quark module pattern: "re:<regex>" (full match), else a shell wildcard; a pattern also matches the
+    modules below the one it names ("model.layers.61" matches "model.layers.61.mlp.gate_proj")."""
+    import fnmatch
+    import re
+
+    if pattern.startswith("re:"):
+        return re.fullmatch(pattern[3:], module) is not None
+    return fnmatch.fnmatchcase(module, pattern) or module.startswith(pattern + ".")
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     vocab_size: int
     hidden_size: int
@@ -124,6 +159,7 @@ class ModelConfig:
     dense_layers: tuple[bool, ...] = ()  # per layer: True = dense MLP, False = MoE
     rope: RopeConfig = field(default_factory=RopeConfig)
     quant: Fp8BlockQuantConfig | None = None
+    fp4: Fp4QuantConfig | None = None  # NVFP4 / MXFP4 checkpoints (then quant is None)
     torch_dtype: str = "bfloat16"
     # msModelSlim W8A8-dynamic checkpoint (a quant_model_description.json beside config.json): int8 linears with a
     # scale per output channel, activations quantized per token at run time (core/model/checkpoint.py)
@@ -170,9 +206,16 @@ class ModelConfig:
                 raw = json.load(f)
         except json.JSONDecodeError as e:
             raise ConfigError(f"{path} is not valid JSON: {e}") from None
+        hf_quant = os.path.join(model_dir, "hf_quant_config.json")
+        if not raw.get("quantization_config") and os.path.isfile(hf_quant):  # ModelOpt's own file
+            try:
+                with open(hf_quant, encoding="utf-8") as f:
+                    raw = {**raw, "quantization_config": _modelopt_file(json.load(f), hf_quant)}
+            except json.JSONDecodeError as e:
+                raise ConfigError(f"{hf_quant} is not valid JSON: {e}") from None
         cfg = _parse(raw, path)
         if os.path.isfile(os.path.join(model_dir, MODELSLIM_DESCRIPTION)):
-            if cfg.quant is not None:
+            if cfg.quant is not None or cfg.fp4 is not None:
                 raise ConfigError(f"{path}: an FP8 quantization_config and {MODELSLIM_DESCRIPTION} together: "
                                   "which quantization the weights have is ambiguous")
             cfg = dataclasses.replace(cfg, modelslim=True)
@@ -248,6 +291,7 @@ def _parse(raw: dict[str, Any], source: str) -> ModelConfig:
         dense_layers=dense_layers,
         rope=_parse_rope(raw, source),
         quant=_parse_quant(raw.get("quantization_config"), source),
+        fp4=_parse_fp4(raw.get("quantization_config"), source),
         torch_dtype=str(raw.get("torch_dtype") or raw.get("dtype") or "bfloat16"),
     )
 
@@ -292,10 +336,12 @@ def _parse_quant(q: dict[str, Any] | None, source: str) -> Fp8BlockQuantConfig |
     if not q:
         return None
     method = q.get("quant_method")
+    if method in ("modelopt", "modelopt_fp4", "quark"):
+        return None  # FP4: _parse_fp4
     if method != "fp8":
         raise ConfigError(
-            f"{source}: field 'quantization_config.quant_method': {method!r} checkpoints are not supported yet "
-            "(supported: bf16/fp32 weights and DeepSeek FP8 block 'fp8')"
+            f"{source}: field 'quantization_config.quant_method': {method!r} checkpoints are not supported "
+            "(supported: bf16/fp32 weights, DeepSeek FP8 block 'fp8', NVFP4 'modelopt', MXFP4 'quark')"
         )
     fmt = q.get("fmt", "e4m3")
     if fmt != "e4m3":
@@ -306,6 +352,88 @@ def _parse_quant(q: dict[str, Any] | None, source: str) -> Fp8BlockQuantConfig |
     if q.get("activation_scheme", "dynamic") != "dynamic":
         raise ConfigError(f"{source}: field 'quantization_config.activation_scheme': only 'dynamic' is supported")
     return Fp8BlockQuantConfig(block_n=block[0], block_k=block[1], scale_fmt=q.get("scale_fmt"))
+
+
+def _modelopt_file(raw: Any, source: str) -> dict[str, Any]:
+    """hf_quant_config.json ({producer, quantization: {quant_algo, group_size, exclude_modules, kv_cache_quant_algo}})
+    as a quantization_config."""
+    q = raw.get("quantization") if isinstance(raw, dict) else None
+    if not isinstance(q, dict):
+        raise ConfigError(f"{source}: expected an object with a 'quantization' object")
+    return {"quant_method": "modelopt", **q}
+
+
+def _parse_fp4(q: dict[str, Any] | None, source: str) -> Fp4QuantConfig | None:
+    if not q or q.get("quant_method") not in ("modelopt", "modelopt_fp4", "quark"):
+        return None
+    f = "quantization_config"
+    if q["quant_method"] != "quark":
+        algo = q.get("quant_algo")
+        if algo != "NVFP4":
+            raise ConfigError(f"{source}: field '{f}.quant_algo': only 'NVFP4' ModelOpt checkpoints are supported, "
+                              f"got {algo!r}")
+        group = q.get("group_size", 16)
+        if group != 16:
+            raise ConfigError(f"{source}: field '{f}.group_size': NVFP4 groups are 16 elements, got {group!r}")
+        exclude = q.get("exclude_modules", q.get("ignore")) or []
+        if not isinstance(exclude, list) or not all(isinstance(x, str) for x in exclude):
+            raise ConfigError(f"{source}: field '{f}.exclude_modules': expected a list of module names / patterns")
+        kv = q.get("kv_cache_quant_algo")
+        return Fp4QuantConfig("modelopt_fp4", "nvfp4", 16, tuple(exclude), kv_cache_quant=str(kv) if kv else None)
+    glob = q.get("global_quant_config")
+    if not isinstance(glob, dict):
+        raise ConfigError(f"{source}: field '{f}.global_quant_config': expected an object (Quark)")
+    act = _quark_scheme(glob, f"{f}.global_quant_config", source)
+    if act is None:
+        raise ConfigError(f"{source}: field '{f}.global_quant_config.weight': a Quark checkpoint without quantized "
+                          "weights")
+    overrides = []
+    for key in ("layer_quant_config", "layer_type_quant_config"):
+        table = q.get(key) or {}
+        if not isinstance(table, dict):
+            raise ConfigError(f"{source}: field '{f}.{key}': expected an object (pattern → quantization)")
+        if key == "layer_type_quant_config" and table:
+            raise ConfigError(f"{source}: field '{f}.{key}': per-layer-type Quark overrides are not supported")
+        for pattern, cfg in table.items():
+            a = _quark_scheme(cfg or {}, f"{f}.{key}.{pattern}", source)
+            if a is not None and a != act:
+                raise ConfigError(f"{source}: field '{f}.{key}.{pattern}': activations {a or 'unquantized'} differ "
+                                  f"from the global {act or 'unquantized'}; mixed activation schemes are not supported")
+            overrides.append((pattern, a is not None))
+    exclude = q.get("exclude") or []
+    if not isinstance(exclude, list) or not all(isinstance(x, str) for x in exclude):
+        raise ConfigError(f"{source}: field '{f}.exclude': expected a list of module names / patterns")
+    kv = q.get("kv_cache_quant_config") or None
+    return Fp4QuantConfig("quark", "mxfp4", 32, tuple(exclude), act, tuple(overrides),
+                          kv_cache_quant="fp8" if kv else None)
+
+
+def _quark_scheme(cfg: dict[str, Any], field_name: str, source: str) -> str | None:
+    """A Quark quantization spec {weight, input_tensors, output_tensors, bias}: None when its weight is not quantized,
+    else the activation scheme ("mxfp4" for dynamic MXFP4 inputs, "" for none). Anything else is refused by name."""
+    w = cfg.get("weight")
+    if not w:
+        return None
+    want = {"dtype": "fp4", "qscheme": "per_group", "group_size": 32, "scale_format": "e8m0"}
+    for k, v in want.items():
+        if w.get(k, v if k == "scale_format" else None) != v:
+            raise ConfigError(f"{source}: field '{field_name}.weight.{k}': only MXFP4 weights (fp4, per_group, "
+                              f"group_size 32, e8m0 scales) are supported, got {w.get(k)!r}")
+    if w.get("is_dynamic"):
+        raise ConfigError(f"{source}: field '{field_name}.weight.is_dynamic': weights must be stored quantized")
+    if cfg.get("output_tensors"):
+        raise ConfigError(f"{source}: field '{field_name}.output_tensors': output quantization is not supported")
+    inp = cfg.get("input_tensors")
+    if not inp:
+        return ""
+    for k, v in want.items():
+        if inp.get(k, v if k == "scale_format" else None) != v:
+            raise ConfigError(f"{source}: field '{field_name}.input_tensors.{k}': only dynamic MXFP4 activations "
+                              f"(fp4, per_group, group_size 32, e8m0) are supported, got {inp.get(k)!r}")
+    if inp.get("is_dynamic") is False:
+        raise ConfigError(f"{source}: field '{field_name}.input_tensors.is_dynamic': static activation scales are "
+                          "not supported")
+    return "mxfp4"
 
 
 def deepseek_v32_config(**overrides: Any) -> dict[str, Any]:

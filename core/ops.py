@@ -23,26 +23,45 @@ class LinearWeight:
     """A linear layer's weight [N, K] (y = x · Wᵀ).
 
     `scale_inv` is None for bf16/fp32 weights. For DeepSeek FP8-block weights `weight` is e4m3 in the platform's fp8
-    dtype (the checkpoints' float8_e4m3fn, converted at load where the platform says otherwise) and `scale_inv` float32 [ceil(N/block_n), ceil(K/block_k)] with W[n,k] = weight[n,k] · scale_inv[n//bn, k//bk].
+    dtype (the checkpoints' float8_e4m3fn, converted at load where the platform says otherwise) and `scale_inv` float32
+    [ceil(N/block_n), ceil(K/block_k)] with W[n,k] = weight[n,k] · scale_inv[n//bn, k//bk].
+
+    FP4 weights (`fmt` "nvfp4" or "mxfp4", core/fp4.py): `weight` uint8 [N, K/2] (two e2m1 codes per byte, the even
+    element in the low nibble), `scale_inv` the group scales as stored — nvfp4: float8_e4m3fn [N, K/16]; mxfp4: uint8
+    e8m0 [N, K/32] — `block` (1, group), `global_scale` (nvfp4 only) fp32 [N]: W[n,k] = e2m1[n,k] ·
+    scale[n, k//group] · global_scale[n]. `input_scale`: the checkpoint's static activation scale (nvfp4; only native
+    FP4-math kernels use it). `act` "mxfp4": the checkpoint quantizes activations dynamically to MXFP4, so every product
+    with this weight first rounds x through MXFP4 (fp4.qdq_mxfp4); "" = weight-only (activations in the model dtype).
+    Stacked experts carry a leading [E] on every tensor.
     """
 
     weight: torch.Tensor
     scale_inv: torch.Tensor | None = None
     block: tuple[int, int] = (128, 128)
+    fmt: str = ""
+    global_scale: torch.Tensor | None = None
+    input_scale: torch.Tensor | None = None
+    act: str = ""
 
     @property
     def shape(self) -> tuple[int, int]:
-        return tuple(self.weight.shape[-2:])
+        n, k = self.weight.shape[-2:]
+        return (n, 2 * k) if self.is_fp4 else (n, k)
 
     @property
     def is_fp8(self) -> bool:
-        return self.scale_inv is not None
+        """Block-scaled 8-bit weights (FP8, or msModelSlim int8 with per-row scales)."""
+        return self.scale_inv is not None and not self.fmt
+
+    @property
+    def is_fp4(self) -> bool:
+        return self.fmt in ("nvfp4", "mxfp4")
 
 
 @dataclass
 class ExpertWeights:
     """Routed experts of one MoE layer as the checkpoint holds them, stacked over experts: gate and up
-    [E, I, K], down [E, K, I]; each a LinearWeight whose `scale_inv` (FP8) is stacked the same way.
+    [E, I, K], down [E, K, I]; each a LinearWeight whose scales (FP8, FP4) are stacked the same way.
     `prepare_experts` may fuse them into `gate_up` [E, 2I, K] (gate rows first), the layout fused-MoE
     kernels want; a backend's `moe_experts` reads whichever fields its own `prepare_experts` filled."""
 

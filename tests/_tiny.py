@@ -206,3 +206,75 @@ def make_mtp_checkpoint(path: str, seed: int = 0, mtp_like_last: bool = False, *
     with open(os.path.join(path, "config.json"), "w") as f:
         json.dump(cfg, f, indent=2)
     return load_hf(path)
+
+
+# FP4 layouts as published (spec §5.2/5.3): which linears each producer leaves unquantized, as exclusion patterns
+NVFP4_EXCLUDE = ["lm_head", "model.layers.*.self_attn.q_a_proj", "model.layers.*.self_attn.q_b_proj",
+                 "model.layers.*.self_attn.kv_a_proj_with_mqa", "model.layers.*.self_attn.kv_b_proj",
+                 "model.layers.*.self_attn.indexer*", "model.layers.*.mlp.gate"]
+MXFP4_EXCLUDE = ["lm_head", "re:.*mlp.gate$", "re:.*self_attn.*"]
+
+
+def convert_to_fp4_checkpoint(src: str, dst: str, dequant_dst: str, fmt: str, w4a4: bool = False,
+                              exclude: list[str] | None = None) -> None:
+    """Rewrite `src` as an NVFP4 (ModelOpt: hf_quant_config.json beside a config.json without quantization_config;
+    weight / weight_scale e4m3 / weight_scale_2 / input_scale) or MXFP4 (Quark: quantization_config in config.json;
+    weight / weight_scale e8m0) checkpoint at `dst`, and the exact dequantized weights at `dequant_dst` (the HF
+    oracle's). Excluded linears, norms, embeddings stay as they are (bf16 in the FP4 file for 2-D linears)."""
+    import fnmatch
+    import re
+
+    from safetensors.torch import load_file, save_file
+
+    from dsv32.core.fp4 import dequantize_fp4, quantize_mxfp4, quantize_nvfp4
+
+    exclude = (NVFP4_EXCLUDE if fmt == "nvfp4" else MXFP4_EXCLUDE) if exclude is None else exclude
+
+    def excluded(module: str) -> bool:
+        return any(re.fullmatch(p[3:], module) if p.startswith("re:") else fnmatch.fnmatchcase(module, p)
+                   for p in exclude)
+
+    tensors = load_file(os.path.join(src, "model.safetensors"))
+    out, deq = {}, {}
+    for name, t in tensors.items():
+        module = name.removesuffix(".weight")
+        if t.dim() == 2 and name.endswith(".weight") and "embed_tokens" not in name and not excluded(module):
+            if fmt == "nvfp4":
+                q, s, g2 = quantize_nvfp4(t)
+                out.update({name: q, module + ".weight_scale": s, module + ".weight_scale_2": g2.reshape(()),
+                            module + ".input_scale": (t.abs().amax() / (6 * 448)).float().reshape(())})
+                deq[name] = dequantize_fp4(q, s, "nvfp4", g2.expand(t.shape[0]), t.dtype)
+            else:
+                q, s = quantize_mxfp4(t)
+                out.update({name: q, module + ".weight_scale": s})
+                deq[name] = dequantize_fp4(q, s, "mxfp4", None, t.dtype)
+        elif t.dim() == 2 and "embed_tokens" not in name and "mlp.gate.weight" not in name:
+            out[name] = t.to(torch.bfloat16)  # published FP4 checkpoints keep excluded linears in bf16
+            deq[name] = out[name].to(t.dtype)
+        else:
+            out[name], deq[name] = t, t
+    with open(os.path.join(src, "config.json")) as f:
+        cfg = json.load(f)
+    os.makedirs(dst, exist_ok=True)
+    os.makedirs(dequant_dst, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in out.items()}, os.path.join(dst, "model.safetensors"))
+    qcfg = dict(cfg, torch_dtype="bfloat16")
+    qcfg.pop("dtype", None)
+    if fmt == "nvfp4":
+        with open(os.path.join(dst, "hf_quant_config.json"), "w") as f:
+            json.dump({"producer": {"name": "modelopt", "version": "0.37.0"},
+                       "quantization": {"quant_algo": "NVFP4", "kv_cache_quant_algo": None, "group_size": 16,
+                                        "exclude_modules": exclude}}, f, indent=2)
+    else:
+        spec = {"dtype": "fp4", "qscheme": "per_group", "ch_axis": -1, "group_size": 32, "is_dynamic": False,
+                "scale_format": "e8m0", "round_method": "half_even", "observer_cls": "PerBlockMXObserver"}
+        qcfg["quantization_config"] = {
+            "quant_method": "quark", "export": {"kv_cache_group": [], "pack_method": "reorder"},
+            "global_quant_config": {"weight": spec, "input_tensors": dict(spec, is_dynamic=True) if w4a4 else None,
+                                    "output_tensors": None, "bias": None},
+            "exclude": exclude, "layer_quant_config": {}, "layer_type_quant_config": {}, "algo_config": None}
+    with open(os.path.join(dst, "config.json"), "w") as f:
+        json.dump(qcfg, f, indent=2)
+    save_file({k: v.contiguous() for k, v in deq.items()}, os.path.join(dequant_dst, "model.safetensors"))
+    with open(os.path.join(dequant_dst, "config.json"), "w") as f:
+        json.dump(cfg, f, indent=2)

@@ -11,6 +11,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from dsv32.core.fp4 import dequantize_fp4, qdq_mxfp4
 from dsv32.core.kv_cache import SplitLatent, index_key_bytes, latent_entry_bytes, latent_scale_blocks
 from dsv32.core.ops import AttnMetadata, ExpertWeights, LinearWeight, Ops, causal_slots
 from dsv32.core.platform import Platform
@@ -33,6 +34,11 @@ def _dequant_blocks(weight: torch.Tensor, scale_inv: torch.Tensor, block: tuple[
     return (weight.float() * s).to(dtype)
 
 
+def _act(x: torch.Tensor, w: LinearWeight) -> torch.Tensor:
+    """The activations a product with w sees: x, or x rounded through dynamic MXFP4 for W4A4 MXFP4 weights."""
+    return qdq_mxfp4(x) if w.act == "mxfp4" else x
+
+
 class ReferenceOps(Ops):
     """fp8_dtype: the e4m3 variant its fp8 ops produce and read (float8_e4m3fn, or float8_e4m3fnuz: the oracle of a
     backend whose platform computes in fnuz; as a fallback it takes its backend's)."""
@@ -51,20 +57,22 @@ class ReferenceOps(Ops):
 
     # ---- weights ------------------------------------------------------------------------------------
     def dequantize(self, w: LinearWeight, dtype: torch.dtype) -> torch.Tensor:
+        if w.is_fp4:
+            return dequantize_fp4(w.weight, w.scale_inv, w.fmt, w.global_scale, dtype)
         if w.scale_inv is None:
             return w.weight.to(dtype)
         return _dequant_blocks(w.weight, w.scale_inv, w.block, dtype)
 
     def prepare_linear(self, w: LinearWeight, dtype: torch.dtype) -> LinearWeight:
-        return LinearWeight(self.dequantize(w, dtype))
+        return LinearWeight(self.dequantize(w, dtype), act=w.act)  # (act: W4A4 checkpoints' activation rounding)
 
     def prepare_experts(self, w: ExpertWeights, dtype: torch.dtype) -> ExpertWeights:
         gate_up = torch.cat([self.dequantize(w.gate, dtype), self.dequantize(w.up, dtype)], dim=-2)
-        return ExpertWeights(None, None, self.prepare_linear(w.down, dtype), gate_up=LinearWeight(gate_up))
+        return ExpertWeights(None, None, self.prepare_linear(w.down, dtype), gate_up=LinearWeight(gate_up, act=w.gate.act))
 
     def linear(self, x: torch.Tensor, w: LinearWeight) -> torch.Tensor:
-        weight = w.weight if w.scale_inv is None else self.dequantize(w, x.dtype)
-        return F.linear(x, weight.to(x.dtype))
+        weight = w.weight if w.scale_inv is None and not w.is_fp4 else self.dequantize(w, x.dtype)
+        return F.linear(_act(x, w), weight.to(x.dtype))
 
     # ---- elementwise / norms ------------------------------------------------------------------------
     def rms_norm(self, x, weight, eps, residual=None):
@@ -294,8 +302,8 @@ class ReferenceOps(Ops):
             if e >= w2.shape[0]:
                 continue  # another rank's expert
             tok, slot = torch.where(topk_ids == e)
-            h = self.silu_and_mul(F.linear(x[tok], w13[e].to(x.dtype)))
-            h = F.linear(h, w2[e].to(x.dtype)) * topk_weights[tok, slot, None]
+            h = self.silu_and_mul(F.linear(_act(x[tok], experts.gate_up), w13[e].to(x.dtype)))
+            h = F.linear(_act(h, experts.down), w2[e].to(x.dtype)) * topk_weights[tok, slot, None]
             out.index_add_(0, tok, h.to(out.dtype))
         return out
 

@@ -30,6 +30,7 @@ import zlib
 import torch
 
 from dsv32.core.config import ModelConfig
+from dsv32.core.fp4 import quantize_mxfp4, quantize_nvfp4
 from dsv32.core.model.plan import ParallelPlan, Shard
 from dsv32.core.model.specs import WeightSpec, weight_specs
 from dsv32.core.ops import ExpertWeights, LinearWeight, Ops
@@ -106,6 +107,21 @@ def slice_linear(name: str, w: LinearWeight, shard: Shard | None) -> LinearWeigh
     """This rank's part of an in-memory linear weight (with its FP8 scale blocks)."""
     if shard is None:
         return w
+    if w.is_fp4:
+        n, k = w.shape
+        g = w.block[1]
+        if shard.dim == 0:
+            start, end = shard.bounds(n)
+            rows = lambda t, v: _pad_to(t[start:end], 0, shard.size(n), v)  # noqa: E731
+            gs = None if w.global_scale is None else rows(w.global_scale, 1.0)
+            return LinearWeight(rows(w.weight, 0).contiguous(), rows(w.scale_inv, 0).contiguous(), w.block, w.fmt, gs,
+                                w.input_scale, w.act)
+        start, end = shard.bounds(k)
+        if start % g or (end % g and end != k):
+            raise CheckpointError(f"tensor '{name}': this rank's columns [{start}, {end}) do not start and end on the "
+                                  f"{g}-element FP4 scale groups")
+        return LinearWeight(w.weight[:, start // 2:end // 2].contiguous(), w.scale_inv[:, start // g:end // g].contiguous(),
+                            w.block, w.fmt, w.global_scale, w.input_scale, w.act)
     n = w.weight.shape[shard.dim]
     start, end = shard.bounds(n)
     weight = _pad_to(w.weight[_index(2, shard.dim, start, end)], shard.dim, shard.size(n))
@@ -124,6 +140,7 @@ class _Reader:
     def __init__(self, files: dict[str, str], progress: bool, quant_types: dict[str, str] | None = None):
         self.files = files
         self.quant_types = quant_types or {}  # msModelSlim: tensor name → quantization type
+        self.fp4_surprises: list[str] = []  # FP4 checkpoints: linears whose stored format contradicts the config
         self._handles = {}
         self.used: set[str] = set()
         self.total_bytes = sum(os.path.getsize(p) for p in set(files.values()))
@@ -209,6 +226,9 @@ def load_weights(model_dir: str, cfg: ModelConfig, ops: Ops, dtype: torch.dtype,
             out[name] = _read_plain(reader, name, spec.shape, plan.shard(name)).to(device=device, dtype=target)
     if "lm_head.weight" not in out:  # tied embeddings (split like the embedding)
         out["lm_head.weight"] = ops.prepare_linear(LinearWeight(out["model.embed_tokens.weight"]), dtype)
+    if reader.fp4_surprises:
+        log.warning("%d linear(s) are stored in another format than the quantization config's exclusion list says "
+                    "(e.g. '%s'); each is loaded as stored", len(reader.fp4_surprises), reader.fp4_surprises[0])
     _check_unexpected(reader, cfg, include_mtp)
     reader.done_fraction = 1.0
     reader._report(final=True)
@@ -268,6 +288,13 @@ def _read_int8_linear(reader: _Reader, name: str, shape, device, shard: Shard | 
 
 
 def _read_linear(reader: _Reader, name: str, shape, cfg: ModelConfig, device, shard: Shard | None = None) -> LinearWeight:
+    if cfg.fp4 is not None:
+        module = name.removesuffix(".weight")
+        fp4 = reader.dtype_name(name) == "U8"
+        if fp4 != cfg.fp4.quantized(module):
+            reader.fp4_surprises.append(module)
+        if fp4:
+            return _read_fp4_linear(reader, name, shape, cfg, device, shard)
     _check_shape(reader, name, shape)
     kind = reader.quant_types.get(name, "FLOAT")
     if kind == "W8A8_DYNAMIC":
@@ -296,6 +323,66 @@ def _read_linear(reader: _Reader, name: str, shape, cfg: ModelConfig, device, sh
     if reader.has(scale_name):
         raise CheckpointError(f"tensor '{scale_name}' given for non-FP8 weight '{name}' ({weight.dtype})")
     return LinearWeight(weight.to(device))
+
+
+def _read_fp4_linear(reader: _Reader, name: str, shape, cfg: ModelConfig, device, shard: Shard | None) -> LinearWeight:
+    """An NVFP4 / MXFP4 linear (core/fp4.py): `weight` uint8 [N, K/2], `weight_scale` [N, K/group] (e4m3 / e8m0),
+    NVFP4's `weight_scale_2` (global; one value, or one per row) and optional `input_scale`. This rank's rows, or its
+    columns (a part of K that starts and ends on scale groups)."""
+    q = cfg.fp4
+    n, k = shape
+    g = q.group_size
+    module = name.removesuffix(".weight")
+    if k % g:
+        raise CheckpointError(f"tensor '{name}': FP4 needs the input width ({k}) to be a multiple of the {g}-element "
+                              "scale group")
+    _check_shape(reader, name, (n, k // 2))
+    scale_name = module + ".weight_scale"
+    if not reader.has(scale_name):
+        raise CheckpointError(f"missing tensor '{scale_name}' (expected shape {[n, k // g]}) for FP4 '{name}'")
+    _check_shape(reader, scale_name, (n, k // g))
+    want = {"nvfp4": "F8_E4M3", "mxfp4": "U8"}[q.fmt]
+    if reader.dtype_name(scale_name) != want:
+        raise CheckpointError(f"tensor '{scale_name}' holds {reader.dtype_name(scale_name)}; {q.fmt} group scales are "
+                              f"{want}")
+    rows = cols = None
+    if shard is not None and shard.dim == 0:
+        rows = shard
+    elif shard is not None:
+        start, end = shard.bounds(k)
+        if start % g or (end % g and end != k):
+            raise CheckpointError(f"tensor '{name}': this rank's columns [{start}, {end}) do not start and end on the "
+                                  f"{g}-element FP4 scale groups: choose a --tp / --ep that splits {k} at multiples "
+                                  f"of {g}")
+        cols = (start, end)
+
+    def part(t_name: str, per: int) -> torch.Tensor:
+        if cols is not None:
+            return reader.get(t_name, 1, cols[0] // per, cols[1] // per)
+        t = _read_plain(reader, t_name, reader.shape(t_name), rows)
+        return t
+
+    weight, scale = part(name, 2), part(scale_name, g)
+    if q.fmt == "mxfp4" and bool((scale == 255).any()):
+        raise CheckpointError(f"tensor '{scale_name}': e8m0 scale 255 (NaN in the OCP format)")
+    if q.fmt == "nvfp4" and not bool(torch.isfinite(scale.float()).all() and (scale.float() >= 0).all()):
+        raise CheckpointError(f"tensor '{scale_name}': NaN, infinite or negative e4m3 group scales")
+    global_scale = input_scale = None
+    if q.fmt == "nvfp4":
+        g2_name = module + ".weight_scale_2"
+        if not reader.has(g2_name):
+            raise CheckpointError(f"missing tensor '{g2_name}' (the NVFP4 global scale) for '{name}'")
+        g2 = reader.get(g2_name).float().flatten()
+        if g2.numel() not in (1, n) or not bool(torch.isfinite(g2).all() and (g2 > 0).all()):
+            raise CheckpointError(f"tensor '{g2_name}': expected one positive finite value (or one per output row, "
+                                  f"{n}), got shape {list(reader.shape(g2_name))}")
+        g2 = g2.expand(n).contiguous()
+        global_scale = g2 if rows is None else _pad_to(g2[slice(*rows.bounds(n))], 0, rows.size(n), 1.0)
+        if reader.has(module + ".input_scale"):
+            input_scale = reader.get(module + ".input_scale").float().flatten()[:1]
+    return LinearWeight(weight.to(device).contiguous(), scale.to(device).contiguous(), (1, g), q.fmt,
+                        None if global_scale is None else global_scale.to(device), 
+                        None if input_scale is None else input_scale.to(device), q.act)
 
 
 _FNUZ_NAN = 0x80  # −0 in e4m3fn, NaN in e4m3fnuz
@@ -335,11 +422,15 @@ def _platform_experts(w: ExpertWeights, fp8_dtype, dtype) -> ExpertWeights:
 
 
 def _stack(parts: list[LinearWeight]) -> LinearWeight:
-    if any(p.is_fp8 != parts[0].is_fp8 for p in parts):
-        raise CheckpointError("routed experts of one layer mix FP8 and non-FP8 weights")
-    weight = torch.stack([p.weight for p in parts])
-    scale = torch.stack([p.scale_inv for p in parts]) if parts[0].is_fp8 else None
-    return LinearWeight(weight, scale, parts[0].block)
+    first = parts[0]
+    if any(p.is_fp8 != first.is_fp8 or p.fmt != first.fmt or p.act != first.act for p in parts):
+        raise CheckpointError("routed experts of one layer mix weight formats (FP8 / FP4 / unquantized)")
+
+    def stacked(field: str):
+        return None if getattr(first, field) is None else torch.stack([getattr(p, field) for p in parts])
+
+    return LinearWeight(torch.stack([p.weight for p in parts]), stacked("scale_inv"), first.block, first.fmt,
+                        stacked("global_scale"), stacked("input_scale"), first.act)
 
 
 def _read_experts(reader: _Reader, name: str, spec: WeightSpec, cfg: ModelConfig, device,
@@ -357,13 +448,24 @@ def _read_experts(reader: _Reader, name: str, spec: WeightSpec, cfg: ModelConfig
             if first <= j < first + count:
                 parts.append(_read_linear(reader, tname, shape, cfg, device, plan.expert_shard(pname)))
             else:  # another rank's expert: checked, not read
-                _check_shape(reader, tname, shape)
-                reader.used.update((tname, tname + "_scale_inv", tname + "_scale", tname + "_offset"))
+                _check_shape(reader, tname, (shape[0], shape[1] // 2) if reader.dtype_name(tname) == "U8" else shape)
+                module = tname.removesuffix(".weight")
+                reader.used.update((tname, tname + "_scale_inv", tname + "_scale", tname + "_offset",
+                                    module + ".weight_scale", module + ".weight_scale_2", module + ".input_scale"))
         stacks[pname] = _stack(parts)
     return ExpertWeights(stacks["gate_proj"], stacks["up_proj"], stacks["down_proj"])
 
 
+_KV_SCALES = (".k_scale", ".v_scale")  # calibrated FP8 KV-cache scales (ModelOpt / Quark): unused, dsv32's FP8 KV
+# cache scales each token's entry itself
+
+
 def _check_unexpected(reader: _Reader, cfg: ModelConfig, include_mtp: bool) -> None:
+    skipped = [n for n in reader.files if n.endswith(_KV_SCALES) and n not in reader.used]
+    if skipped:
+        log.info("ignoring %d calibrated KV-cache scale tensors (e.g. '%s'): the FP8 KV cache scales per token",
+                 len(skipped), skipped[0])
+        reader.used.update(skipped)
     for name in sorted(reader.files):
         if name in reader.used:
             continue
@@ -396,17 +498,27 @@ def fp8_block_quantize(w: torch.Tensor, block: tuple[int, int] = (128, 128),
     return q.view(*lead, nb * bn, kb * bk)[..., :n, :k].contiguous(), scale
 
 
+def fp4_quantize(w: torch.Tensor, fmt: str, act: str = "") -> LinearWeight:
+    """w [N, K] in the checkpoint layout of `fmt` (core/fp4.py), as the loader returns it."""
+    if fmt == "nvfp4":
+        q, scale, g2 = quantize_nvfp4(w)
+        return LinearWeight(q, scale, (1, 16), "nvfp4", g2.float().expand(w.shape[0]).contiguous(), act=act)
+    q, scale = quantize_mxfp4(w)
+    return LinearWeight(q, scale, (1, 32), "mxfp4", act=act)
+
+
 def dummy_weights(cfg: ModelConfig, ops: Ops, dtype: torch.dtype, device, seed: int = 0,
                   include_mtp: bool = False, plan: ParallelPlan | None = None) -> dict:
     """Random weights for every spec, prepared by `ops` like load_weights' result: linear layers ~ N(0, 1/K) (so
     activations stay O(1)), FP8-block where the official checkpoint is FP8 when cfg.quant is set, norm weights in
     [0.5, 1.5), router bias and indexer k_norm bias small. Each tensor (each routed expert) has its own seed, so a
     rank makes only its own experts and its part of every other tensor equals the same part of a single process's
-    weights. For benchmarks and tests at full dimensions without a checkpoint."""
+    weights. FP4 configs (cfg.fp4): every linear the config does not exclude is NVFP4 / MXFP4. For benchmarks and tests at full dimensions without a checkpoint."""
     device = torch.device(device)
     plan = plan or ParallelPlan(cfg, RankLayout())
     fp8 = cfg.quant is not None
     block = (cfg.quant.block_n, cfg.quant.block_k) if fp8 else (128, 128)
+    fp4 = cfg.fp4
     platform_fp8 = ops.platform().fp8_dtype
 
     def gen(name: str) -> torch.Generator | None:
@@ -416,6 +528,10 @@ def dummy_weights(cfg: ModelConfig, ops: Ops, dtype: torch.dtype, device, seed: 
 
     def linear(name: str, shape, keep_bf16: bool) -> LinearWeight:
         w = torch.randn(shape, generator=gen(name), device=device, dtype=torch.float32) * shape[-1] ** -0.5
+        if fp4 is not None:
+            if not fp4.quantized(name.removesuffix(".weight")) or shape[-1] % fp4.group_size:
+                return LinearWeight(w.to(torch.bfloat16))
+            return fp4_quantize(w, fp4.fmt, fp4.act)
         if fp8 and not keep_bf16:
             return LinearWeight(*fp8_block_quantize(w, block), block)
         return LinearWeight(w.to(torch.bfloat16))
@@ -435,7 +551,7 @@ def dummy_weights(cfg: ModelConfig, ops: Ops, dtype: torch.dtype, device, seed: 
                       for p, shape in shapes.items()]
             out[name] = ops.prepare_experts(_platform_experts(ExpertWeights(*stacks), platform_fp8, target), target)
         elif spec.kind == "linear":
-            keep = spec.fp32 or name.endswith(_BF16_IN_FP8_CHECKPOINTS)
+            keep = spec.fp32 or name.endswith(_BF16_IN_FP8_CHECKPOINTS)  # (FP4: the config's exclusion list decides)
             out[name] = prepared(slice_linear(name, linear(name, spec.shape, keep), plan.shard(name)), target)
         elif spec.kind == "tensor":
             g = gen(name)
