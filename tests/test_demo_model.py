@@ -89,8 +89,6 @@ def test_training_is_reproducible_and_the_tokenizer_is_the_scripts(tmp_path):
     regeneration, `python scripts/train_demo.py --check`, takes about 15 minutes on 2 cores)."""
     from tokenizers import Tokenizer
 
-    from dsv32.core.demo import build_tokenizer
-
     t = _train_demo()
     a, b = tmp_path / "a", tmp_path / "b"
     t.train(str(a), steps=2, samples=120, threads=2, log_every=1, copy_warmup=1)  # a copy step, then chat steps

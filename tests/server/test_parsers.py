@@ -408,7 +408,7 @@ def test_nonstring_value_waits_for_its_end_tag():
 def test_name_is_emitted_before_the_last_argument_fragment(case):
     make, text, _ = CASES[case]
     for label, chunks in [("chars", list(text)), ("tokens", token_chunks(text))]:
-        seen_names, last_fragment_pos, first_pos = {}, {}, {}
+        last_fragment_pos, first_pos = {}, {}
         position = 0
         p = make()
         for c in chunks + [None]:
