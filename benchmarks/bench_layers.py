@@ -26,7 +26,7 @@ import torch
 sys.path.insert(0, os.path.dirname(__file__))
 from common import ceilings, gpu_ops, header, print_table, time_ms, write_json  # noqa: E402
 
-from dsv32.core.config import ModelConfig, deepseek_v32_config  # noqa: E402
+from dsv32.core.config import ModelConfig, deepseek_v32_config, fp4_quantization_config  # noqa: E402
 from dsv32.core.forward_batch import ForwardBatch  # noqa: E402
 from dsv32.core.kv_cache import KVCache, KVCacheSpec, latent_entry_bytes  # noqa: E402
 from dsv32.core.model.checkpoint import dummy_weights  # noqa: E402
@@ -37,22 +37,34 @@ dev = torch.device("cuda")
 PAGE = 64
 
 
-def fp8_bytes(n, k):
-    return n * k + -(-n // 128) * -(-k // 128) * 4
+def fp8_bytes(n, k, cfg=None, module: str = "model.layers.0.mlp.experts.0.up_proj"):
+    """Checkpoint bytes of one linear: FP8 block (e4m3 + fp32 scale per 128×128), or with an FP4 config the module's
+    format (NVFP4 ½ B + e4m3 per 16 + fp32 global per row; MXFP4 ½ B + e8m0 per 32; excluded ones bf16)."""
+    if cfg is None or cfg.fp4 is None:
+        return n * k + -(-n // 128) * -(-k // 128) * 4
+    if not cfg.fp4.quantized(module):
+        return 2 * n * k
+    return n * k // 2 + n * k // cfg.fp4.group_size + (4 * n if cfg.fp4.fmt == "nvfp4" else 0)
 
 
 def attention_weight_bytes(cfg) -> int:
     H, Hd = cfg.num_attention_heads, cfg.hidden_size
-    return (fp8_bytes(cfg.q_lora_rank, Hd) + fp8_bytes(H * cfg.qk_head_dim, cfg.q_lora_rank)
-            + fp8_bytes(cfg.latent_dim, Hd) + fp8_bytes(H * (cfg.qk_nope_head_dim + cfg.v_head_dim), cfg.kv_lora_rank)
-            + fp8_bytes(Hd, H * cfg.v_head_dim)
-            + fp8_bytes(cfg.index_n_heads * cfg.index_head_dim, cfg.q_lora_rank) + fp8_bytes(cfg.index_head_dim, Hd)
+    a = "model.layers.1.self_attn."
+    return (fp8_bytes(cfg.q_lora_rank, Hd, cfg, a + "q_a_proj") + fp8_bytes(H * cfg.qk_head_dim, cfg.q_lora_rank, cfg,
+                                                                          a + "q_b_proj")
+            + fp8_bytes(cfg.latent_dim, Hd, cfg, a + "kv_a_proj_with_mqa")
+            + fp8_bytes(H * (cfg.qk_nope_head_dim + cfg.v_head_dim), cfg.kv_lora_rank, cfg, a + "kv_b_proj")
+            + fp8_bytes(Hd, H * cfg.v_head_dim, cfg, a + "o_proj")
+            + fp8_bytes(cfg.index_n_heads * cfg.index_head_dim, cfg.q_lora_rank, cfg, a + "indexer.wq_b")
+            + fp8_bytes(cfg.index_head_dim, Hd, cfg, a + "indexer.wk")
             + cfg.index_n_heads * Hd * 2)
 
 
 def expert_bytes(cfg, inter) -> int:
     Hd = cfg.hidden_size
-    return 2 * fp8_bytes(inter, Hd) + fp8_bytes(Hd, inter)
+    m = "model.layers.1.mlp.experts.0."
+    return fp8_bytes(inter, Hd, cfg, m + "gate_proj") + fp8_bytes(inter, Hd, cfg, m + "up_proj") + fp8_bytes(
+        Hd, inter, cfg, m + "down_proj")
 
 
 def linear_flops_per_token(cfg) -> int:
@@ -63,12 +75,13 @@ def linear_flops_per_token(cfg) -> int:
 
 
 class Bench:
-    def __init__(self, backend, kv_dtype, max_tokens, max_ctx):
-        self.cfg = ModelConfig.from_dict(deepseek_v32_config(num_hidden_layers=4, first_k_dense_replace=1))
+    def __init__(self, backend, kv_dtype, max_tokens, max_ctx, weights="fp8"):
+        quant = {} if weights == "fp8" else {"quantization_config": fp4_quantization_config(weights)}
+        self.cfg = ModelConfig.from_dict(deepseek_v32_config(num_hidden_layers=4, first_k_dense_replace=1, **quant))
         self.ops = ops = gpu_ops(backend)
         ops.select_kernels(KernelContext(dtype=torch.bfloat16, kv_cache_fp8=kv_dtype == "fp8_e4m3", fp8_weights=True,
                                          num_heads=128))
-        print(f"random FP8 weights for {self.cfg.num_hidden_layers} layers ...", flush=True)
+        print(f"random {weights} weights for {self.cfg.num_hidden_layers} layers ...", flush=True)
         w = dummy_weights(self.cfg, ops, torch.bfloat16, dev)
         self.model = DeepseekV32(self.cfg, w, ops, torch.bfloat16, dev, indexer_fp8=True, max_positions=max_ctx)
         c = self.cfg
@@ -178,6 +191,8 @@ def main() -> None:
     p.add_argument("--batches", default="1,8,32,64,128")
     p.add_argument("--contexts", default="4096,32768")
     p.add_argument("--prefill", default="1024,4096,16384")
+    p.add_argument("--weights", default="fp8", choices=["fp8", "nvfp4", "mxfp4"],
+                   help="FP8-block, or FP4 with the published checkpoints' exclusion lists (bf16 where excluded)")
     p.add_argument("--out", default="benchmarks/results/layers.json")
     args = p.parse_args()
     batches = [int(b) for b in args.batches.split(",")]
@@ -185,9 +200,9 @@ def main() -> None:
     prefills = [int(x) for x in args.prefill.split(",") if x]
     ceil = ceilings()
     payload = {**header(ceil), "backend": args.backend, "kv_cache_dtype": args.kv_cache_dtype,
-               "model": "DeepSeek-V3.2 dims, 1 dense + 3 MoE layers, random FP8-block weights"}
+               "model": f"DeepSeek-V3.2 dims, 1 dense + 3 MoE layers, random {args.weights} weights"}
     max_tokens = max(max(batches) * max(contexts), max(prefills, default=0))
-    bench = Bench(args.backend, args.kv_cache_dtype, max_tokens, max(contexts + prefills) + 1)
+    bench = Bench(args.backend, args.kv_cache_dtype, max_tokens, max(contexts + prefills) + 1, args.weights)
     decode = [r for ctx in contexts for B in batches for r in bench.decode(B, ctx, ceil)]
     print_table(f"decode step per layer (kv cache {args.kv_cache_dtype}; x_floor = ms / bytes-read floor)", decode,
                 ["layer", "batch", "context", "experts", "ms", "floor_ms", "x_floor", "weight_MB", "kv_MB"])

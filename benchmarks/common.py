@@ -84,6 +84,9 @@ def rate_row(ms: float, bytes_: float, flops: float, ceil: dict, flop_dtype: str
 
 def print_table(title: str, rows: list[dict], cols: list[str]) -> None:
     print(f"\n## {title}")
+    if not rows:
+        print("(none)")
+        return
     widths = [max(len(c), *(len(_fmt(r.get(c))) for r in rows)) for c in cols]
     print("  ".join(c.rjust(w) for c, w in zip(cols, widths)))
     for r in rows:

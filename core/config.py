@@ -436,6 +436,27 @@ def _quark_scheme(cfg: dict[str, Any], field_name: str, source: str) -> str | No
     return "mxfp4"
 
 
+# The published FP4 checkpoints' exclusion lists (spec §5.2 / §5.3): NVFP4 quantizes o_proj, the dense MLPs and the
+# shared and routed experts; MXFP4 the MLPs and experts. As patterns, for synthetic checkpoints and dummy weights.
+NVFP4_EXCLUDE = ["lm_head", "model.layers.*.self_attn.q_a_proj", "model.layers.*.self_attn.q_b_proj",
+                 "model.layers.*.self_attn.kv_a_proj_with_mqa", "model.layers.*.self_attn.kv_b_proj",
+                 "model.layers.*.self_attn.indexer*", "model.layers.*.mlp.gate", "model.layers.61*"]
+MXFP4_EXCLUDE = ["lm_head", "re:.*mlp.gate$", "re:model.layers.61.*", "re:.*self_attn.*"]
+
+
+def fp4_quantization_config(fmt: str, w4a4: bool = False) -> dict[str, Any]:
+    """A quantization_config like the published checkpoints': "nvfp4" (ModelOpt) or "mxfp4" (Quark; w4a4: dynamic
+    MXFP4 activations)."""
+    if fmt == "nvfp4":
+        return {"quant_method": "modelopt", "quant_algo": "NVFP4", "group_size": 16, "kv_cache_quant_algo": None,
+                "exclude_modules": list(NVFP4_EXCLUDE)}
+    spec = {"dtype": "fp4", "qscheme": "per_group", "ch_axis": -1, "group_size": 32, "is_dynamic": False,
+            "scale_format": "e8m0"}
+    return {"quant_method": "quark", "global_quant_config": {"weight": spec, "input_tensors": dict(spec, is_dynamic=True)
+                                                             if w4a4 else None, "output_tensors": None, "bias": None},
+            "exclude": list(MXFP4_EXCLUDE), "layer_quant_config": {}}
+
+
 def deepseek_v32_config(**overrides: Any) -> dict[str, Any]:
     """The official DeepSeek-V3.2 config.json (FP8-block checkpoint) as a dict, with overrides (e.g.
     num_hidden_layers=4 for a reduced-depth model at full width, quantization_config=None for bf16 weights).

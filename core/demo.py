@@ -101,20 +101,15 @@ _CORPUS = (
 )
 
 
-def build_tokenizer(vocab_size: int, corpus: list[str] | None = None, spaces_apart: bool = False):
+def build_tokenizer(vocab_size: int, corpus: list[str] | None = None):
     """Deterministic byte-level BPE over a small built-in corpus (or the given texts). Skippable special tokens take
     the first ids (BOS 0, EOS 1, ...); <think>, </think> and ｜DSML｜ are added as normal tokens at the end of the
-    vocabulary. spaces_apart: a space is always its own token, so a word is the same tokens wherever it stands ("in
-    Paris?" and `>Paris<` share "Paris"; GPT-2-style merging gives "ĠParis" and "P", "aris": a tiny model could not
-    learn to copy a city from a question into a tool call across that)."""
-    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+    vocabulary."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
 
     skipped = [t for t in SPECIAL_TOKENS if t not in NON_SKIPPED]
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    if spaces_apart:
-        tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(" "), "isolated"),
-                                                     pre_tokenizers.ByteLevel(add_prefix_space=False)])
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size - len(NON_SKIPPED), special_tokens=skipped,
                                   show_progress=False, initial_alphabet=pre_tokenizers.ByteLevel.alphabet())

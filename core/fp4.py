@@ -96,8 +96,9 @@ def _mx_groups(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     *lead, k = x.shape
     groups = x.reshape(*lead, k // 32, 32)
     amax = groups.abs().amax(-1)
-    exp = torch.where(amax > 0, torch.floor(torch.log2(amax.clamp(min=2.0**-127))) - 2, torch.full_like(amax, -127.0))
-    exp = exp.clamp(-127, 127)
+    # floor(log2 amax) exactly: frexp's exponent (log2 rounds values just below a power of two up to it)
+    exp = (torch.frexp(amax.clamp(min=2.0**-126)).exponent - 1 - 2).to(torch.float32)
+    exp = torch.where(amax > 0, exp, torch.full_like(amax, -127.0)).clamp(-127, 127)
     return groups / torch.exp2(exp)[..., None], (exp + 127).to(torch.uint8)
 
 

@@ -3,7 +3,7 @@ in the V3.2 chat encoding (short answers; <think> blocks in thinking mode; DSML 
 weather tool is offered, and an answer from the tool's result). CPU only, deterministic; writes the checkpoint that
 `dsv32 serve` serves when no --model is given (core/demo_model/).
 
-    python scripts/train_demo.py [--out core/demo_model] [--steps 1700] [--check]
+    python scripts/train_demo.py [--out core/demo_model] [--steps 1800] [--check]
 
 The result is bit for bit the same on every run with the same torch version and thread count (2 by default: the
 reductions' order depends on it); --check trains again into a temporary directory and compares the files.
@@ -35,12 +35,7 @@ MTP_WEIGHT = 0.5
 LR = 1.5e-3  # peak (warm-up 100 steps, cosine to a tenth)
 PROMPT_WEIGHT = 0.2  # loss weight of the prompt's tokens relative to the reply's
 TOKENIZER_SAMPLES = 4000  # the corpus's first conversations train the tokenizer
-MAX_LEN = 800  # tokens per training sequence (longer samples are dropped; the tool prompts are ~550)
-# Copy curriculum: batches of random token strings written twice (loss on the second copy) make the attention learn to
-# look up a token and copy its successor (an "induction head") in ~200 steps; on the chat corpus alone it never did
-# within the budget, and the tool calls must copy the city from the question. COPY_WARMUP such steps come first, then
-# one in every COPY_EVERY steps keeps the skill.
-COPY_WARMUP, COPY_EVERY, COPY_ROWS = 0, 10, 64
+MAX_LEN = 640  # tokens per training sequence (longer samples are dropped; the tool prompts are ~400)
 
 CONFIG = dict(
     vocab_size=VOCAB, hidden_size=128, intermediate_size=320, moe_intermediate_size=96, num_hidden_layers=3,
@@ -263,14 +258,6 @@ class Demo(torch.nn.Module):
                        "tokenizer_class": "LlamaTokenizerFast"}, f, indent=2)
 
 
-def make_tokenizer(pairs: list[tuple[str, str]]):
-    """The demo's tokenizer: BPE over the corpus's first TOKENIZER_SAMPLES conversations, spaces kept apart (a city is
-    the same tokens in the question and in the tool call)."""
-    from dsv32.core.demo import build_tokenizer
-
-    return build_tokenizer(VOCAB, [p + c for p, c in pairs[:TOKENIZER_SAMPLES]], spaces_apart=True)
-
-
 def encode(tok, pairs: list[tuple[str, str]]) -> list[tuple[list[int], int]]:
     """(token ids, prompt length) per sample within MAX_LEN."""
     out = []
@@ -311,42 +298,30 @@ def collate(data, idx):
     return ids, weight
 
 
-def copy_batch(g: torch.Generator):
-    """ids [COPY_ROWS, 1 + 2n] = BOS, r, r for random non-special tokens r (n from 8 to 24) and the loss weight: the
-    second copy only."""
-    from dsv32.core.demo import SPECIAL_TOKENS
-
-    n = int(torch.randint(8, 25, (), generator=g))
-    r = torch.randint(len(SPECIAL_TOKENS), VOCAB, (COPY_ROWS, n), generator=g)
-    ids = torch.cat([torch.full((COPY_ROWS, 1), CONFIG["bos_token_id"]), r, r], 1)
-    weight = torch.zeros(ids.shape)
-    weight[:, n + 2:] = 1.0  # the second copy's first token cannot be predicted; the rest can
-    return ids, weight
-
-
 def _loss(logits: torch.Tensor, targets: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     ce = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none")
     w = weight.flatten()
     return (ce * w).sum() / w.sum()
 
 
-def train(out: str, steps: int, samples: int, threads: int, log_every: int = 50, copy_warmup: int = COPY_WARMUP) -> dict:
-    """Trains copy_warmup copy steps, then `steps` steps (one in COPY_EVERY of them copy steps); writes `out`."""
+def train(out: str, steps: int, samples: int, threads: int, log_every: int = 50) -> dict:
     threads_before, deterministic_before = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
     torch.set_num_threads(threads)
     torch.use_deterministic_algorithms(True)
     try:
-        return _train(out, steps, samples, log_every, copy_warmup)
+        return _train(out, steps, samples, log_every)
     finally:  # the caller's settings back (tests train in their own process)
         torch.set_num_threads(threads_before)
         torch.use_deterministic_algorithms(deterministic_before)
 
 
-def _train(out: str, steps: int, samples: int, log_every: int, copy_warmup: int) -> dict:
+def _train(out: str, steps: int, samples: int, log_every: int) -> dict:
+    from dsv32.core.demo import build_tokenizer
+
     torch.manual_seed(SEED)
     t0 = time.monotonic()
     pairs = corpus(samples, SEED)
-    tok = make_tokenizer(pairs)
+    tok = build_tokenizer(VOCAB, [p + c for p, c in pairs[:TOKENIZER_SAMPLES]])
     data = encode(tok, pairs)
     lengths = [len(t) for t, _ in data]
     print(f"corpus: {len(data)} conversations, {sum(lengths)} tokens (mean {sum(lengths) / len(data):.0f}, "
@@ -354,20 +329,15 @@ def _train(out: str, steps: int, samples: int, log_every: int, copy_warmup: int)
     model = Demo()
     model.init_weights(SEED)
     opt = torch.optim.AdamW(model.parameters(), lr=LR, betas=(0.9, 0.95), weight_decay=0.01)
-    rng, copy_gen = random.Random(SEED), torch.Generator().manual_seed(SEED)
+    rng = random.Random(SEED)
     plan: list = []
     step, t1 = 0, time.monotonic()
     stats = {}
-    total = steps + copy_warmup
-    while step < total:
-        copy = step < copy_warmup or (step - copy_warmup) % COPY_EVERY == COPY_EVERY - 1
-        if copy:
-            ids, weight = copy_batch(copy_gen)
-        else:
-            if not plan:
-                plan = batches(data, 4096, rng)
-            ids, weight = collate(data, plan.pop())
-        lr = LR * min(1.0, (step + 1) / 100) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / total)))
+    while step < steps:
+        if not plan:
+            plan = batches(data, 4096, rng)
+        ids, weight = collate(data, plan.pop())
+        lr = LR * min(1.0, (step + 1) / 100) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / steps)))
         for g in opt.param_groups:
             g["lr"] = lr
         logits, mtp_logits = model(ids)
@@ -379,10 +349,10 @@ def _train(out: str, steps: int, samples: int, log_every: int, copy_warmup: int)
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         step += 1
-        if step % log_every == 0 or step == total:
+        if step % log_every == 0 or step == steps:
             el = time.monotonic() - t1
-            print(f"step {step}/{total}  {'copy' if copy else 'chat'} loss {main.item():.3f}  mtp {mtp.item():.3f}  "
-                  f"lr {lr:.2e}  {el:.0f} s, about {el / step * (total - step):.0f} s left", flush=True)
+            print(f"step {step}/{steps}  loss {main.item():.3f}  mtp {mtp.item():.3f}  lr {lr:.2e}  "
+                  f"{el:.0f} s, about {el / step * (steps - step):.0f} s left", flush=True)
             stats = {"steps": step, "loss": round(main.item(), 4), "mtp_loss": round(mtp.item(), 4)}
     model.save(out, tok)
     stats["train_seconds"] = round(time.monotonic() - t0, 1)
@@ -416,7 +386,7 @@ def evaluate(path: str, n: int = 200, seed: int = SEED + 1) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default=os.path.join(ROOT, "core", "demo_model"))
-    p.add_argument("--steps", type=int, default=1700)
+    p.add_argument("--steps", type=int, default=1800)
     p.add_argument("--samples", type=int, default=30000)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--check", action="store_true", help="train into a temporary directory and compare with --out")

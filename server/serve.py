@@ -46,9 +46,11 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--served-model-name", default=None, help="model name clients send (default: the model path)")
     g.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32"])
     g.add_argument("--quantization", default=None,
-                   help="checkpoint quantization, read from the checkpoint automatically: 'fp8' (DeepSeek FP8 block, "
-                        "config.json) or 'modelslim' (msModelSlim W8A8-dynamic int8, quant_model_description.json; "
-                        "vLLM-Ascend calls it 'ascend')")
+                   help="checkpoint quantization, read from the checkpoint automatically (giving it only checks that "
+                        "the checkpoint is that): 'fp8' (DeepSeek FP8 block, config.json), 'modelopt_fp4' (NVFP4, "
+                        "hf_quant_config.json or quantization_config), 'quark' or 'mxfp4' (AMD Quark MXFP4), or "
+                        "'modelslim' (msModelSlim W8A8-dynamic int8, quant_model_description.json; vLLM-Ascend calls "
+                        "it 'ascend')")
     g.add_argument("--load-format", default="auto", choices=["auto", "dummy"],
                    help="'dummy': random weights of the config's shapes (benchmarking without the checkpoint)")
     g.add_argument("--trust-remote-code", action="store_true",
@@ -263,9 +265,9 @@ def check_unsupported(args: argparse.Namespace) -> None:
         problems.append("--speculative-draft-model-path: a separate draft model is not implemented; the checkpoint's "
                         "MTP layer drafts (--speculative-algorithm EAGLE without a draft model)")
     problems += ["--" + p.replace("_", "-") for p in speculative_config(args).problems()]
-    if args.quantization not in (None, "fp8", "modelslim", "ascend"):
-        problems.append(f"--quantization {args.quantization}: only DeepSeek FP8-block ('fp8') and msModelSlim W8A8 "
-                        "('modelslim') checkpoints are supported")
+    if args.quantization not in (None, "fp8", "modelopt_fp4", "modelopt", "quark", "mxfp4", "modelslim", "ascend"):
+        problems.append(f"--quantization {args.quantization}: only DeepSeek FP8-block ('fp8'), NVFP4 ('modelopt_fp4'), "
+                        "MXFP4 ('quark' / 'mxfp4') and msModelSlim W8A8 ('modelslim') checkpoints are supported")
     if problems:
         raise FlagError("cannot start:\n  " + "\n  ".join(problems))
 
@@ -368,6 +370,12 @@ def _checked_config(args: argparse.Namespace):
     cfg = ModelConfig.from_pretrained(model)
     if args.quantization == "fp8" and cfg.quant is None:
         raise FlagError("--quantization fp8: this checkpoint's config.json has no FP8 quantization_config")
+    kind = cfg.fp4.fmt if cfg.fp4 else "fp8" if cfg.quant else "unquantized"
+    for flags, want, where in ((("modelopt_fp4", "modelopt"), "nvfp4", "a ModelOpt NVFP4 quantization_config or "
+                                "hf_quant_config.json"), (("quark", "mxfp4"), "mxfp4", "a Quark quantization_config")):
+        if args.quantization in flags and kind != want:
+            raise FlagError(f"--quantization {args.quantization}: this checkpoint is {kind}, not {want.upper()} "
+                            f"(it needs {where})")
     if args.quantization in ("modelslim", "ascend") and not cfg.modelslim:
         raise FlagError(f"--quantization {args.quantization}: this checkpoint has no quant_model_description.json "
                         "(msModelSlim's W8A8 description)")

@@ -209,10 +209,7 @@ def make_mtp_checkpoint(path: str, seed: int = 0, mtp_like_last: bool = False, *
 
 
 # FP4 layouts as published (spec §5.2/5.3): which linears each producer leaves unquantized, as exclusion patterns
-NVFP4_EXCLUDE = ["lm_head", "model.layers.*.self_attn.q_a_proj", "model.layers.*.self_attn.q_b_proj",
-                 "model.layers.*.self_attn.kv_a_proj_with_mqa", "model.layers.*.self_attn.kv_b_proj",
-                 "model.layers.*.self_attn.indexer*", "model.layers.*.mlp.gate"]
-MXFP4_EXCLUDE = ["lm_head", "re:.*mlp.gate$", "re:.*self_attn.*"]
+from dsv32.core.config import MXFP4_EXCLUDE, NVFP4_EXCLUDE  # noqa: E402
 
 
 def convert_to_fp4_checkpoint(src: str, dst: str, dequant_dst: str, fmt: str, w4a4: bool = False,

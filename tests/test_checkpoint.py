@@ -139,7 +139,7 @@ def test_config_errors_name_the_field():
         "num_experts_per_tok": 2, "index_n_heads": 2, "index_head_dim": 8, "index_topk": 4, "n_group": 2,
         "topk_group": 1}))
     assert ModelConfig.from_dict(base).index_topk == 4
-    for change, field in [({"n_group": 3}, "n_group"), ({"quantization_config": {"quant_method": "modelopt"}}, "quant_method"),
+    for change, field in [({"n_group": 3}, "n_group"), ({"quantization_config": {"quant_method": "gptq"}}, "quant_method"),
                           ({"quantization_config": {"quant_method": "fp8", "weight_block_size": [128]}}, "weight_block_size"),
                           ({"rope_scaling": {"type": "dynamic", "factor": 2}}, "rope_scaling"),
                           ({"hidden_act": "gelu"}, "hidden_act"), ({"num_key_value_heads": 1}, "num_key_value_heads")]:

@@ -214,3 +214,22 @@ def test_quark_layer_override_excludes_a_layer(fp4_dirs, tmp_path):
     cfg = ModelConfig.from_dict(raw)
     assert not cfg.fp4.quantized("model.layers.2.mlp.experts.0.up_proj")
     assert cfg.fp4.quantized("model.layers.1.mlp.experts.0.up_proj")
+
+
+def test_quantization_flag_checks_the_checkpoint(fp4_dirs):
+    """`dsv32 serve --quantization` takes SGLang's names; the format comes from the checkpoint, the flag must agree."""
+    import argparse
+
+    from dsv32.server import serve
+
+    p = argparse.ArgumentParser()
+    serve.add_serve_args(p)
+    nv, mx = fp4_dirs["nvfp4"][0], fp4_dirs["mxfp4"][0]
+    for model, flag in ((nv, "modelopt_fp4"), (mx, "quark"), (mx, "mxfp4"), (nv, None)):
+        args = ["--model", model] + (["--quantization", flag] if flag else [])
+        assert serve._checked_config(p.parse_args(args)).model == model
+    for model, flag, needle in ((mx, "modelopt_fp4", "is mxfp4, not NVFP4"), (nv, "quark", "is nvfp4, not MXFP4"),
+                                (fp4_dirs["src"], "mxfp4", "is unquantized"), (nv, "fp8", "no FP8")):
+        with pytest.raises(serve.FlagError) as e:
+            serve._checked_config(p.parse_args(["--model", model, "--quantization", flag]))
+        assert needle in e.value.message, e.value.message

@@ -107,6 +107,8 @@ class AscendOps(Ops):
         return self.ref.prepare_linear(w, dtype)
 
     def linear(self, x, w):
+        if w.act:  # W4A4 MXFP4 checkpoint (dequantized at load): activations rounded through MXFP4, emulated
+            return self.ref.linear(x, w)
         if w.is_fp8 and w.weight.dtype == torch.int8:
             from dsv32.backends.ascend import npu_kernels as nk
 
@@ -166,6 +168,10 @@ class AscendOps(Ops):
                                   routed_scaling_factor)
 
     def prepare_experts(self, w, dtype):
+        if w.down.is_fp4:  # no FP4 math on Atlas A2/A3: dequantized once at load (4x the FP4 bytes, as bf16)
+            if w.down.act:
+                return self.ref.prepare_experts(w, dtype)  # W4A4: the reference rounds activations
+            w = ExpertWeights(*(LinearWeight(self.ref.dequantize(p, dtype)) for p in (w.gate, w.up, w.down)))
         int8 = w.down.weight.dtype == torch.int8 and w.down.block[0] == 1
         if self.kernels.get("moe_runner_backend", "ascend") == "ascend" and (int8 or not w.down.is_fp8):
             from dsv32.backends.ascend import npu_kernels as nk

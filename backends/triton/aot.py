@@ -4,7 +4,7 @@
 
 How the kernels and their meta-parameters are found: the real host code runs — the ops of the backend that runs on
 each target driving a full-width DeepSeek-V3.2 model (one dense and one MoE layer) through prefill, mixed and decode
-steps, with bf16 and fp8 KV caches, bf16 and FP8-block weights, batch sizes that select every tile configuration — on
+steps, with bf16 and fp8 KV caches, bf16, FP8-block, NVFP4 and W4A4 MXFP4 weights, batch sizes that select every tile configuration — on
 *meta* tensors (shapes and dtypes only), with Triton's launch replaced by a recorder. Each target has its profile,
 what its platform declares (core/platform.py) and the tiles its shared memory allows: NVIDIA sm_90/100/120 —
 TritonOps, e4m3fn (sm_120 with 99 KB of shared memory per block: smaller attention and MoE tiles); sm_80 — no fp8 (FP8
@@ -123,7 +123,7 @@ def _scenarios(launches: dict, profile: str = "nvidia") -> None:
     """Drives the profile's ops over meta tensors at DeepSeek-V3.2 dimensions."""
     import torch
 
-    from dsv32.core.config import ModelConfig, deepseek_v32_config
+    from dsv32.core.config import ModelConfig, deepseek_v32_config, fp4_quantization_config
     from dsv32.core.forward_batch import ForwardBatch
     from dsv32.core.kv_cache import KVCache, KVCacheSpec
     from dsv32.core.model import DeepseekV32
@@ -133,9 +133,12 @@ def _scenarios(launches: dict, profile: str = "nvidia") -> None:
     dev = torch.device("meta")
     scenario = ["setup"]
     with recording(launches, scenario):
-        for fp8_weights in (True, False):
-            raw = deepseek_v32_config(num_hidden_layers=2, first_k_dense_replace=1,
-                                      **({} if fp8_weights else {"quantization_config": None}))
+        for kind in ("fp8", "bf16", "nvfp4", "mxfp4-w4a4"):
+            fp8_weights = kind == "fp8"
+            quant = {"fp8": {}, "bf16": {"quantization_config": None},
+                     "nvfp4": {"quantization_config": fp4_quantization_config("nvfp4")},
+                     "mxfp4-w4a4": {"quantization_config": fp4_quantization_config("mxfp4", w4a4=True)}}[kind]
+            raw = deepseek_v32_config(num_hidden_layers=2, first_k_dense_replace=1, **quant)
             cfg = ModelConfig.from_dict(raw)
             ops = _ops(profile, dev)
             platform = ops.platform()
@@ -144,12 +147,12 @@ def _scenarios(launches: dict, profile: str = "nvidia") -> None:
             model = DeepseekV32(cfg, weights, ops, torch.bfloat16, dev, indexer_fp8=indexer_fp8,
                                 max_positions=16384)
             for kv in ("fp8_e4m3", torch.bfloat16):
-                if kv == "fp8_e4m3" and platform.fp8_kv_cache:
-                    continue
+                if kv == "fp8_e4m3" and platform.fp8_kv_cache or kv == "fp8_e4m3" and kind not in ("fp8", "bf16"):
+                    continue  # (FP4 weights: the linear and MoE launches; attention is the same as above)
                 spec = KVCacheSpec(cfg.num_hidden_layers, 512, 64, cfg.kv_lora_rank, cfg.qk_rope_head_dim,
                                    cfg.index_head_dim, kv, indexer_fp8, torch.bfloat16)
                 cache = KVCache(spec, dev)
-                tag = f"{'fp8' if fp8_weights else 'bf16'} weights, {kv if isinstance(kv, str) else 'bf16'} kv"
+                tag = f"{kind} weights, {kv if isinstance(kv, str) else 'bf16'} kv"
                 pages = list(range(128))
                 steps = {  # (new ids, start, pages) per request
                     "prefill 4096 tokens, 8192 keys": [([1] * 4096, 4096, pages)],

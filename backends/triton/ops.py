@@ -55,8 +55,12 @@ class TritonOps(Ops):
             return {"bn1": 128}
         return None
 
-    # ---- weights and linear layers: bf16 through torch (cuBLAS / hipBLASLt), FP8-block through the Triton GEMM ----
+    # ---- weights and linear layers: bf16 through torch (cuBLAS / hipBLASLt), FP8-block and FP4 through Triton GEMMs --
     def prepare_linear(self, w, dtype):
+        if w.is_fp4:
+            from dsv32.backends.triton.fp4 import prepare_linear
+
+            return prepare_linear(w)
         if w.is_fp8 and w.weight.dim() == 2 and w.weight.dtype == self.fp8_format()[0] and tuple(w.block) == (128, 128):
             return LinearWeight(w.weight.contiguous(), w.scale_inv.float().contiguous(), (128, 128))
         if w.is_fp8:  # other block shapes: dequantized once, as the reference does
@@ -66,6 +70,10 @@ class TritonOps(Ops):
         return LinearWeight(w.weight.to(dtype))
 
     def linear(self, x, w):
+        if w.is_fp4:
+            from dsv32.backends.triton.fp4 import fp4_linear
+
+            return fp4_linear(x, w)
         if w.is_fp8:
             from dsv32.backends.triton.gemm import fp8_block_linear
 
@@ -75,8 +83,12 @@ class TritonOps(Ops):
 
     def fuse_linears(self, ws):
         """Concatenates along N: fp8 weights with their scale rows (each part but the last must fill whole
-        128-row scale blocks), or plain weights of one dtype."""
+        128-row scale blocks), FP4 weights with their group and global scale rows, or plain weights of one dtype."""
         first = ws[0]
+        if any(w.is_fp4 for w in ws):
+            from dsv32.backends.triton.fp4 import fuse
+
+            return fuse(ws)
         if any(w.is_fp8 != first.is_fp8 or w.weight.dtype != first.weight.dtype or w.shape[1] != first.shape[1]
                for w in ws):
             return None
@@ -148,11 +160,19 @@ class TritonOps(Ops):
                          routed_scaling_factor)
 
     def prepare_experts(self, w, dtype):
+        if w.down.is_fp4:
+            from dsv32.backends.triton import fp4
+
+            return fp4.prepare_experts(w)
         from dsv32.backends.triton.moe import prepare_experts
 
         return prepare_experts(w, dtype)
 
     def moe_experts(self, x, experts, topk_weights, topk_ids):
+        if experts.down.is_fp4:
+            from dsv32.backends.triton.fp4 import fp4_moe_experts
+
+            return fp4_moe_experts(x, experts, topk_weights, topk_ids)
         from dsv32.backends.triton.moe import moe_experts
 
         return moe_experts(x, experts, topk_weights, topk_ids,

@@ -500,6 +500,12 @@ def fp8_block_quantize(w: torch.Tensor, block: tuple[int, int] = (128, 128),
 
 def fp4_quantize(w: torch.Tensor, fmt: str, act: str = "") -> LinearWeight:
     """w [N, K] in the checkpoint layout of `fmt` (core/fp4.py), as the loader returns it."""
+    if w.device.type == "meta":  # shapes only (ahead-of-time compilation)
+        n, k = w.shape
+        g = 16 if fmt == "nvfp4" else 32
+        scale = torch.empty(n, k // g, dtype=torch.float8_e4m3fn if fmt == "nvfp4" else torch.uint8, device="meta")
+        gs = torch.empty(n, device="meta") if fmt == "nvfp4" else None
+        return LinearWeight(torch.empty(n, k // 2, dtype=torch.uint8, device="meta"), scale, (1, g), fmt, gs, act=act)
     if fmt == "nvfp4":
         q, scale, g2 = quantize_nvfp4(w)
         return LinearWeight(q, scale, (1, 16), "nvfp4", g2.float().expand(w.shape[0]).contiguous(), act=act)

@@ -206,7 +206,7 @@ def test_unsupported_flags_exit_clearly(model_dir):
                           (["--speculative-algorithm", "EAGLE"], "speculative decoding"),
                           (["--dsa-decode-backend", "flashmla_kv"], "cannot run here"),
                           (["--moe-runner-backend", "magic"], "unknown; choose one of"),
-                          (["--quantization", "w4afp8"], "only DeepSeek FP8"),
+                          (["--quantization", "w4afp8"], "only DeepSeek FP8-block"),
                           *([(["--cuda-graph-max-bs", "8"], "device graphs are not available here")]
                             if not torch.cuda.is_available() else [])):
         r = subprocess.run([sys.executable, "-m", "dsv32.server.launch_server", "--model", model_dir[0], *flags],

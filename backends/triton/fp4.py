@@ -1,0 +1,398 @@
+"""FP4 weights without FP4 math (W4A16): dense and grouped-MoE GEMMs that read NVFP4 / MXFP4 weights (core/fp4.py)
+and unpack them in the kernel, on any GPU Triton targets (Hopper, Ampere, AMD CDNA, ...).
+
+A weight tile is loaded as packed bytes [BLOCK_N, BLOCK_K/2]; the low nibbles are the even K elements and the high
+nibbles the odd ones, so instead of interleaving them the activations are read as even and odd columns and the tile
+takes two dots: acc += x[:, 0::2] · lo + x[:, 1::2] · hi. e2m1 codes, e4m3 (NVFP4) and e8m0 (MXFP4) group scales are
+decoded with integer ops into fp32 bits (exact; no fp8 / fp4 conversion instructions needed, so the same code runs on
+every target and in the CPU interpreter), multiplied, and rounded once to the activation dtype for the dot; the fp32
+accumulator is multiplied by NVFP4's per-row global scale in the epilogue. Decode (small M) is weight-bandwidth bound:
+K is split across programs when the output tiles alone cannot fill the GPU (partials summed in a fixed order).
+
+W4A4 MXFP4 checkpoints (Quark `input_tensors`): activations are first rounded through MXFP4 (`qdq_mxfp4`, the same
+arithmetic as core/fp4.qdq_mxfp4), then multiplied as above (emulated; no FP4 math units are used).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from dsv32.backends.triton.gemm import _sum_splits_kernel, num_sms
+from dsv32.backends.triton.moe import _align, _cast, _dot, _sum_topk_kernel
+from dsv32.core import envs
+from dsv32.core.ops import ExpertWeights, LinearWeight
+
+
+# ---- decoding -------------------------------------------------------------------------------------------------------
+@triton.jit
+def _group_scale(bits, NV: tl.constexpr):
+    """fp32 value of stored group scales (int32 bits): NVFP4 e4m3 (positive) or MXFP4 e8m0 (2^(e−127))."""
+    if NV:
+        e = (bits >> 3) & 15
+        m = bits & 7
+        normal = (((e + 120) << 23) | (m << 20)).to(tl.float32, bitcast=True)
+        return tl.where(e == 0, m.to(tl.float32) * 0.001953125, normal)  # subnormal: m · 2^-9
+    return (bits << 23).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _fp4_tile(w_ptrs, s_ptrs, wmask, smask, NV: tl.constexpr, GROUP: tl.constexpr, BK2: tl.constexpr,
+              BN: tl.constexpr):
+    """(even, odd) fp32 weight values [BK2, BN] of a packed tile, exact. w_ptrs address its bytes; s_ptrs
+    [BK2·2/GROUP, BN] the group scales (each covers GROUP/2 consecutive bytes of a column). An e2m1 code s·e·e·m is
+    moved into an fp16's sign, low exponent and top mantissa bits — a number worth e2m1 · 2^-14 (a denormal when
+    e = 0, which fp16 keeps) — widened to fp32 and multiplied by scale · 2^14: three bit operations, a conversion and a
+    multiply per value."""
+    packed = tl.load(w_ptrs, mask=wmask, other=0).to(tl.int32)
+    scale = _group_scale(tl.load(s_ptrs, mask=smask, other=0).to(tl.int32), NV) * 16384.0  # [BK2·2/GROUP, BN]
+    scale = tl.reshape(tl.broadcast_to(scale[:, None, :], (BK2 * 2 // GROUP, GROUP // 2, BN)), (BK2, BN))
+    lo = (((packed << 9) & 0x0E00) | ((packed << 12) & 0x8000)).to(tl.int16).to(tl.float16, bitcast=True)
+    hi = (((packed << 5) & 0x0E00) | ((packed << 8) & 0x8000)).to(tl.int16).to(tl.float16, bitcast=True)
+    return lo.to(tl.float32) * scale, hi.to(tl.float32) * scale
+
+
+@triton.jit
+def _mac(acc, xe, xo, we, wo, IEEE: tl.constexpr, GEMV: tl.constexpr):
+    """acc + xe · we + xo · wo: on the matrix units, or (GEMV, few rows) as fp32 products summed on the vector
+    units, which keeps the decoded tile in the layout it was loaded in."""
+    if GEMV:
+        return acc + tl.sum(xe.to(tl.float32)[:, :, None] * we[None, :, :] + xo.to(tl.float32)[:, :, None]
+                            * wo[None, :, :], axis=1)
+    return acc + _dot(xe, we.to(xe.dtype), IEEE) + _dot(xo, wo.to(xo.dtype), IEEE)
+
+
+# ---- dense ----------------------------------------------------------------------------------------------------------
+@triton.jit
+def _fp4_gemm_kernel(x_ptr, w_ptr, s_ptr, gs_ptr, c_ptr, M, N, K, stride_xm, stride_wn, stride_sn, stride_cs,
+                     stride_cm, k_per_split, GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                     BLOCK_K: tl.constexpr, NV: tl.constexpr, GLOBAL: tl.constexpr, IEEE: tl.constexpr):
+    """c[split, m, n] = Σ_{k in split} x[m, k] · W[n, k] (fp32 when split, else c's dtype), W from packed FP4."""
+    pid_n = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    split = tl.program_id(2)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mmask = offs_m < M
+    nmask = offs_n < N
+    half = tl.arange(0, BLOCK_K // 2)
+    groups = tl.arange(0, BLOCK_K // GROUP)
+    k_lo = split * k_per_split
+    k_hi = tl.minimum(k_lo + k_per_split, K)
+    rm = offs_m.to(tl.int64)
+    rn = offs_n.to(tl.int64)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(k_lo, k_hi, BLOCK_K):
+        ke = k0 + 2 * half  # even K indices of this block
+        kmask = ke < k_hi
+        xm = mmask[:, None] & kmask[None, :]
+        xe = tl.load(x_ptr + rm[:, None] * stride_xm + ke[None, :], mask=xm, other=0.0)
+        xo = tl.load(x_ptr + rm[:, None] * stride_xm + ke[None, :] + 1, mask=xm, other=0.0)
+        kg = k0 // GROUP + groups
+        we, wo = _fp4_tile(w_ptr + rn[None, :] * stride_wn + (ke // 2)[:, None],
+                           s_ptr + rn[None, :] * stride_sn + kg[:, None], kmask[:, None] & nmask[None, :],
+                           (kg * GROUP < k_hi)[:, None] & nmask[None, :], NV, GROUP, BLOCK_K // 2, BLOCK_N)
+        acc += _dot(xe, we.to(xe.dtype), IEEE)
+        acc += _dot(xo, wo.to(xo.dtype), IEEE)
+    if GLOBAL:
+        acc *= tl.load(gs_ptr + offs_n, mask=nmask, other=0.0)[None, :]
+    c = c_ptr + split.to(tl.int64) * stride_cs + rm[:, None] * stride_cm + offs_n[None, :]
+    tl.store(c, acc.to(c_ptr.dtype.element_ty), mask=mmask[:, None] & nmask[None, :])
+
+
+@triton.jit
+def _fp4_gemv_kernel(x_ptr, w_ptr, s_ptr, gs_ptr, c_ptr, M, N, K, stride_xm, stride_wn, stride_sn, stride_cs,
+                     stride_cm, k_per_split, GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                     BLOCK_K: tl.constexpr, NV: tl.constexpr, GLOBAL: tl.constexpr):
+    """The decode form of _fp4_gemm_kernel (M ≤ BLOCK_M ≤ 4 tokens): products and sums on the vector units in fp32,
+    no matrix-unit operand shuffle: the weight tile is decoded in the layout it was loaded in."""
+    pid_n = tl.program_id(0)
+    split = tl.program_id(2)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mmask = offs_m < M
+    nmask = offs_n < N
+    half = tl.arange(0, BLOCK_K // 2)
+    groups = tl.arange(0, BLOCK_K // GROUP)
+    k_lo = split * k_per_split
+    k_hi = tl.minimum(k_lo + k_per_split, K)
+    rm = offs_m.to(tl.int64)
+    rn = offs_n.to(tl.int64)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(k_lo, k_hi, BLOCK_K):
+        ke = k0 + 2 * half
+        kmask = ke < k_hi
+        xm = mmask[:, None] & kmask[None, :]
+        xe = tl.load(x_ptr + rm[:, None] * stride_xm + ke[None, :], mask=xm, other=0.0).to(tl.float32)
+        xo = tl.load(x_ptr + rm[:, None] * stride_xm + ke[None, :] + 1, mask=xm, other=0.0).to(tl.float32)
+        kg = k0 // GROUP + groups
+        we, wo = _fp4_tile(w_ptr + rn[None, :] * stride_wn + (ke // 2)[:, None],
+                           s_ptr + rn[None, :] * stride_sn + kg[:, None], kmask[:, None] & nmask[None, :],
+                           (kg * GROUP < k_hi)[:, None] & nmask[None, :], NV, GROUP, BLOCK_K // 2, BLOCK_N)
+        acc += tl.sum(xe[:, :, None] * we[None, :, :] + xo[:, :, None] * wo[None, :, :], axis=1)
+    if GLOBAL:
+        acc *= tl.load(gs_ptr + offs_n, mask=nmask, other=0.0)[None, :]
+    c = c_ptr + split.to(tl.int64) * stride_cs + rm[:, None] * stride_cm + offs_n[None, :]
+    tl.store(c, acc.to(c_ptr.dtype.element_ty), mask=mmask[:, None] & nmask[None, :])
+
+
+def _dense_config(M: int, N: int, K: int, sms: int) -> tuple[dict, int]:
+    """(meta-parameters, K splits): decode tiles of 16 tokens × 64 rows, bigger tiles for prefill; split K until about
+    two waves of programs (at least 256 K elements per split)."""
+    if M <= GEMV_TOKENS:  # (H200 sweep, o_proj at 1 token: BLOCK_N 16 × BLOCK_K 512 best of 7 tiles)
+        cfg = dict(BLOCK_M=triton.next_power_of_2(M), BLOCK_N=16, BLOCK_K=512, num_warps=4, num_stages=3)
+    elif M <= 64:
+        cfg = dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=3)
+    else:
+        cfg = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=3)
+    tiles = triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"])
+    split = 1
+    if tiles < sms:
+        split = max(1, min(triton.cdiv(2 * sms, tiles), K // 256))
+    return cfg, split
+
+
+GEMV_TOKENS = 4  # up to this many tokens the dense kernel multiplies on the vector units (_fp4_gemv_kernel)
+GEMV_PAIRS = 64  # up to this many (token, expert) pairs the MoE kernels do, one pair per block
+
+
+def _bits(scale: torch.Tensor) -> torch.Tensor:
+    """Group scales as their bytes (e4m3 or e8m0): the kernels decode them with integer ops."""
+    return scale.view(torch.uint8)
+
+
+def _ieee(dtype: torch.dtype) -> bool:
+    return dtype == torch.float32 or envs.triton_interpret()
+
+
+def fp4_linear(x: torch.Tensor, w: LinearWeight, split_k: int | None = None, config: dict | None = None) -> torch.Tensor:
+    """Ops.linear for an FP4 LinearWeight (core/ops.py): y [.., N] = x [.., K] · Wᵀ in x's dtype; x rounded through
+    MXFP4 first when w.act says so. split_k / config override the heuristics (benchmarks, tests)."""
+    K = x.shape[-1]
+    N = w.weight.shape[0]
+    assert w.weight.shape[1] * 2 == K and w.weight.dtype == torch.uint8
+    x2 = x.reshape(-1, K)
+    if w.act == "mxfp4":
+        x2 = qdq_mxfp4(x2)
+    x2 = x2.contiguous()
+    M = x2.shape[0]
+    y = torch.empty(M, N, dtype=x.dtype, device=x.device)
+    if M == 0 or N == 0:
+        return y.view(*x.shape[:-1], N)
+    cfg, split = _dense_config(M, N, K, num_sms(x.device, off_gpu=2))
+    cfg.update(config or {})
+    bk = cfg["BLOCK_K"]
+    k_per_split = triton.cdiv(triton.cdiv(K, split if split_k is None else split_k), bk) * bk
+    split = triton.cdiv(K, k_per_split)
+    out = y if split == 1 else torch.empty(split, M, N, dtype=torch.float32, device=x.device)
+    scale = _bits(w.scale_inv)
+    gs = w.global_scale if w.global_scale is not None else scale  # (unused without GLOBAL)
+    grid = (triton.cdiv(N, cfg["BLOCK_N"]), triton.cdiv(M, cfg["BLOCK_M"]), split)
+    args = (x2, w.weight, scale, gs, out, M, N, K, x2.stride(0), w.weight.stride(0), w.scale_inv.stride(0), M * N, N,
+            k_per_split)
+    meta = dict(GROUP=w.block[1], NV=w.fmt == "nvfp4", GLOBAL=w.global_scale is not None, **cfg)
+    if cfg["BLOCK_M"] <= GEMV_TOKENS:
+        _fp4_gemv_kernel[grid](*args, **meta)
+    else:
+        _fp4_gemm_kernel[grid](*args, IEEE=_ieee(x.dtype), **meta)
+    if split > 1:
+        block = 1024
+        _sum_splits_kernel[(triton.cdiv(M * N, block),)](out, y, M * N, SPLITS=split, BLOCK=block)
+    return y.view(*x.shape[:-1], N)
+
+
+def prepare_linear(w: LinearWeight) -> LinearWeight:
+    """FP4 weights stay packed (contiguous); the global scale as fp32 [N]."""
+    gs = None if w.global_scale is None else w.global_scale.float().contiguous()
+    return LinearWeight(w.weight.contiguous(), w.scale_inv.contiguous(), w.block, w.fmt, gs, w.input_scale, w.act)
+
+
+def fuse(ws: list[LinearWeight]) -> LinearWeight | None:
+    """Linears of one input fused by rows (weights, group scales and global scales concatenate), or None."""
+    first = ws[0]
+    if any(not w.is_fp4 or w.fmt != first.fmt or w.act != first.act or w.shape[1] != first.shape[1] for w in ws):
+        return None
+    gs = None if first.global_scale is None else torch.cat([w.global_scale for w in ws])
+    return LinearWeight(torch.cat([w.weight for w in ws]), torch.cat([w.scale_inv for w in ws]), first.block,
+                        first.fmt, gs, None, first.act)
+
+
+# ---- W4A4 activations -----------------------------------------------------------------------------------------------
+@triton.jit
+def _qdq_mxfp4_kernel(x_ptr, y_ptr, R, K, stride_x, stride_y, BLOCK_R: tl.constexpr):
+    """y = x rounded through MXFP4 per 32 elements of a row: scale 2^(floor(log2 amax) − 2), e2m1 nearest, ties to
+    the even code, saturating at 6 (core/fp4.qdq_mxfp4)."""
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = tl.program_id(1) * 32 + tl.arange(0, 32)
+    mask = (rows < R)[:, None] & (cols < K)[None, :]
+    r64 = rows.to(tl.int64)
+    x = tl.load(x_ptr + r64[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    amax = tl.max(tl.abs(x), axis=1)
+    e = ((amax.to(tl.int32, bitcast=True) >> 23) & 255) - 2  # biased exponent of floor(log2 amax), minus 2
+    e = tl.where(amax > 0, tl.maximum(e, 1), 1)
+    scale = (e << 23).to(tl.float32, bitcast=True)
+    a = tl.abs(x) / scale[:, None]
+    q = tl.where(a <= 0.25, 0.0, tl.where(a < 0.75, 0.5, tl.where(a <= 1.25, 1.0, tl.where(a < 1.75, 1.5, tl.where(
+        a <= 2.5, 2.0, tl.where(a < 3.5, 3.0, tl.where(a <= 5.0, 4.0, 6.0)))))))
+    y = tl.where(x < 0, -q, q) * scale[:, None]
+    tl.store(y_ptr + r64[:, None] * stride_y + cols[None, :], y.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+def qdq_mxfp4(x: torch.Tensor) -> torch.Tensor:
+    """x [R, K] rounded through dynamic MXFP4 per 32 elements of each row, in x's dtype."""
+    x = x.contiguous()
+    R, K = x.shape
+    y = torch.empty_like(x)
+    if R and K:
+        block_r = 16
+        _qdq_mxfp4_kernel[(triton.cdiv(R, block_r), triton.cdiv(K, 32))](x, y, R, K, x.stride(0), y.stride(0),
+                                                                         BLOCK_R=block_r)
+    return y
+
+
+# ---- grouped MoE ----------------------------------------------------------------------------------------------------
+@triton.jit
+def _fp4_gate_up_kernel(x_ptr, g_ptr, u_ptr, gs_ptr, us_ptr, ggs_ptr, ugs_ptr, h_ptr, sorted_ptr, expert_ptr,
+                        n_pairs, N, K, stride_xm, stride_we, stride_wn, stride_se, stride_sn, stride_ge, stride_hm,
+                        GROUP: tl.constexpr, TOP_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                        BLOCK_K: tl.constexpr, NV: tl.constexpr, GLOBAL: tl.constexpr, IEEE: tl.constexpr,
+                        RNE: tl.constexpr, GEMV: tl.constexpr):
+    """h[pair, n] = silu(x[tok]·gate[e, n]) · (x[tok]·up[e, n]) for the pairs of one M-block, FP4 gate / up."""
+    pid_m = tl.program_id(0)
+    e = tl.load(expert_ptr + pid_m).to(tl.int64)
+    if e < 0:
+        return
+    pair = tl.load(sorted_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    valid = pair < n_pairs
+    tok = pair // TOP_K
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    nmask = offs_n < N
+    half = tl.arange(0, BLOCK_K // 2)
+    groups = tl.arange(0, BLOCK_K // GROUP)
+    w_off = e * stride_we + offs_n[None, :].to(tl.int64) * stride_wn
+    s_off = e * stride_se + offs_n[None, :].to(tl.int64) * stride_sn
+    acc_g = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    acc_u = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        ke = k0 + 2 * half
+        kmask = ke < K
+        am = valid[:, None] & kmask[None, :]
+        xe = tl.load(x_ptr + tok[:, None] * stride_xm + ke[None, :], mask=am, other=0.0)
+        xo = tl.load(x_ptr + tok[:, None] * stride_xm + ke[None, :] + 1, mask=am, other=0.0)
+        wm = kmask[:, None] & nmask[None, :]
+        kg = k0 // GROUP + groups
+        sm = (kg * GROUP < K)[:, None] & nmask[None, :]
+        ge, go = _fp4_tile(g_ptr + w_off + (ke // 2)[:, None], gs_ptr + s_off + kg[:, None], wm, sm, NV, GROUP,
+                           BLOCK_K // 2, BLOCK_N)
+        acc_g = _mac(acc_g, xe, xo, ge, go, IEEE, GEMV)
+        ue, uo = _fp4_tile(u_ptr + w_off + (ke // 2)[:, None], us_ptr + s_off + kg[:, None], wm, sm, NV, GROUP,
+                           BLOCK_K // 2, BLOCK_N)
+        acc_u = _mac(acc_u, xe, xo, ue, uo, IEEE, GEMV)
+    if GLOBAL:
+        acc_g *= tl.load(ggs_ptr + e * stride_ge + offs_n, mask=nmask, other=0.0)[None, :]
+        acc_u *= tl.load(ugs_ptr + e * stride_ge + offs_n, mask=nmask, other=0.0)[None, :]
+    dtype = h_ptr.dtype.element_ty
+    g = _cast(acc_g, dtype, RNE).to(tl.float32)
+    silu = _cast(g / (1.0 + tl.exp(-g)), dtype, RNE).to(tl.float32)
+    h = _cast(silu * _cast(acc_u, dtype, RNE).to(tl.float32), dtype, RNE)
+    tl.store(h_ptr + pair[:, None] * stride_hm + offs_n[None, :], h, mask=valid[:, None] & nmask[None, :])
+
+
+@triton.jit
+def _fp4_down_kernel(h_ptr, w_ptr, s_ptr, gs_ptr, topk_w_ptr, out_ptr, sorted_ptr, expert_ptr, n_pairs, N, K,
+                     stride_hm, stride_we, stride_wn, stride_se, stride_sn, stride_ge, stride_om,
+                     GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                     NV: tl.constexpr, GLOBAL: tl.constexpr, IEEE: tl.constexpr, RNE: tl.constexpr,
+                     GEMV: tl.constexpr):
+    """out[pair, n] = weight[pair] · (h[pair]·down[e, n]) for the pairs of one M-block, FP4 down."""
+    pid_m = tl.program_id(0)
+    e = tl.load(expert_ptr + pid_m).to(tl.int64)
+    if e < 0:
+        return
+    pair = tl.load(sorted_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    valid = pair < n_pairs
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    nmask = offs_n < N
+    half = tl.arange(0, BLOCK_K // 2)
+    groups = tl.arange(0, BLOCK_K // GROUP)
+    w_off = e * stride_we + offs_n[None, :].to(tl.int64) * stride_wn
+    s_off = e * stride_se + offs_n[None, :].to(tl.int64) * stride_sn
+    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        ke = k0 + 2 * half
+        kmask = ke < K
+        am = valid[:, None] & kmask[None, :]
+        he = tl.load(h_ptr + pair[:, None] * stride_hm + ke[None, :], mask=am, other=0.0)
+        ho = tl.load(h_ptr + pair[:, None] * stride_hm + ke[None, :] + 1, mask=am, other=0.0)
+        kg = k0 // GROUP + groups
+        we, wo = _fp4_tile(w_ptr + w_off + (ke // 2)[:, None], s_ptr + s_off + kg[:, None],
+                           kmask[:, None] & nmask[None, :], (kg * GROUP < K)[:, None] & nmask[None, :], NV, GROUP,
+                           BLOCK_K // 2, BLOCK_N)
+        acc = _mac(acc, he, ho, we, wo, IEEE, GEMV)
+    if GLOBAL:
+        acc *= tl.load(gs_ptr + e * stride_ge + offs_n, mask=nmask, other=0.0)[None, :]
+    dtype = out_ptr.dtype.element_ty
+    rw = tl.load(topk_w_ptr + pair, mask=valid, other=0.0)
+    y = _cast(_cast(acc, dtype, RNE).to(tl.float32) * rw[:, None], dtype, RNE)
+    tl.store(out_ptr + pair[:, None] * stride_om + offs_n[None, :], y, mask=valid[:, None] & nmask[None, :])
+
+
+def prepare_experts(w: ExpertWeights) -> ExpertWeights:
+    """FP4 experts stay packed, gate / up / down separate (kernel 1 reads gate and up through two pointers)."""
+    return ExpertWeights(prepare_linear(w.gate), prepare_linear(w.up), prepare_linear(w.down))
+
+
+def fp4_moe_experts(x: torch.Tensor, experts: ExpertWeights, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
+                    config: dict | None = None) -> torch.Tensor:
+    """Ops.moe_experts on FP4 experts from `prepare_experts`: y [T, K] in x's dtype (the fused-MoE structure of
+    backends/triton/moe.py: pairs sorted by expert, gate+up+SiLU kernel, down kernel scaled by the routing weight, a
+    fixed-order sum over each token's top-k). config: block_m, bn1, bn2, bk, warps, stages overrides."""
+    T, K = x.shape
+    top_k = topk_ids.shape[1]
+    n_pairs = T * top_k
+    gate, up, down = experts.gate, experts.up, experts.down
+    E, I = gate.weight.shape[0], gate.weight.shape[1]
+    dtype, dev = x.dtype, x.device
+    y = torch.empty(T, K, dtype=dtype, device=dev)
+    if T == 0:
+        return y
+    w4a4 = gate.act == "mxfp4"
+    x = qdq_mxfp4(x) if w4a4 else x.contiguous()
+    if n_pairs <= 2048:  # (H200 sweep at 8-32 tokens: best of 5)
+        cfg = dict(block_m=16, bn1=32, bn2=64, bk=128, warps=4, stages=4)
+    else:
+        cfg = dict(block_m=64, bn1=64, bn2=128, bk=128, warps=8, stages=3)
+    if n_pairs <= GEMV_PAIRS:  # decode: one pair per block (each pair has its own expert), vector-unit products
+        cfg.update(block_m=1, bn1=16, bn2=16, bk=512, warps=4)  # (H200 sweep at 1-8 tokens: best of 6)
+    cfg.update(config or {})
+    ieee = _ieee(dtype)
+    rne = dtype == torch.bfloat16 and envs.triton_interpret()
+    nv, glob, group = gate.fmt == "nvfp4", gate.global_scale is not None, gate.block[1]
+    sorted_ids, expert_ids = _align(topk_ids, E, cfg["block_m"])
+    n_blocks = expert_ids.numel()
+    h = torch.empty(n_pairs, I, dtype=dtype, device=dev)
+    gsc, usc, dsc = _bits(gate.scale_inv), _bits(up.scale_inv), _bits(down.scale_inv)
+    ggs = gate.global_scale if glob else gsc
+    ugs = up.global_scale if glob else usc
+    _fp4_gate_up_kernel[(n_blocks, triton.cdiv(I, cfg["bn1"]))](
+        x, gate.weight, up.weight, gsc, usc, ggs, ugs, h, sorted_ids, expert_ids, n_pairs, I, K,
+        x.stride(0), gate.weight.stride(0), gate.weight.stride(1), gate.scale_inv.stride(0), gate.scale_inv.stride(1),
+        ggs.stride(0), h.stride(0), GROUP=group, TOP_K=top_k, BLOCK_M=cfg["block_m"], BLOCK_N=cfg["bn1"],
+        BLOCK_K=cfg["bk"], NV=nv, GLOBAL=glob, IEEE=ieee, RNE=rne, GEMV=cfg["block_m"] < 16, num_warps=cfg["warps"],
+        num_stages=cfg["stages"])
+    if w4a4:
+        h = qdq_mxfp4(h)
+    rw = topk_weights.float().reshape(-1).contiguous()
+    out = torch.empty(n_pairs, K, dtype=dtype, device=dev)
+    dgs = down.global_scale if glob else dsc
+    _fp4_down_kernel[(n_blocks, triton.cdiv(K, cfg["bn2"]))](
+        h, down.weight, dsc, dgs, rw, out, sorted_ids, expert_ids, n_pairs, K, I,
+        h.stride(0), down.weight.stride(0), down.weight.stride(1), down.scale_inv.stride(0), down.scale_inv.stride(1),
+        dgs.stride(0), out.stride(0), GROUP=group, BLOCK_M=cfg["block_m"], BLOCK_N=cfg["bn2"], BLOCK_K=cfg["bk"],
+        NV=nv, GLOBAL=glob, IEEE=ieee, RNE=rne, GEMV=cfg["block_m"] < 16, num_warps=cfg["warps"],
+        num_stages=cfg["stages"])
+    block = min(1024, triton.next_power_of_2(K))
+    _sum_topk_kernel[(T, triton.cdiv(K, block))](out, topk_ids.contiguous(), y, K, E, TOP_K=top_k, BLOCK=block,
+                                                  RNE=rne)
+    return y
