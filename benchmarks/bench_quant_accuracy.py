@@ -16,7 +16,7 @@ the config says — the run checks this by dequantizing probe tensors of each fo
   indexer_precision for an FP8 checkpoint is 'fp8' (Hadamard + e4m3 indexer keys): the main row keeps that default,
   an extra row ("fp8-block, exact idx") runs the same weights with indexer_precision='exact' to separate the two.
 - nvfp4: ModelOpt NVFP4 (e2m1, 16-element groups, e4m3 group scales, fp32 global scale), weight-only (W4A16) —
-  exclusions = the published NVFP4_EXCLUDE (core/config.py, formerly tests/_tiny.py): o_proj, dense MLPs, shared
+  exclusions = the published NVFP4_EXCLUDE (core/config.py): o_proj, dense MLPs, shared
   and routed experts are FP4; the other attention projections, the indexer, the router and lm_head stay bf16.
 - mxfp4: Quark MXFP4 (e2m1, 32-element groups, e8m0 scales), weight-only (W4A16) — exclusions = MXFP4_EXCLUDE
   (dense MLPs, shared and routed experts are FP4; all of attention, the router and lm_head stay bf16).
@@ -69,21 +69,13 @@ sys.path.insert(0, os.path.dirname(__file__))
 from common import print_table, write_json
 from dsv32.backends.reference.ops import ReferenceOps
 from dsv32.backends.reference.ops import _act as _reference_act
-from dsv32.core.config import ModelConfig, deepseek_v32_config
+from dsv32.core.config import ModelConfig, deepseek_v32_config, fp4_quantization_config
 from dsv32.core.forward_batch import ForwardBatch
 from dsv32.core.model.checkpoint import _BF16_IN_FP8_CHECKPOINTS
 from dsv32.core.model.specs import weight_specs
 from dsv32.core.ops import ExpertWeights, LinearWeight
 
 PAGE = 64
-
-try:  # the published checkpoints' exclusion lists, where core keeps them
-    from dsv32.core.config import MXFP4_EXCLUDE, NVFP4_EXCLUDE
-except ImportError:  # a tree that keeps them in tests/_tiny.py only: the same lists
-    NVFP4_EXCLUDE = ["lm_head", "model.layers.*.self_attn.q_a_proj", "model.layers.*.self_attn.q_b_proj",
-                     "model.layers.*.self_attn.kv_a_proj_with_mqa", "model.layers.*.self_attn.kv_b_proj",
-                     "model.layers.*.self_attn.indexer*", "model.layers.*.mlp.gate"]
-    MXFP4_EXCLUDE = ["lm_head", "re:.*mlp.gate$", "re:.*self_attn.*"]
 
 TINY = {"hidden_size": 256, "num_hidden_layers": 3, "num_attention_heads": 8, "num_key_value_heads": 8,
         "n_routed_experts": 16, "num_experts_per_tok": 4, "moe_intermediate_size": 128, "intermediate_size": 512,
@@ -94,24 +86,13 @@ TINY = {"hidden_size": 256, "num_hidden_layers": 3, "num_attention_heads": 8, "n
 FP8 = "default"  # deepseek_v32_config's own quantization_config
 
 
-def nvfp4_config() -> dict:
-    return {"quant_method": "modelopt", "quant_algo": "NVFP4", "group_size": 16, "exclude_modules": NVFP4_EXCLUDE}
-
-
-def mxfp4_config(w4a4: bool) -> dict:
-    scheme = {"dtype": "fp4", "qscheme": "per_group", "group_size": 32, "scale_format": "e8m0", "is_dynamic": False}
-    inputs = {**scheme, "is_dynamic": True} if w4a4 else None
-    return {"quant_method": "quark", "global_quant_config": {"weight": scheme, "input_tensors": inputs},
-            "exclude": MXFP4_EXCLUDE}
-
-
 # name, quantization_config (None: bf16), kv_cache_dtype, indexer_precision, compute dtype, extra (context row)
 FORMATS = [
     {"name": "fp8-block", "quant": FP8, "kv": "auto", "indexer": "auto"},
     {"name": "fp8-block, exact idx", "quant": FP8, "kv": "auto", "indexer": "exact", "extra": True},
-    {"name": "nvfp4", "quant": nvfp4_config(), "kv": "auto", "indexer": "auto"},
-    {"name": "mxfp4", "quant": mxfp4_config(False), "kv": "auto", "indexer": "auto"},
-    {"name": "mxfp4-w4a4", "quant": mxfp4_config(True), "kv": "auto", "indexer": "auto"},
+    {"name": "nvfp4", "quant": fp4_quantization_config("nvfp4"), "kv": "auto", "indexer": "auto"},
+    {"name": "mxfp4", "quant": fp4_quantization_config("mxfp4"), "kv": "auto", "indexer": "auto"},
+    {"name": "mxfp4-w4a4", "quant": fp4_quantization_config("mxfp4", w4a4=True), "kv": "auto", "indexer": "auto"},
     {"name": "fp8-kv", "quant": None, "kv": "fp8_e4m3", "indexer": "auto"},
     {"name": "fp32-compute", "quant": None, "kv": "auto", "indexer": "auto", "dtype": "float32", "extra": True},
 ]

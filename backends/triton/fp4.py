@@ -1,13 +1,22 @@
 """FP4 weights without FP4 math (W4A16): dense and grouped-MoE GEMMs that read NVFP4 / MXFP4 weights (core/fp4.py)
 and unpack them in the kernel, on any GPU Triton targets (Hopper, Ampere, AMD CDNA, ...).
 
-A weight tile is loaded as packed bytes [BLOCK_N, BLOCK_K/2]; the low nibbles are the even K elements and the high
+A weight tile is loaded as packed bytes [BLOCK_K/2, BLOCK_N]; the low nibbles are the even K elements and the high
 nibbles the odd ones, so instead of interleaving them the activations are read as even and odd columns and the tile
-takes two dots: acc += x[:, 0::2] · lo + x[:, 1::2] · hi. e2m1 codes, e4m3 (NVFP4) and e8m0 (MXFP4) group scales are
-decoded with integer ops into fp32 bits (exact; no fp8 / fp4 conversion instructions needed, so the same code runs on
-every target and in the CPU interpreter), multiplied, and rounded once to the activation dtype for the dot; the fp32
-accumulator is multiplied by NVFP4's per-row global scale in the epilogue. Decode (small M) is weight-bandwidth bound:
-K is split across programs when the output tiles alone cannot fill the GPU (partials summed in a fixed order).
+takes two products: acc += x[:, 0::2] · lo + x[:, 1::2] · hi. Each e2m1 code is moved into an fp16's bits (exact,
+denormals included), widened and multiplied by its group scale (e4m3 for NVFP4, e8m0 for MXFP4, decoded from their
+bytes with integer operations — no fp8 / fp4 conversion instructions, so the same code runs on every target and in the
+CPU interpreter); NVFP4's per-row global scale multiplies the fp32 sum. Prefill-sized batches multiply on the matrix
+units (tl.dot in the activation dtype; the decoded values have ≤ 6 significant bits, exact in bf16); decode (≤ 4 tokens
+for a dense linear, ≤ 64 token-expert pairs for the MoE, one pair per block) multiplies on the vector units in fp32,
+which keeps the decoded tile in the layout it was loaded in. K is split across programs when the output tiles alone
+cannot fill the GPU (partials summed in a fixed order).
+
+Speed (H200, benchmarks/bench_fp4.py): the unpacking costs more instructions per byte than the bandwidth allows —
+about 0.45-0.65 TB/s of FP4 weights against 1.9-3.8 TB/s for the FP8 kernels, so at decode FP4 runs 0.4-0.6x as
+fast as FP8 (half the bytes, four times the time per byte). A kernel that keeps up with HBM needs the weights
+pre-shuffled into the matrix units' operand layout and a few-instruction conversion of 8 codes at a time (Marlin's
+approach), which Triton does not express; the native FP4 paths (Blackwell, gfx950) are vendor kernels.
 
 W4A4 MXFP4 checkpoints (Quark `input_tensors`): activations are first rounded through MXFP4 (`qdq_mxfp4`, the same
 arithmetic as core/fp4.qdq_mxfp4), then multiplied as above (emulated; no FP4 math units are used).
@@ -140,8 +149,10 @@ def _fp4_gemv_kernel(x_ptr, w_ptr, s_ptr, gs_ptr, c_ptr, M, N, K, stride_xm, str
 def _dense_config(M: int, N: int, K: int, sms: int) -> tuple[dict, int]:
     """(meta-parameters, K splits): decode tiles of 16 tokens × 64 rows, bigger tiles for prefill; split K until about
     two waves of programs (at least 256 K elements per split)."""
-    if M <= GEMV_TOKENS:  # (H200 sweep, o_proj at 1 token: BLOCK_N 16 × BLOCK_K 512 best of 7 tiles)
-        cfg = dict(BLOCK_M=triton.next_power_of_2(M), BLOCK_N=16, BLOCK_K=512, num_warps=4, num_stages=3)
+    if M <= GEMV_TOKENS:  # (H200 sweeps, o_proj at 1 token: 16 × 256 with 2 warps and ~3 K splits best of 13)
+        cfg = dict(BLOCK_M=triton.next_power_of_2(M), BLOCK_N=16, BLOCK_K=256, num_warps=2, num_stages=3)
+        tiles = triton.cdiv(N, 16)
+        return cfg, max(1, min(triton.cdiv(8 * sms, tiles), K // 1024))
     elif M <= 64:
         cfg = dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=3)
     else:

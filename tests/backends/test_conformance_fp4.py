@@ -99,7 +99,8 @@ def _experts(E, I, K, fmt, act, seed):
 
 @pytest.mark.parametrize("fmt,act", FORMATS, ids=IDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("T,E,top_k,I,K", [(3, 4, 2, 32, 64), (21, 8, 3, 96, 160)])
+@pytest.mark.parametrize("T,E,top_k,I,K", [(3, 4, 2, 32, 64), (21, 8, 3, 96, 160), (40, 4, 2, 32, 64)],
+                         ids=["vector-units", "vector-units-partial-tiles", "matrix-units"])  # ≤ / > GEMV_PAIRS
 def test_fp4_moe_experts(fmt, act, dtype, T, E, top_k, I, K):
     ref = ReferenceOps(DEV)
     experts = _experts(E, I, K, fmt, act, T)
@@ -116,13 +117,13 @@ def test_fp4_moe_experts(fmt, act, dtype, T, E, top_k, I, K):
 @pytest.mark.parametrize("fmt,act", FORMATS, ids=IDS)
 def test_fp4_v32_shapes_cuda(fmt, act):
     ref = ReferenceOps(DEV)
-    for M, N, K in ((1, 7168, 2048), (64, 24576, 1536), (300, 7168, 16384)):
+    for M, N, K in ((1, 7168, 2048), (2, 7168, 16384), (64, 24576, 1536), (300, 7168, 16384)):
         w = _weight(N, K, fmt, act, N)
         x = torch.randn(M, K, generator=torch.Generator().manual_seed(M)).to(DEV, torch.bfloat16)
         _check(tfp4.fp4_linear(x, w), ref.linear(x, ref.prepare_linear(w, torch.bfloat16)), torch.bfloat16)
     E, I, K, top_k = 32, 2048, 7168, 8
     experts = _experts(E, I, K, fmt, act, 1)
-    for T in (1, 32, 512):
+    for T in (1, 8, 40):  # 8 and 64 pairs: vector units; 320: matrix units
         g = torch.Generator().manual_seed(T)
         x = torch.randn(T, K, generator=g).to(DEV, torch.bfloat16)
         ids = torch.stack([torch.randperm(E, generator=g)[:top_k] for _ in range(T)]).to(DEV)
