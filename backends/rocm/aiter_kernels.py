@@ -18,8 +18,10 @@ logged once).
   gathered and scored by `fp8_mqa_logits`, then `top_k_per_row_prefill` (row starts 0: positions). aiter's top-k
   width is fixed at 2048 in 0.1.7 (V3.2's index_topk); where the installed aiter takes `stable`, it is asked for
   (identical picks on every tensor-parallel rank).
-- MoE: `aiter.fused_moe.fused_moe` (FP8 128×128 blocks: QuantType.per_128x128; bf16: QuantType.No) on gate_up /
-  down weights shuffled once at load by aiter's `shuffle_weight(w, (16, 16))`; routing `biased_grouped_topk`.
+- MoE: `aiter.fused_moe.fused_moe` (FP8 128×128 blocks: QuantType.per_128x128; bf16: QuantType.No; W4A4 MXFP4:
+  QuantType.per_1x32, gfx950 only, e2m1 weights with e8m0 scales shuffled by `fp4_utils.e8m0_shuffle`, activations
+  quantized to MXFP4 inside aiter — so only for Quark checkpoints whose activations are MXFP4 too) on gate_up / down
+  weights shuffled once at load by aiter's `shuffle_weight(w, (16, 16))`; routing `biased_grouped_topk`.
 - FP8 linears: `gemm_a8w8_blockscale` on activations quantized per token per 128 channels by the Triton kernel.
 - RMSNorm: `rms_norm` / `rmsnorm2d_fwd_with_add`.
 fp8 tensors are in the GPU's format (e4m3fnuz on gfx942, which aiter's `dtypes.fp8` also picks there).
@@ -52,13 +54,14 @@ AITER_CALLS: dict[str, tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]]]
     "fused_moe": (("aiter.fused_moe",), ("hidden_states", "w1", "w2", "topk_weight", "topk_ids"),
                   ("expert_mask", "activation", "quant_type", "w1_scale", "w2_scale")),
     "shuffle_weight": (("aiter.ops.shuffle",), ("x", "layout"), ()),
+    "e8m0_shuffle": (("aiter.utility.fp4_utils",), ("scale",), ()),
     "gemm_a8w8_blockscale": (("aiter.ops.gemm_op_a8w8",), ("XQ", "WQ", "x_scale", "w_scale"), ("dtype",)),
     "rms_norm": (("aiter.ops.rmsnorm",), ("input", "weight", "epsilon"), ()),
     "rmsnorm2d_fwd_with_add": (("aiter.ops.rmsnorm",), ("out", "input", "residual_in", "residual_out", "weight",
                                                         "epsilon"), ()),
 }
 # attributes of the aiter package itself
-AITER_ENUMS = {"ActivationType": ("Silu",), "QuantType": ("No", "per_128x128")}
+AITER_ENUMS = {"ActivationType": ("Silu",), "QuantType": ("No", "per_128x128", "per_1x32")}
 TOPK_WIDTH = 2048  # aiter 0.1.7's top_k_per_row_* width (kTopK)
 MLA_HEADS = (16, 128)  # heads of aiter's bf16 MLA decode kernels (mla_dec_stage1_bf16_a16w16_subQ{16,128}_mqa*)
 
@@ -240,11 +243,25 @@ def _indexer_decode_paged(q, w, index_cache, batch, topk, fp8_dtype, out):
 
 
 # ---- MoE --------------------------------------------------------------------------------------------------------
-def experts_unsupported(gate_up, down, x_dtype: torch.dtype) -> str:
+def experts_unsupported(gate_up, down, x_dtype: torch.dtype, arch: str = "") -> str:
     if x_dtype != torch.bfloat16:
         return "aiter's fused MoE runs bf16 activations (--dtype bfloat16)"
     if gate_up is None:
         return "aiter's fused MoE needs gate and up fused ([E, 2I, K]): FP8 experts need I a multiple of 128"
+    if gate_up.is_fp4:
+        if gate_up.fmt != "mxfp4":
+            return "aiter's FP4 MoE takes MXFP4 experts (NVFP4 runs on the Triton kernel)"
+        if arch != "gfx950":
+            return f"aiter's MXFP4 MoE needs MXFP4 math units (gfx950), not {arch or 'this GPU'}"
+        if gate_up.act != "mxfp4":
+            return ("aiter's MXFP4 MoE quantizes activations to MXFP4 (W4A4); this checkpoint's activations are not "
+                    "(weight-only MXFP4): the Triton kernel keeps its numbers")
+        (E, N, K2), I2 = gate_up.weight.shape, down.weight.shape[2]
+        if N % 16 or K2 % 32 or I2 % 32 or (E * N) % 256 or (E * K2 * 2) % 256 or (2 * K2 // 32) % 8 or \
+                (2 * I2 // 32) % 8:
+            return (f"aiter's FP4 weight / e8m0 scale shuffles do not divide gate_up {N}×{2 * K2} / down "
+                    f"{2 * K2}×{2 * I2} over {E} experts")
+        return ""
     (_, N, K), I = gate_up.weight.shape, down.weight.shape[2]
     if N % 16 or K % 32 or K % 16 or I % 32:
         return f"aiter's weight shuffle (16 × 32 tiles) does not divide gate_up {N}×{K} / down {K}×{I}"
@@ -257,17 +274,40 @@ def shuffle(w: torch.Tensor) -> torch.Tensor:
     return fn("shuffle_weight")(w, (16, 16))
 
 
+def fuse_fp4_gate_up(gate, up):
+    """Stacked FP4 gate [E, I, K/2] and up → gate_up [E, 2I, K/2] (gate rows first), scales alike."""
+    from dsv32.core.ops import LinearWeight
+
+    return LinearWeight(torch.cat([gate.weight, up.weight], 1), torch.cat([gate.scale_inv, up.scale_inv], 1),
+                        gate.block, gate.fmt, None, None, gate.act)
+
+
+def shuffle_fp4(w):
+    """An MXFP4 expert stack as aiter's per_1x32 MoE reads it: packed weights through shuffle_weight (viewed as
+    torch's float4_e2m1fn_x2 where torch has it), e8m0 scales [E, N, K/32] through e8m0_shuffle over E·N rows."""
+    from dsv32.core.ops import LinearWeight
+
+    E, N, _ = w.scale_inv.shape
+    weight = shuffle(w.weight)
+    if hasattr(torch, "float4_e2m1fn_x2"):
+        weight = weight.view(torch.float4_e2m1fn_x2)
+        weight.is_shuffled = True
+    scale = fn("e8m0_shuffle")(w.scale_inv.reshape(E * N, -1)).view(E, N, -1)
+    return LinearWeight(weight, scale, w.block, w.fmt, None, None, w.act)
+
+
 def moe_experts(x, gate_up, down, topk_weights, topk_ids, num_experts: int) -> torch.Tensor:
-    """gate_up / down: LinearWeights whose weights were `shuffle`d at load. topk_ids in [0, E] (E: another rank's
-    expert) → an expert mask over E + 1 ids that leaves E out."""
+    """gate_up / down: LinearWeights whose weights were `shuffle`d at load (`shuffle_fp4` for MXFP4). topk_ids in
+    [0, E] (E: another rank's expert) → an expert mask over E + 1 ids that leaves E out."""
     a = _aiter()
     mask = torch.ones(num_experts + 1, dtype=torch.int32, device=x.device)
     mask[num_experts] = 0
-    fp8 = gate_up.is_fp8
+    scaled = gate_up.is_fp8 or gate_up.is_fp4
+    quant = a.QuantType.per_1x32 if gate_up.is_fp4 else a.QuantType.per_128x128 if gate_up.is_fp8 else a.QuantType.No
     return fn("fused_moe")(x.contiguous(), gate_up.weight, down.weight, topk_weights.float().contiguous(),
                            topk_ids.to(torch.int32).contiguous(), expert_mask=mask, activation=a.ActivationType.Silu,
-                           quant_type=a.QuantType.per_128x128 if fp8 else a.QuantType.No,
-                           w1_scale=gate_up.scale_inv if fp8 else None, w2_scale=down.scale_inv if fp8 else None)
+                           quant_type=quant, w1_scale=gate_up.scale_inv if scaled else None,
+                           w2_scale=down.scale_inv if scaled else None)
 
 
 def moe_route(router_logits, correction_bias, n_group, topk_group, top_k, renormalize, routed_scaling_factor):

@@ -132,18 +132,20 @@ class RocmOps(TritonOps):
 
     def prepare_experts(self, w, dtype):
         out = super().prepare_experts(w, dtype)
-        if self.kernels.get("moe_runner_backend") == "aiter" and out.down.is_fp4:
-            self._fallback("fused MoE", "aiter's MXFP4 fused_moe is not wired in yet; the Triton FP4 kernel runs")
-            return out
         if self.kernels.get("moe_runner_backend") == "aiter":
             from dsv32.backends.rocm import aiter_kernels as ak
 
-            why = ak.experts_unsupported(out.gate_up, out.down, dtype)
+            fp4 = out.down.is_fp4
+            gate_up = ak.fuse_fp4_gate_up(out.gate, out.up) if fp4 else out.gate_up
+            why = ak.experts_unsupported(gate_up, out.down, dtype, self.arch)
             if why:
                 self._fallback("fused MoE", why)
                 return out
-            gate_up = LinearWeight(ak.shuffle(out.gate_up.weight), out.gate_up.scale_inv, out.gate_up.block)
-            down = LinearWeight(ak.shuffle(out.down.weight), out.down.scale_inv, out.down.block)
+            if fp4:
+                gate_up, down = ak.shuffle_fp4(gate_up), ak.shuffle_fp4(out.down)
+            else:
+                gate_up = LinearWeight(ak.shuffle(gate_up.weight), gate_up.scale_inv, gate_up.block)
+                down = LinearWeight(ak.shuffle(out.down.weight), out.down.scale_inv, out.down.block)
             self._aiter_experts.add(id(gate_up.weight))
             return ExpertWeights(None, None, down, gate_up=gate_up)
         return out

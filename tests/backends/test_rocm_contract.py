@@ -48,8 +48,8 @@ def aiter(monkeypatch):
     _forget_aiter()
 
 
-def _ops(**kernels):
-    ops = RocmOps("cpu", arch="gfx942")
+def _ops(arch="gfx942", **kernels):
+    ops = RocmOps("cpu", arch=arch)
     ops.kernels = {"dsa_prefill_backend": "triton", "dsa_decode_backend": "triton", "moe_runner_backend": "triton",
                    "fp8_gemm_backend": "triton", "dsa_indexer_backend": "triton", "norm_backend": "triton", **kernels}
     return ops
@@ -201,6 +201,54 @@ def test_fused_moe_refuses_unfusable_weights(aiter):
     prepared = ops.prepare_experts(raw, BF16)
     assert prepared.gate_up is None  # kept in the Triton layout: the Triton kernel runs them
     assert ops.moe_experts(torch.zeros(0, 256, dtype=BF16), prepared, torch.zeros(0, 2), torch.zeros(0, 2, dtype=torch.long)).shape == (0, 256)
+
+
+def _fp4_experts(E, I, K, fmt, act, g):
+    from dsv32.core.model.checkpoint import _stack, fp4_quantize
+
+    def stack(n, k):
+        return _stack([fp4_quantize(torch.randn(n, k, generator=g) * k ** -0.5, fmt, act) for _ in range(E)])
+
+    return ExpertWeights(stack(I, K), stack(I, K), stack(K, I))
+
+
+def test_fused_moe_mxfp4_w4a4(aiter):
+    """W4A4 MXFP4 experts (Quark with MXFP4 activations) on gfx950: aiter's per_1x32 fused MoE over shuffled e2m1
+    weights and shuffled e8m0 scales. Against the reference (dequantized weights, activations rounded through MXFP4 as
+    well): relative error norm < 0.05 — the fake sums in fp32, the reference in bf16, and rounding the intermediate
+    through MXFP4 turns those last-bit differences into whole e2m1 steps for values near a rounding threshold
+    (measured 0.019; a wrong weight or scale layout gives ~1.4)."""
+    g = torch.Generator().manual_seed(6)
+    E, I, K, T = 8, 256, 256, 7  # (e8m0_shuffle's 8-column tiles: I and K multiples of 256)
+    raw = _fp4_experts(E, I, K, "mxfp4", "mxfp4", g)
+    ops = _ops("gfx950", moe_runner_backend="aiter")
+    prepared = ops.prepare_experts(raw, BF16)
+    assert prepared.gate_up is not None and prepared.gate_up.is_fp4 and prepared.gate_up.weight.shape == (E, 2 * I, K // 2)
+    assert getattr(prepared.gate_up.weight, "is_shuffled", False) and getattr(prepared.down.weight, "is_shuffled", False)
+    x = torch.randn(T, K, generator=g).to(BF16)
+    ids = torch.stack([torch.randperm(E, generator=g)[:2] for _ in range(T)])
+    ids[0, 1] = E  # another rank's expert
+    w = torch.rand(T, 2, generator=g)
+    got = ops.moe_experts(x, prepared, w, ids)
+    want = REF.moe_experts(x, REF.prepare_experts(raw, BF16), w, ids)
+    rel = ((got.float() - want.float()).norm() / want.float().norm()).item()
+    assert rel < 0.05, rel
+
+
+@pytest.mark.parametrize("arch,fmt,act,why", [("gfx942", "mxfp4", "mxfp4", "gfx950"),
+                                              ("gfx950", "mxfp4", "", "weight-only"),
+                                              ("gfx950", "nvfp4", "", "NVFP4 runs on the Triton kernel")])
+def test_fused_moe_fp4_falls_back_to_triton(aiter, caplog, arch, fmt, act, why):
+    """Where aiter's MXFP4 MoE would not compute what the checkpoint means (or cannot run), the Triton FP4 kernel
+    keeps the experts, and the log says why."""
+    import logging
+
+    raw = _fp4_experts(4, 64, 128, fmt, act, torch.Generator().manual_seed(7))
+    ops = _ops(arch, moe_runner_backend="aiter")
+    with caplog.at_level(logging.INFO):
+        prepared = ops.prepare_experts(raw, BF16)
+    assert prepared.gate_up is None and prepared.gate.is_fp4  # the Triton FP4 layout
+    assert why in caplog.text
 
 
 def test_routing(aiter):
