@@ -12,7 +12,7 @@ import logging
 import torch
 
 from dsv32.backends.triton.ops import TritonOps
-from dsv32.core.ops import KernelContext
+from dsv32.core.ops import ExpertWeights, KernelContext, LinearWeight
 
 log = logging.getLogger("dsv32.cuda")
 
@@ -47,6 +47,7 @@ class CudaOps(TritonOps):
         super().__init__(device)
         self._fallback_logged: set[str] = set()
         self._deep_gemm_weights: set[int] = set()  # ids of FP8 weights DeepGEMM takes (checked once at load)
+        self._flashinfer_experts: dict[int, list] = {}  # id(fc1) → FlashInfer NVFP4 MoE quant scales
         self._flashmla_auto: str | None = None  # the FlashMLA kernel "auto" uses for large batches, if it can run
 
     def kernel_options(self, ctx: KernelContext) -> dict[str, dict[str, str]]:
@@ -68,7 +69,11 @@ class CudaOps(TritonOps):
         moe = {"triton": "",
                "deep_gemm": "not in dsv32 yet (DeepGEMM's grouped GEMMs are not wrapped; --fp8-gemm-backend deep_gemm "
                             "and --dsa-indexer-backend deep_gemm use it for the dense FP8 linears and indexer logits)"}
-        moe.update({k: _NOT_IN_DSV32[k] for k in ("flashinfer_cutlass", "flashinfer_trtllm", "cutlass")})
+        moe.update({k: _NOT_IN_DSV32[k] for k in ("flashinfer_trtllm", "cutlass")})
+        fi_ok, fi = vendor.status("flashinfer")
+        if fi_ok and vendor._capability(None)[0] != 10:
+            fi = "FlashInfer's NVFP4 MoE needs Blackwell (SM100)"
+        moe["flashinfer_cutlass"] = fi  # NVFP4 experts only (others run on Triton, logged); never run (no SM100 here)
         dg = vendor.status("deep_gemm")[1]
         gemm = {"triton": "", "deep_gemm": dg, "flashinfer_trtllm": _NOT_IN_DSV32["flashinfer_trtllm"],
                 "cutlass": _NOT_IN_DSV32["cutlass"]}
@@ -92,7 +97,9 @@ class CudaOps(TritonOps):
         return {
             "sparse_mla_attention": f"prefill: {dsa['dsa_prefill_backend']}; decode: {dsa['dsa_decode_backend']}",
             "dense_mla_attention": f"the prefill sparse kernel over every causal key ({dsa['dsa_prefill_backend']})",
-            "moe_experts": f"{k.get('moe_runner_backend')} grouped GEMMs",
+            "moe_experts": ("NVFP4 experts: FlashInfer CUTLASS fused MoE (W4A4; NEVER RUN on Blackwell, contract-tested "
+                            "only); other experts: Triton grouped GEMMs" if k.get("moe_runner_backend") ==
+                            "flashinfer_cutlass" else f"{k.get('moe_runner_backend')} grouped GEMMs"),
             "linear": "bf16: torch (cuBLAS); FP8-block: " + (deep_gemm if k.get("fp8_gemm_backend") == "deep_gemm"
                                                               else "Triton (--fp8-gemm-backend deep_gemm: DeepGEMM)"),
             "indexer_topk": (f"fp8 keys, page size 64: DeepGEMM paged logits ({_UNVERIFIED}); otherwise "
@@ -125,6 +132,27 @@ class CudaOps(TritonOps):
 
             return vendor.deep_gemm_fp8_linear(x, w.weight, w.scale_inv)
         return super().linear(x, w)
+
+    def prepare_experts(self, w, dtype):
+        if self.kernels.get("moe_runner_backend") == "flashinfer_cutlass":
+            from dsv32.backends.cuda import vendor
+
+            why = vendor.flashinfer_nvfp4_moe_unsupported(w.gate, w.up, w.down, dtype, self.device)
+            if why is None:
+                fc1, fc2, scales = vendor.flashinfer_nvfp4_moe_prepare(w.gate, w.up, w.down)
+                self._flashinfer_experts[id(fc1)] = scales
+                return ExpertWeights(None, None, LinearWeight(fc2), gate_up=LinearWeight(fc1))
+            self._note_fallback("flashinfer_cutlass fused MoE", why)
+        return super().prepare_experts(w, dtype)
+
+    def moe_experts(self, x, experts, topk_weights, topk_ids):
+        if experts.gate_up is not None and id(experts.gate_up.weight) in self._flashinfer_experts:
+            from dsv32.backends.cuda import vendor
+
+            return vendor.flashinfer_nvfp4_moe(x, experts.gate_up.weight, experts.down.weight,
+                                               self._flashinfer_experts[id(experts.gate_up.weight)], topk_weights,
+                                               topk_ids)
+        return super().moe_experts(x, experts, topk_weights, topk_ids)
 
     def indexer_topk(self, q, head_weights, index_cache, batch, softmax_scale, topk):
         from dsv32.backends.cuda import vendor

@@ -498,3 +498,74 @@ def flashinfer_topk(scores: torch.Tensor, lengths: torch.Tensor, k: int) -> torc
     offsets = torch.zeros(R, dtype=torch.int32, device=scores.device)
     out[:, :k_eff] = fi.top_k_ragged_transform(scores.contiguous(), offsets, lens, k_eff)
     return out
+
+
+# ---- FlashInfer NVFP4 fused MoE (CUTLASS, Blackwell) ------------------------------------------------------------------
+# Written against flashinfer-python 0.7.4 / flashinfer-ai/flashinfer fb28d72 (`flashinfer/fused_moe/core.py:
+# cutlass_fused_moe`, `flashinfer/quantization/fp4_quantization.py: block_scale_interleave`,
+# `tests/moe/test_trtllm_cutlass_fused_moe.py::test_moe_nvfp4`); NEVER RUN: no Blackwell GPU here, tested against a
+# fake (tests/backends/test_vendor.py) and the real wheel's signatures. The kernel is W4A4: it quantizes the
+# activations to NVFP4 with the checkpoint's static input scales (a global encode scale 1 / input_scale; block scales
+# per 16 at run time) — the numbers the NVFP4 checkpoint was calibrated for, not those of the weight-only Triton path.
+# Its fc1 holds the up rows first, then the gate rows (SwiGLU: silu(second half) · first half); block scales go in the
+# 128×4-swizzled layout; per expert one dequant scale per GEMM (= input_scale · weight_scale_2), so gate and up must
+# share their weight_scale_2 (ModelOpt writes them equal for fused experts).
+_NVFP4_MOE_ALIGN = 128
+
+
+def flashinfer_nvfp4_moe_unsupported(gate, up, down, x_dtype: torch.dtype, device=None) -> str | None:
+    ok, reason = status("flashinfer", device if _DEVICE_TYPE == "cuda" else None)
+    if not ok:
+        return reason
+    major, minor = _capability(device if _DEVICE_TYPE == "cuda" else None)
+    if major != 10:
+        return f"FlashInfer's NVFP4 MoE (CUTLASS) needs Blackwell's FP4 math units (SM100), this GPU is SM{major}{minor}"
+    if not (gate.fmt == up.fmt == down.fmt == "nvfp4"):
+        return "FlashInfer's FP4 MoE here takes NVFP4 experts (ModelOpt); others run on the Triton kernel"
+    if x_dtype not in (torch.bfloat16, torch.float16):
+        return "FlashInfer's NVFP4 MoE writes bf16 / fp16 (--dtype bfloat16)"
+    if any(p.input_scale is None for p in (gate, up, down)):
+        return "FlashInfer's NVFP4 MoE quantizes activations with the checkpoint's input_scale; these experts have none"
+    if not torch.equal(gate.global_scale[:, 0], up.global_scale[:, 0]):
+        return ("gate and up experts have different weight_scale_2: FlashInfer's fused gate_up takes one global scale "
+                "per expert")
+    E, I, K2 = gate.weight.shape
+    if (2 * K2) % _NVFP4_MOE_ALIGN or I % _NVFP4_MOE_ALIGN:
+        return f"FlashInfer's NVFP4 MoE tiles need I ({I}) and K ({2 * K2}) multiples of {_NVFP4_MOE_ALIGN}"
+    return None
+
+
+def _swizzled_scales(scale: torch.Tensor) -> torch.Tensor:
+    """e4m3 block scales [E, N, K/16] → FlashInfer's 128×4-swizzled layout, as int32 [E, N_pad, K_pad/64]."""
+    E, N, C = scale.shape
+    flat = importlib.import_module("flashinfer.fp4_quantization").block_scale_interleave(scale.view(torch.uint8))
+    n_pad, c_pad = -(-N // 128) * 128, -(-C // 4) * 4
+    return flat.view(E, n_pad, c_pad).view(torch.int32)
+
+
+def flashinfer_nvfp4_moe_prepare(gate, up, down) -> tuple:
+    """(fc1 weights, fc2 weights, quant_scales) from NVFP4 expert stacks as the loader returns them: fc1 [E, 2I, K/2]
+    (up rows first) and fc2 [E, K, I/2] viewed as int64, the six quant scales FlashInfer's NVFP4 path reads."""
+    _check(flashinfer_nvfp4_moe_unsupported(gate, up, down, torch.bfloat16, gate.weight.device))
+    fc1 = torch.cat([up.weight, gate.weight], 1).contiguous().view(torch.long)
+    fc2 = down.weight.contiguous().view(torch.long)
+    a1 = torch.maximum(gate.input_scale.max(), up.input_scale.max()).float()  # one activation scale for all experts
+    a2 = down.input_scale.max().float()
+    scales = [(1.0 / a1).reshape(()), _swizzled_scales(torch.cat([up.scale_inv, gate.scale_inv], 1)),
+              (a1 * gate.global_scale[:, 0]).float().contiguous(), (1.0 / a2).reshape(()),
+              _swizzled_scales(down.scale_inv), (a2 * down.global_scale[:, 0]).float().contiguous()]
+    return fc1, fc2, scales
+
+
+def flashinfer_nvfp4_moe(x: torch.Tensor, fc1: torch.Tensor, fc2: torch.Tensor, quant_scales: list,
+                         topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
+    """Ops.moe_experts through `cutlass_fused_moe`. topk_ids in [0, E]: E (another rank's expert) is made the first
+    expert of a pretend second expert-parallel rank (ep_size 2, this rank 0), which the kernel skips."""
+    _check(_common_reason("flashinfer", x, fc1, fc2))
+    out = torch.empty_like(x)
+    if x.shape[0] == 0:
+        return out
+    importlib.import_module("flashinfer.fused_moe").cutlass_fused_moe(
+        x.contiguous(), topk_ids.to(torch.int32).contiguous(), topk_weights.float().contiguous(), fc1, fc2, x.dtype,
+        quant_scales=quant_scales, ep_size=2, ep_rank=0, output=out)
+    return out

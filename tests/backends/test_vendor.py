@@ -29,7 +29,7 @@ from dsv32.backends.cuda import vendor
 from dsv32.backends.reference.ops import ReferenceOps
 from dsv32.core import envs
 from dsv32.core.kv_cache import KVCache, KVCacheSpec
-from dsv32.core.ops import AttnMetadata, LinearWeight
+from dsv32.core.ops import AttnMetadata, ExpertWeights, LinearWeight
 
 FP8 = torch.float8_e4m3fn
 BF16 = torch.bfloat16
@@ -668,3 +668,196 @@ def test_cuda_defaults_with_vendor_libraries_installed(fake, monkeypatch, fp8):
     ops.select_kernels(ctx, {"fp8_gemm_backend": "deep_gemm"})
     ops.prepare_linear(w, BF16)
     assert len(ops._deep_gemm_weights) == 1
+
+
+# ---- FlashInfer NVFP4 fused MoE (Blackwell; contract only) ------------------------------------------------------------
+_E2M1 = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0])
+
+
+def _swizzle_128x4(sf):
+    """cuBLAS / CUTLASS block-scale layout: [E, M, C] padded to M % 128, C % 4, then per 128 rows × 4 columns the
+    rows r = 32·i + j are stored j-major: (tile, column block, j, i, column)."""
+    E, M, C = sf.shape
+    mp, cp = -(-M // 128) * 128, -(-C // 4) * 4
+    pad = torch.zeros(E, mp, cp, dtype=sf.dtype)
+    pad[:, :M, :C] = sf
+    return pad.view(E, mp // 128, 4, 32, cp // 4, 4).permute(0, 1, 4, 3, 2, 5).contiguous().view(-1)
+
+
+def _unswizzle_128x4(flat, E, M, C):
+    mp, cp = -(-M // 128) * 128, -(-C // 4) * 4
+    t = flat.reshape(E, mp // 128, cp // 4, 32, 4, 4).permute(0, 1, 4, 3, 2, 5).reshape(E, mp, cp)
+    return t[:, :M, :C]
+
+
+def _nvfp4_act(x, gs):
+    """x through NVFP4 activation quantization with global encode scale gs, in the encoded domain (x · gs)."""
+    T, K = x.shape
+    b = (x.float() * gs).view(T, K // 16, 16)
+    s = (b.abs().amax(-1, keepdim=True) / 6).clamp(max=448).to(FP8).float()
+    q = torch.where(s > 0, b / torch.where(s > 0, s, 1.0), 0.0)
+    mags = _E2M1[:8]
+    near = mags[(q.abs()[..., None] - mags).abs().argmin(-1)]
+    return (torch.sign(q) * near * s).view(T, K)
+
+
+def fake_flashinfer_moe():
+    """flashinfer.fused_moe.cutlass_fused_moe (NVFP4 path) and flashinfer.fp4_quantization.block_scale_interleave as
+    FlashInfer's docstrings and tests/moe/test_trtllm_cutlass_fused_moe.py describe them (independently of dsv32)."""
+    fq = types.ModuleType("flashinfer.fp4_quantization")
+    fq.block_scale_interleave = lambda unswizzled_sf: (
+        _swizzle_128x4(unswizzled_sf if unswizzled_sf.dim() == 3 else unswizzled_sf[None]))
+    fm = types.ModuleType("flashinfer.fused_moe")
+    fm.calls = []
+
+    def cutlass_fused_moe(input, token_selected_experts, token_final_scales, fc1_expert_weights, fc2_expert_weights,
+                          output_dtype, quant_scales, fc1_expert_biases=None, fc2_expert_biases=None, input_sf=None,
+                          swiglu_alpha=None, swiglu_beta=None, swiglu_limit=None, tp_size=1, tp_rank=0, ep_size=1,
+                          ep_rank=0, cluster_size=1, cluster_rank=0, output=None, **kwargs):
+        assert token_selected_experts.dtype == torch.int32 and token_final_scales.dtype == torch.float32
+        assert fc1_expert_weights.dtype == fc2_expert_weights.dtype == torch.int64 and len(quant_scales) == 6
+        a1_gs, w1_sf, alpha1, a2_gs, w2_sf, alpha2 = quant_scales
+        w1 = fc1_expert_weights.view(torch.uint8)  # [E, 2I, K/2], up rows first
+        w2 = fc2_expert_weights.view(torch.uint8)  # [E, K, I/2]
+        E, N1, K2 = w1.shape
+        K, I2 = w2.shape[1], w2.shape[2]
+
+        def weights(w, sf, n, k):
+            s = _unswizzle_128x4(sf.view(torch.uint8), E, n, k // 16).view(FP8).float()
+            p = w.long()
+            return torch.stack([_E2M1[p & 15], _E2M1[p >> 4]], -1).flatten(-2) * s.repeat_interleave(16, -1)
+
+        W1, W2 = weights(w1, w1_sf, N1, 2 * K2), weights(w2, w2_sf, K, 2 * I2)
+        I = N1 // 2  # noqa: E741
+        x = _nvfp4_act(input, float(a1_gs))
+        out = torch.zeros(input.shape[0], K)
+        fm.calls.append((ep_size, ep_rank))
+        for t in range(input.shape[0]):
+            for j in range(token_selected_experts.shape[1]):
+                e = int(token_selected_experts[t, j]) - ep_rank * E
+                if not 0 <= e < E:
+                    continue  # another expert-parallel rank's expert
+                h = (W1[e] @ x[t]) * float(alpha1[e])
+                h = torch.nn.functional.silu(h[I:]) * h[:I]  # SwiGLU: gate is the second half
+                y = (W2[e] @ _nvfp4_act(h.to(output_dtype)[None], float(a2_gs))[0]) * float(alpha2[e])
+                out[t] += token_final_scales[t, j] * y
+        if output is None:
+            return out.to(output_dtype)
+        output.copy_(out)
+        return output
+
+    fm.cutlass_fused_moe = cutlass_fused_moe
+    return fm, fq
+
+
+def _nvfp4_experts(E, I, K, g, same_global=True):
+    from dsv32.core.model.checkpoint import _stack, fp4_quantize
+
+    def stack(n, k, tie=None, act_amax=4.5):
+        parts = []
+        for e in range(E):
+            w = torch.randn(n, k, generator=g) * k ** -0.5
+            if tie is not None:  # ModelOpt writes gate and up with one weight_scale_2: scale to the same amax
+                w = w / w.abs().max() * tie[e]
+            lw = fp4_quantize(w, "nvfp4")
+            lw.input_scale = torch.tensor([act_amax / (6 * 448)])  # the calibrated input amax
+            parts.append(lw)
+        return _stack(parts)
+
+    amax = torch.rand(E, generator=g) + 0.5
+    gate = stack(I, K, amax)
+    up = stack(I, K, amax if same_global else None)
+    return ExpertWeights(gate, up, stack(K, I, act_amax=60.0))  # silu(gate)·up of these weights reaches ~50
+
+
+def _install_flashinfer_moe(fake):
+    fm, fq = fake_flashinfer_moe()
+    fake.install("flashinfer", fake_flashinfer())
+    fake.install("flashinfer.fused_moe", fm)
+    fake.install("flashinfer.fp4_quantization", fq)
+    return fm
+
+
+def test_flashinfer_nvfp4_moe_fake(fake, monkeypatch):
+    """CudaOps with --moe-runner-backend flashinfer_cutlass on SM100 (fake FlashInfer): NVFP4 experts go through
+    cutlass_fused_moe with up-first fc1, swizzled block scales, per-expert dequant scales input_scale ·
+    weight_scale_2, and another rank's expert (id E) skipped through the ep_size 2 trick. With the fake's activation
+    quantization switched off the result equals the weight-only reference up to bf16 (relative error norm < 2e-2;
+    a swapped gate / up or a wrong scale gives ~1); with it on (FlashInfer's W4A4), < 0.5 (measured 0.37: NVFP4
+    rounding of x and of silu(gate)·up, ≈ 0.095 each, compounded through the SwiGLU)."""
+    pytest.importorskip("triton")
+    from dsv32.backends.cuda import ops as cuda_ops
+    from dsv32.core.ops import KernelContext
+
+    fm = _install_flashinfer_moe(fake)
+    fake.sm((10, 0))
+    ops = cuda_ops.CudaOps("cpu")
+    ctx = KernelContext(fp8_weights=False, num_heads=64)
+    assert ops.kernel_options(ctx)["moe_runner_backend"]["flashinfer_cutlass"] == ""
+    assert ops.select_kernels(ctx)["moe_runner_backend"] == "triton"  # never chosen by itself
+    ops.select_kernels(ctx, {"moe_runner_backend": "flashinfer_cutlass"})
+    g = torch.Generator().manual_seed(11)
+    E, I, K, T = 4, 128, 256, 6
+    raw = _nvfp4_experts(E, I, K, g)
+    prepared = ops.prepare_experts(raw, BF16)
+    assert prepared.gate_up is not None and id(prepared.gate_up.weight) in ops._flashinfer_experts
+    x = torch.randn(T, K, generator=g).to(BF16)
+    ids = torch.stack([torch.randperm(E, generator=g)[:2] for _ in range(T)])
+    ids[1, 0] = E  # another rank's expert
+    w = torch.rand(T, 2, generator=g)
+    got = ops.moe_experts(x, prepared, w, ids)
+    ref = ReferenceOps("cpu")
+    want = ref.moe_experts(x, ref.prepare_experts(raw, BF16), w, ids)
+    rel = ((got.float() - want.float()).norm() / want.float().norm()).item()
+    assert rel < 0.5 and fm.calls == [(2, 0)], rel
+    monkeypatch.setattr(sys.modules[__name__], "_nvfp4_act", lambda t, gs: t.float() * gs)  # exact activations
+    exact = ops.moe_experts(x, prepared, w, ids)
+    rel = ((exact.float() - want.float()).norm() / want.float().norm()).item()
+    assert rel < 2e-2, rel
+
+
+@pytest.mark.parametrize("sm,same_global,why", [((9, 0), True, "SM100"), ((10, 0), False, "weight_scale_2")])
+def test_flashinfer_nvfp4_moe_refusals(fake, sm, same_global, why):
+    """Off Blackwell the choice is refused at startup; experts FlashInfer cannot take (gate and up with different
+    global scales) stay on the Triton FP4 kernel, with the reason in the log."""
+    pytest.importorskip("triton")
+    from dsv32.backends.cuda import ops as cuda_ops
+    from dsv32.core.ops import KernelChoiceError, KernelContext
+
+    _install_flashinfer_moe(fake)
+    fake.sm(sm)
+    ops = cuda_ops.CudaOps("cpu")
+    ctx = KernelContext(fp8_weights=False, num_heads=64)
+    if sm[0] != 10:
+        with pytest.raises(KernelChoiceError, match=why):
+            ops.select_kernels(ctx, {"moe_runner_backend": "flashinfer_cutlass"})
+        return
+    ops.select_kernels(ctx, {"moe_runner_backend": "flashinfer_cutlass"})
+    raw = _nvfp4_experts(2, 128, 128, torch.Generator().manual_seed(12), same_global=False)
+    assert why in vendor.flashinfer_nvfp4_moe_unsupported(raw.gate, raw.up, raw.down, BF16)
+    prepared = ops.prepare_experts(raw, BF16)
+    assert prepared.gate_up is None and prepared.gate.is_fp4  # the Triton FP4 layout
+
+
+def test_flashinfer_moe_api_matches_the_wheel():
+    """The FlashInfer functions the NVFP4 MoE wrapper calls exist in the newest flashinfer-python wheel with the
+    parameters it passes (parsed, never imported)."""
+    import ast
+
+    from _pypi import newest_wheel
+
+    whl = newest_wheel("flashinfer-python")
+
+    def params(path, name):
+        for node in ast.parse(whl.read(path).decode()).body:
+            if isinstance(node, ast.FunctionDef) and node.name == name:
+                return [a.arg for a in node.args.posonlyargs + node.args.args + node.args.kwonlyargs]
+        raise AssertionError(f"{name} not in {path}")
+
+    got = params("flashinfer/fused_moe/core.py", "cutlass_fused_moe")
+    assert got[:7] == ["input", "token_selected_experts", "token_final_scales", "fc1_expert_weights",
+                       "fc2_expert_weights", "output_dtype", "quant_scales"], got
+    assert {"ep_size", "ep_rank", "output"} <= set(got)
+    assert params("flashinfer/quantization/fp4_quantization.py", "block_scale_interleave")[0] == "unswizzled_sf"
+    assert "block_scale_interleave" in whl.read("flashinfer/fp4_quantization.py").decode()
+    assert "cutlass_fused_moe" in whl.read("flashinfer/fused_moe/__init__.py").decode()
