@@ -233,3 +233,49 @@ def test_quantization_flag_checks_the_checkpoint(fp4_dirs):
         with pytest.raises(serve.FlagError) as e:
             serve._checked_config(p.parse_args(["--model", model, "--quantization", flag]))
         assert needle in e.value.message, e.value.message
+
+
+def test_memory_plan_counts_fp4_weights_packed():
+    """`dsv32 memory-plan` / the engine's plan: FP4 linears count as packed e2m1 + group scales (+ NVFP4's fp32 global
+    scale per row), excluded ones in the model dtype — equal to the bytes of the weights `dummy_weights` makes for a
+    rank when the backend keeps them as loaded (as the GPU backends do). The published NVFP4 checkpoint then fits
+    TP 4 on 141 GB devices, which FP8 does not."""
+    from dsv32.backends.reference.ops import ReferenceOps
+    from dsv32.core.config import ParallelConfig, deepseek_v32_config, fp4_quantization_config
+    from dsv32.core.engine.memory import GIB, weight_bytes
+    from dsv32.core.model.checkpoint import dummy_weights
+    from dsv32.core.model.plan import ParallelPlan
+    from dsv32.core.ops import ExpertWeights, LinearWeight
+
+    class Packed(ReferenceOps):  # keeps FP4 as the loader hands it over, as a GPU backend does
+        def prepare_linear(self, w, dtype):
+            return w if w.is_fp4 else LinearWeight(w.weight.to(dtype))
+
+        def prepare_experts(self, w, dtype):
+            return w
+
+    def nbytes(v) -> int:
+        if isinstance(v, ExpertWeights):
+            return sum(nbytes(p) for p in (v.gate, v.up, v.down))
+        if isinstance(v, LinearWeight):
+            return sum(t.numel() * t.element_size() for t in (v.weight, v.scale_inv, v.global_scale) if t is not None)
+        return v.numel() * v.element_size()
+
+    tiny = dict(hidden_size=128, intermediate_size=256, moe_intermediate_size=64, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=4, q_lora_rank=64, kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=16,
+                v_head_dim=16, n_routed_experts=8, num_experts_per_tok=2, n_group=2, topk_group=1, index_n_heads=4,
+                index_head_dim=32, index_topk=16, vocab_size=512, first_k_dense_replace=1, num_nextn_predict_layers=0)
+    for fmt in ("nvfp4", "mxfp4"):
+        cfg = ModelConfig.from_dict(deepseek_v32_config(quantization_config=fp4_quantization_config(fmt), **tiny))
+        for par in (ParallelConfig(), ParallelConfig(tp_size=2, ep_size=2)):
+            plan = ParallelPlan(cfg, par.layout(1 if par.tp_size > 1 else 0))
+            w = dummy_weights(cfg, Packed(), torch.bfloat16, "cpu", plan=plan)
+            held = sum(nbytes(v) for k, v in w.items() if k != "lm_head.weight" or "lm_head.weight" in w)
+            uk_uv = cfg.num_hidden_layers * (cfg.num_attention_heads // par.tp_size) * (
+                cfg.qk_nope_head_dim + cfg.v_head_dim) * cfg.kv_lora_rank * 2  # absorbed W_UK, W_UV (bf16)
+            assert weight_bytes(cfg, plan) == held + uk_uv, (fmt, par)
+    official = ModelConfig.from_dict(deepseek_v32_config(quantization_config=fp4_quantization_config("nvfp4")))
+    fp8 = ModelConfig.from_dict(deepseek_v32_config())
+    tp4 = ParallelConfig(tp_size=4).layout(0)
+    assert weight_bytes(official, ParallelPlan(official, tp4)) < 100 * GIB < 0.85 * 141 * GIB \
+        < weight_bytes(fp8, ParallelPlan(fp8, tp4))

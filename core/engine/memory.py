@@ -28,12 +28,26 @@ def _fp8_bytes(n: int, k: int, block: tuple[int, int]) -> int:
     return n * k + -(-n // block[0]) * -(-k // block[1]) * 4
 
 
+def _fp4_bytes(n: int, k: int, cfg: ModelConfig) -> int:
+    """Packed e2m1 + one scale byte per group (+ NVFP4's fp32 global scale per row, as the backends keep it)."""
+    return n * k // 2 + n * k // cfg.fp4.group_size + (4 * n if cfg.fp4.fmt == "nvfp4" else 0)
+
+
 def weight_bytes(cfg: ModelConfig, plan: ParallelPlan, include_mtp: bool = False, act_bytes: int = 2) -> int:
     """Bytes of this rank's weights on the device (msModelSlim W8A8: counted as int8 with a scale per row wherever the
-    FP8 checkpoint has FP8 blocks; its description may keep a few more in bf16)."""
+    FP8 checkpoint has FP8 blocks; its description may keep a few more in bf16). FP4 checkpoints: packed, for the
+    linears the config does not exclude (a backend that dequantizes FP4 at load, as Ascend's, needs more)."""
     fp8 = cfg.quant is not None or cfg.modelslim
     block = (cfg.quant.block_n, cfg.quant.block_k) if cfg.quant is not None else (1, 1 << 30)
-    keep_bf16 = ("lm_head.weight", "mlp.gate.weight", "indexer.weights_proj.weight")
+    keep_bf16 = ("lm_head", "mlp.gate", "indexer.weights_proj")
+
+    def linear(module: str, n: int, k: int, fp32: bool = False) -> int:
+        if cfg.fp4 is not None and cfg.fp4.quantized(module) and k % cfg.fp4.group_size == 0:
+            return _fp4_bytes(n, k, cfg)
+        if cfg.fp4 is None and fp8 and not fp32 and not module.endswith(keep_bf16):
+            return _fp8_bytes(n, k, block)
+        return n * k * (4 if fp32 else act_bytes)
+
     total = 0
     for name, spec in weight_specs(cfg, include_mtp).items():
         shape = plan.local_shape(name, spec)
@@ -41,9 +55,11 @@ def weight_bytes(cfg: ModelConfig, plan: ParallelPlan, include_mtp: bool = False
             continue
         if spec.kind == "experts":
             e, i, hd = shape
-            total += e * (2 * _fp8_bytes(i, hd, block) + _fp8_bytes(hd, i, block)) if fp8 else e * 3 * i * hd * act_bytes
-        elif spec.kind == "linear" and fp8 and not spec.fp32 and not name.endswith(keep_bf16):
-            total += _fp8_bytes(*shape, block)
+            total += e * sum(linear(f"{name}.0.{proj}", n, k) for proj, n, k in (("gate_proj", i, hd),
+                                                                                 ("up_proj", i, hd),
+                                                                                 ("down_proj", hd, i)))
+        elif spec.kind == "linear":
+            total += linear(name.removesuffix(".weight"), *shape, spec.fp32)
         else:
             n = 1
             for d in shape:
