@@ -29,7 +29,7 @@ import triton
 import triton.language as tl
 
 from dsv32.backends.triton.gemm import _sum_splits_kernel, num_sms
-from dsv32.backends.triton.moe import _align, _cast, _dot, _sum_topk_kernel
+from dsv32.backends.triton.moe import _align, _block_pairs, _cast, _dot, _sum_topk_kernel
 from dsv32.core import envs
 from dsv32.core.ops import ExpertWeights, LinearWeight
 
@@ -270,15 +270,11 @@ def _fp4_gate_up_kernel(x_ptr, g_ptr, u_ptr, gs_ptr, us_ptr, ggs_ptr, ugs_ptr, h
                         BLOCK_K: tl.constexpr, NV: tl.constexpr, GLOBAL: tl.constexpr, IEEE: tl.constexpr,
                         RNE: tl.constexpr, GEMV: tl.constexpr):
     """h[pair, n] = silu(x[tok]·gate[e, n]) · (x[tok]·up[e, n]) for the pairs of one M-block, FP4 gate / up."""
-    pid_m = tl.program_id(0)
-    e = tl.load(expert_ptr + pid_m).to(tl.int64)
+    e = tl.load(expert_ptr + tl.program_id(0)).to(tl.int64)
     if e < 0:
         return
-    pair = tl.load(sorted_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
-    valid = pair < n_pairs
+    pair, valid, offs_n, nmask = _block_pairs(sorted_ptr, n_pairs, N, BLOCK_M, BLOCK_N)
     tok = pair // TOP_K
-    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    nmask = offs_n < N
     half = tl.arange(0, BLOCK_K // 2)
     groups = tl.arange(0, BLOCK_K // GROUP)
     w_off = e * stride_we + offs_n[None, :].to(tl.int64) * stride_wn
@@ -317,14 +313,10 @@ def _fp4_down_kernel(h_ptr, w_ptr, s_ptr, gs_ptr, topk_w_ptr, out_ptr, sorted_pt
                      NV: tl.constexpr, GLOBAL: tl.constexpr, IEEE: tl.constexpr, RNE: tl.constexpr,
                      GEMV: tl.constexpr):
     """out[pair, n] = weight[pair] · (h[pair]·down[e, n]) for the pairs of one M-block, FP4 down."""
-    pid_m = tl.program_id(0)
-    e = tl.load(expert_ptr + pid_m).to(tl.int64)
+    e = tl.load(expert_ptr + tl.program_id(0)).to(tl.int64)
     if e < 0:
         return
-    pair = tl.load(sorted_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
-    valid = pair < n_pairs
-    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    nmask = offs_n < N
+    pair, valid, offs_n, nmask = _block_pairs(sorted_ptr, n_pairs, N, BLOCK_M, BLOCK_N)
     half = tl.arange(0, BLOCK_K // 2)
     groups = tl.arange(0, BLOCK_K // GROUP)
     w_off = e * stride_we + offs_n[None, :].to(tl.int64) * stride_wn

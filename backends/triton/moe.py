@@ -144,20 +144,25 @@ def _cast(x, dtype: tl.constexpr, RNE: tl.constexpr):
 
 
 @triton.jit
+def _block_pairs(sorted_ptr, n_pairs, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """This program's M-block of (token, slot) pairs and N-block of columns: (pair ids [BLOCK_M], which are real
+    pairs, columns [BLOCK_N], which are < N). Program axis 0 is the M-block, axis 1 the N-block."""
+    pair = tl.load(sorted_ptr + tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    return pair, pair < n_pairs, offs_n, offs_n < N
+
+
+@triton.jit
 def _gate_up_kernel(x_ptr, xs_ptr, g_ptr, u_ptr, gs_ptr, us_ptr, h_ptr, sorted_ptr, expert_ptr,
                     n_pairs, N, K, stride_xm, stride_xsm, stride_we, stride_wn, stride_se, stride_sn, stride_hm,
                     TOP_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                     FP8: tl.constexpr, IEEE: tl.constexpr, RNE: tl.constexpr):
     """h[pair, n] = silu(x[tok]·gate[e, n]) · (x[tok]·up[e, n]) for the pairs of one M-block (tok = pair // TOP_K)."""
-    pid_m = tl.program_id(0)
-    e = tl.load(expert_ptr + pid_m).to(tl.int64)
+    e = tl.load(expert_ptr + tl.program_id(0)).to(tl.int64)
     if e < 0:
         return
-    pair = tl.load(sorted_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
-    valid = pair < n_pairs
+    pair, valid, offs_n, nmask = _block_pairs(sorted_ptr, n_pairs, N, BLOCK_M, BLOCK_N)
     tok = pair // TOP_K
-    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    nmask = offs_n < N
     offs_k = tl.arange(0, BLOCK_K)
     w_off = e * stride_we + offs_n[None, :].to(tl.int64) * stride_wn
     acc_g = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
@@ -192,14 +197,10 @@ def _down_kernel(h_ptr, hs_ptr, w_ptr, ws_ptr, topk_w_ptr, out_ptr, sorted_ptr, 
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                  FP8: tl.constexpr, IEEE: tl.constexpr, RNE: tl.constexpr):
     """out[pair, n] = weight[pair] · (h[pair]·down[e, n]) for the pairs of one M-block."""
-    pid_m = tl.program_id(0)
-    e = tl.load(expert_ptr + pid_m).to(tl.int64)
+    e = tl.load(expert_ptr + tl.program_id(0)).to(tl.int64)
     if e < 0:
         return
-    pair = tl.load(sorted_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
-    valid = pair < n_pairs
-    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    nmask = offs_n < N
+    pair, valid, offs_n, nmask = _block_pairs(sorted_ptr, n_pairs, N, BLOCK_M, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
     w_off = e * stride_we + offs_n[None, :].to(tl.int64) * stride_wn
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
