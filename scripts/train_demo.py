@@ -34,8 +34,6 @@ VOCAB = 1024
 MTP_WEIGHT = 0.5
 LR = 1.5e-3  # peak (warm-up 100 steps, cosine to a tenth)
 PROMPT_WEIGHT = 0.2  # loss weight of the prompt's tokens relative to the reply's
-COPY_WEIGHT = 4.0  # loss weight of reply tokens that occur in the last user turn or tool result (what must be copied:
-# the city, the country, the tool's numbers) — the few tokens that need attention back into the prompt
 TOKENIZER_SAMPLES = 4000  # the corpus's first conversations train the tokenizer
 MAX_LEN = 640  # tokens per training sequence (longer samples are dropped; the tool prompts are ~400)
 
@@ -285,11 +283,10 @@ def batches(data, tokens_per_batch: int, rng: random.Random):
     return out
 
 
-def collate(data, idx, user_id: int | None = None):
-    """ids [B, S] (right-padded) and the loss weight of each target position: 1 for the reply's tokens (COPY_WEIGHT
-    for those that also occur after the last `user_id` token of the prompt), PROMPT_WEIGHT for the prompt's (modelling
-    the questions too gives the attention more to learn from; replies alone taught the format but not to copy the
-    city or country from the question), 0 for padding."""
+def collate(data, idx):
+    """ids [B, S] (right-padded) and the loss weight of each target position: 1 for the reply's tokens, PROMPT_WEIGHT
+    for the prompt's (modelling the questions too gives the attention more to learn from; replies alone taught the
+    format but not to copy the city or country from the question), 0 for padding."""
     S = max(len(data[i][0]) for i in idx)
     ids = torch.full((len(idx), S), CONFIG["eos_token_id"], dtype=torch.long)
     weight = torch.zeros(len(idx), S)
@@ -298,12 +295,6 @@ def collate(data, idx, user_id: int | None = None):
         ids[r, :len(t)] = torch.tensor(t)
         weight[r, 1:p] = PROMPT_WEIGHT
         weight[r, p:len(t)] = 1.0
-        if user_id is not None:
-            last = max((j for j in range(p) if t[j] == user_id), default=0)
-            seen = set(t[last:p])
-            for j in range(p, len(t)):
-                if t[j] in seen:
-                    weight[r, j] = COPY_WEIGHT
     return ids, weight
 
 
@@ -345,7 +336,7 @@ def _train(out: str, steps: int, samples: int, log_every: int) -> dict:
     while step < steps:
         if not plan:
             plan = batches(data, 4096, rng)
-        ids, weight = collate(data, plan.pop(), tok.token_to_id("<｜User｜>"))
+        ids, weight = collate(data, plan.pop())
         lr = LR * min(1.0, (step + 1) / 100) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / steps)))
         for g in opt.param_groups:
             g["lr"] = lr
