@@ -368,6 +368,8 @@ def _parse_fp4(q: dict[str, Any] | None, source: str) -> Fp4QuantConfig | None:
         return None
     f = "quantization_config"
     if q["quant_method"] != "quark":
+        if isinstance(q.get("quantization"), dict):  # hf_quant_config.json's nesting, copied into config.json
+            q = {**q, **q["quantization"]}
         algo = q.get("quant_algo")
         if algo != "NVFP4":
             raise ConfigError(f"{source}: field '{f}.quant_algo': only 'NVFP4' ModelOpt checkpoints are supported, "

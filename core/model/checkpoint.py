@@ -359,8 +359,7 @@ def _read_fp4_linear(reader: _Reader, name: str, shape, cfg: ModelConfig, device
     def part(t_name: str, per: int) -> torch.Tensor:
         if cols is not None:
             return reader.get(t_name, 1, cols[0] // per, cols[1] // per)
-        t = _read_plain(reader, t_name, reader.shape(t_name), rows)
-        return t
+        return _read_plain(reader, t_name, reader.shape(t_name), rows)
 
     weight, scale = part(name, 2), part(scale_name, g)
     if q.fmt == "mxfp4" and bool((scale == 255).any()):
@@ -381,7 +380,7 @@ def _read_fp4_linear(reader: _Reader, name: str, shape, cfg: ModelConfig, device
         if reader.has(module + ".input_scale"):
             input_scale = reader.get(module + ".input_scale").float().flatten()[:1]
     return LinearWeight(weight.to(device).contiguous(), scale.to(device).contiguous(), (1, g), q.fmt,
-                        None if global_scale is None else global_scale.to(device), 
+                        None if global_scale is None else global_scale.to(device),
                         None if input_scale is None else input_scale.to(device), q.act)
 
 
