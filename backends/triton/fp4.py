@@ -147,8 +147,9 @@ def _fp4_gemv_kernel(x_ptr, w_ptr, s_ptr, gs_ptr, c_ptr, M, N, K, stride_xm, str
 
 
 def _dense_config(M: int, N: int, K: int, sms: int) -> tuple[dict, int]:
-    """(meta-parameters, K splits): decode tiles of 16 tokens × 64 rows, bigger tiles for prefill; split K until about
-    two waves of programs (at least 256 K elements per split)."""
+    """(meta-parameters, K splits). Up to GEMV_TOKENS tokens: the vector-unit kernel over 16-row × 256-K tiles, K split
+    until about eight programs per SM (at least 1024 K elements per split); up to 64 tokens: 16 × 64 matrix-unit
+    tiles; beyond, 128 × 128. Matrix-unit tiles split K until about two waves (at least 256 K elements per split)."""
     if M <= GEMV_TOKENS:  # (H200 sweeps, o_proj at 1 token: 16 × 256 with 2 warps and ~3 K splits best of 13)
         cfg = dict(BLOCK_M=triton.next_power_of_2(M), BLOCK_N=16, BLOCK_K=256, num_warps=2, num_stages=3)
         tiles = triton.cdiv(N, 16)
