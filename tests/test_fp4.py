@@ -279,3 +279,23 @@ def test_memory_plan_counts_fp4_weights_packed():
     tp4 = ParallelConfig(tp_size=4).layout(0)
     assert weight_bytes(official, ParallelPlan(official, tp4)) < 100 * GIB < 0.85 * 141 * GIB \
         < weight_bytes(fp8, ParallelPlan(fp8, tp4))
+
+
+def test_signed_packed_bytes_and_e8m0_scales_load_the_same(fp4_dirs, tmp_path):
+    """Exporters differ in the dtype they give the same bytes: packed e2m1 as int8, MXFP4 scales as float8_e8m0fnu —
+    the loader takes either and reads the same weights."""
+    if not hasattr(torch, "float8_e8m0fnu"):
+        pytest.skip("this torch has no float8_e8m0fnu")
+
+    def retype(t):
+        for k in list(t):
+            if k.endswith(".weight") and t[k].dtype == torch.uint8:
+                t[k] = t[k].view(torch.int8)
+            elif k.endswith(".weight_scale") and t[k].dtype == torch.uint8:
+                t[k] = t[k].view(torch.float8_e8m0fnu)
+
+    odd = _rewrite(fp4_dirs["mxfp4"][0], str(tmp_path / "odd"), retype)
+    prompt = list(range(3, 40))
+    a = engine_logits(LLM(model=odd, dtype="float32"), prompt)
+    b = engine_logits(LLM(model=fp4_dirs["mxfp4"][0], dtype="float32"), prompt)
+    assert torch.equal(a, b)

@@ -290,7 +290,7 @@ def _read_int8_linear(reader: _Reader, name: str, shape, device, shard: Shard | 
 def _read_linear(reader: _Reader, name: str, shape, cfg: ModelConfig, device, shard: Shard | None = None) -> LinearWeight:
     if cfg.fp4 is not None:
         module = name.removesuffix(".weight")
-        fp4 = reader.dtype_name(name) == "U8"
+        fp4 = reader.dtype_name(name) in ("U8", "I8")  # packed e2m1 pairs (as unsigned or signed bytes)
         if fp4 != cfg.fp4.quantized(module):
             reader.fp4_surprises.append(module)
         if fp4:
@@ -341,10 +341,10 @@ def _read_fp4_linear(reader: _Reader, name: str, shape, cfg: ModelConfig, device
     if not reader.has(scale_name):
         raise CheckpointError(f"missing tensor '{scale_name}' (expected shape {[n, k // g]}) for FP4 '{name}'")
     _check_shape(reader, scale_name, (n, k // g))
-    want = {"nvfp4": "F8_E4M3", "mxfp4": "U8"}[q.fmt]
-    if reader.dtype_name(scale_name) != want:
+    want = {"nvfp4": ("F8_E4M3",), "mxfp4": ("U8", "F8_E8M0")}[q.fmt]
+    if reader.dtype_name(scale_name) not in want:
         raise CheckpointError(f"tensor '{scale_name}' holds {reader.dtype_name(scale_name)}; {q.fmt} group scales are "
-                              f"{want}")
+                              f"{' or '.join(want)}")
     rows = cols = None
     if shard is not None and shard.dim == 0:
         rows = shard
@@ -361,7 +361,9 @@ def _read_fp4_linear(reader: _Reader, name: str, shape, cfg: ModelConfig, device
             return reader.get(t_name, 1, cols[0] // per, cols[1] // per)
         return _read_plain(reader, t_name, reader.shape(t_name), rows)
 
-    weight, scale = part(name, 2), part(scale_name, g)
+    weight, scale = part(name, 2).view(torch.uint8), part(scale_name, g)
+    if q.fmt == "mxfp4":
+        scale = scale.view(torch.uint8)  # (torch's float8_e8m0fnu has the same bits)
     if q.fmt == "mxfp4" and bool((scale == 255).any()):
         raise CheckpointError(f"tensor '{scale_name}': e8m0 scale 255 (NaN in the OCP format)")
     if q.fmt == "nvfp4" and not bool(torch.isfinite(scale.float()).all() and (scale.float() >= 0).all()):
@@ -447,7 +449,8 @@ def _read_experts(reader: _Reader, name: str, spec: WeightSpec, cfg: ModelConfig
             if first <= j < first + count:
                 parts.append(_read_linear(reader, tname, shape, cfg, device, plan.expert_shard(pname)))
             else:  # another rank's expert: checked, not read
-                _check_shape(reader, tname, (shape[0], shape[1] // 2) if reader.dtype_name(tname) == "U8" else shape)
+                packed = reader.dtype_name(tname) in ("U8", "I8")
+                _check_shape(reader, tname, (shape[0], shape[1] // 2) if packed else shape)
                 module = tname.removesuffix(".weight")
                 reader.used.update((tname, tname + "_scale_inv", tname + "_scale", tname + "_offset",
                                     module + ".weight_scale", module + ".weight_scale_2", module + ".input_scale"))
