@@ -29,7 +29,7 @@ import triton
 import triton.language as tl
 
 from dsv32.backends.triton.gemm import _sum_splits_kernel, num_sms
-from dsv32.backends.triton.moe import _align, _block_pairs, _cast, _dot, _sum_topk_kernel
+from dsv32.backends.triton.moe import _align, _block_pairs, _dot, _store_silu_mul, _store_weighted, _sum_topk_kernel
 from dsv32.core import envs
 from dsv32.core.ops import ExpertWeights, LinearWeight
 
@@ -76,8 +76,11 @@ def _mac(acc, xe, xo, we, wo, IEEE: tl.constexpr, GEMV: tl.constexpr):
 @triton.jit
 def _fp4_gemm_kernel(x_ptr, w_ptr, s_ptr, gs_ptr, c_ptr, M, N, K, stride_xm, stride_wn, stride_sn, stride_cs,
                      stride_cm, k_per_split, GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                     BLOCK_K: tl.constexpr, NV: tl.constexpr, GLOBAL: tl.constexpr, IEEE: tl.constexpr):
-    """c[split, m, n] = Σ_{k in split} x[m, k] · W[n, k] (fp32 when split, else c's dtype), W from packed FP4."""
+                     BLOCK_K: tl.constexpr, NV: tl.constexpr, GLOBAL: tl.constexpr, IEEE: tl.constexpr,
+                     GEMV: tl.constexpr):
+    """c[split, m, n] = Σ_{k in split} x[m, k] · W[n, k] (fp32 when split, else c's dtype), W from packed FP4. GEMV
+    (decode, M ≤ BLOCK_M ≤ GEMV_TOKENS): products and sums on the vector units in fp32 (`_mac`), no matrix-unit
+    operand shuffle: the weight tile is decoded in the layout it was loaded in."""
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
     split = tl.program_id(2)
@@ -102,44 +105,7 @@ def _fp4_gemm_kernel(x_ptr, w_ptr, s_ptr, gs_ptr, c_ptr, M, N, K, stride_xm, str
         we, wo = _fp4_tile(w_ptr + rn[None, :] * stride_wn + (ke // 2)[:, None],
                            s_ptr + rn[None, :] * stride_sn + kg[:, None], kmask[:, None] & nmask[None, :],
                            (kg * GROUP < k_hi)[:, None] & nmask[None, :], NV, GROUP, BLOCK_K // 2, BLOCK_N)
-        acc += _dot(xe, we.to(xe.dtype), IEEE)
-        acc += _dot(xo, wo.to(xo.dtype), IEEE)
-    if GLOBAL:
-        acc *= tl.load(gs_ptr + offs_n, mask=nmask, other=0.0)[None, :]
-    c = c_ptr + split.to(tl.int64) * stride_cs + rm[:, None] * stride_cm + offs_n[None, :]
-    tl.store(c, acc.to(c_ptr.dtype.element_ty), mask=mmask[:, None] & nmask[None, :])
-
-
-@triton.jit
-def _fp4_gemv_kernel(x_ptr, w_ptr, s_ptr, gs_ptr, c_ptr, M, N, K, stride_xm, stride_wn, stride_sn, stride_cs,
-                     stride_cm, k_per_split, GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                     BLOCK_K: tl.constexpr, NV: tl.constexpr, GLOBAL: tl.constexpr):
-    """The decode form of _fp4_gemm_kernel (M ≤ BLOCK_M ≤ 4 tokens): products and sums on the vector units in fp32,
-    no matrix-unit operand shuffle: the weight tile is decoded in the layout it was loaded in."""
-    pid_n = tl.program_id(0)
-    split = tl.program_id(2)
-    offs_m = tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    mmask = offs_m < M
-    nmask = offs_n < N
-    half = tl.arange(0, BLOCK_K // 2)
-    groups = tl.arange(0, BLOCK_K // GROUP)
-    k_lo = split * k_per_split
-    k_hi = tl.minimum(k_lo + k_per_split, K)
-    rm = offs_m.to(tl.int64)
-    rn = offs_n.to(tl.int64)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(k_lo, k_hi, BLOCK_K):
-        ke = k0 + 2 * half
-        kmask = ke < k_hi
-        xm = mmask[:, None] & kmask[None, :]
-        xe = tl.load(x_ptr + rm[:, None] * stride_xm + ke[None, :], mask=xm, other=0.0).to(tl.float32)
-        xo = tl.load(x_ptr + rm[:, None] * stride_xm + ke[None, :] + 1, mask=xm, other=0.0).to(tl.float32)
-        kg = k0 // GROUP + groups
-        we, wo = _fp4_tile(w_ptr + rn[None, :] * stride_wn + (ke // 2)[:, None],
-                           s_ptr + rn[None, :] * stride_sn + kg[:, None], kmask[:, None] & nmask[None, :],
-                           (kg * GROUP < k_hi)[:, None] & nmask[None, :], NV, GROUP, BLOCK_K // 2, BLOCK_N)
-        acc += tl.sum(xe[:, :, None] * we[None, :, :] + xo[:, :, None] * wo[None, :, :], axis=1)
+        acc = _mac(acc, xe, xo, we, wo, IEEE, GEMV)
     if GLOBAL:
         acc *= tl.load(gs_ptr + offs_n, mask=nmask, other=0.0)[None, :]
     c = c_ptr + split.to(tl.int64) * stride_cs + rm[:, None] * stride_cm + offs_n[None, :]
@@ -165,7 +131,7 @@ def _dense_config(M: int, N: int, K: int, sms: int) -> tuple[dict, int]:
     return cfg, split
 
 
-GEMV_TOKENS = 4  # up to this many tokens the dense kernel multiplies on the vector units (_fp4_gemv_kernel)
+GEMV_TOKENS = 4  # up to this many tokens the dense kernel multiplies on the vector units (GEMV)
 GEMV_PAIRS = 64  # up to this many (token, expert) pairs the MoE kernels do, one pair per block
 
 
@@ -203,11 +169,8 @@ def fp4_linear(x: torch.Tensor, w: LinearWeight, split_k: int | None = None, con
     grid = (triton.cdiv(N, cfg["BLOCK_N"]), triton.cdiv(M, cfg["BLOCK_M"]), split)
     args = (x2, w.weight, scale, gs, out, M, N, K, x2.stride(0), w.weight.stride(0), w.scale_inv.stride(0), M * N, N,
             k_per_split)
-    meta = dict(GROUP=w.block[1], NV=w.fmt == "nvfp4", GLOBAL=w.global_scale is not None, **cfg)
-    if cfg["BLOCK_M"] <= GEMV_TOKENS:
-        _fp4_gemv_kernel[grid](*args, **meta)
-    else:
-        _fp4_gemm_kernel[grid](*args, IEEE=_ieee(x.dtype), **meta)
+    _fp4_gemm_kernel[grid](*args, GROUP=w.block[1], NV=w.fmt == "nvfp4", GLOBAL=w.global_scale is not None,
+                           IEEE=_ieee(x.dtype), GEMV=cfg["BLOCK_M"] <= GEMV_TOKENS, **cfg)
     if split > 1:
         block = 1024
         _sum_splits_kernel[(triton.cdiv(M * N, block),)](out, y, M * N, SPLITS=split, BLOCK=block)
@@ -300,11 +263,7 @@ def _fp4_gate_up_kernel(x_ptr, g_ptr, u_ptr, gs_ptr, us_ptr, ggs_ptr, ugs_ptr, h
     if GLOBAL:
         acc_g *= tl.load(ggs_ptr + e * stride_ge + offs_n, mask=nmask, other=0.0)[None, :]
         acc_u *= tl.load(ugs_ptr + e * stride_ge + offs_n, mask=nmask, other=0.0)[None, :]
-    dtype = h_ptr.dtype.element_ty
-    g = _cast(acc_g, dtype, RNE).to(tl.float32)
-    silu = _cast(g / (1.0 + tl.exp(-g)), dtype, RNE).to(tl.float32)
-    h = _cast(silu * _cast(acc_u, dtype, RNE).to(tl.float32), dtype, RNE)
-    tl.store(h_ptr + pair[:, None] * stride_hm + offs_n[None, :], h, mask=valid[:, None] & nmask[None, :])
+    _store_silu_mul(acc_g, acc_u, h_ptr, pair, stride_hm, offs_n, valid, nmask, RNE)
 
 
 @triton.jit
@@ -336,10 +295,7 @@ def _fp4_down_kernel(h_ptr, w_ptr, s_ptr, gs_ptr, topk_w_ptr, out_ptr, sorted_pt
         acc = _mac(acc, he, ho, we, wo, IEEE, GEMV)
     if GLOBAL:
         acc *= tl.load(gs_ptr + e * stride_ge + offs_n, mask=nmask, other=0.0)[None, :]
-    dtype = out_ptr.dtype.element_ty
-    rw = tl.load(topk_w_ptr + pair, mask=valid, other=0.0)
-    y = _cast(_cast(acc, dtype, RNE).to(tl.float32) * rw[:, None], dtype, RNE)
-    tl.store(out_ptr + pair[:, None] * stride_om + offs_n[None, :], y, mask=valid[:, None] & nmask[None, :])
+    _store_weighted(acc, topk_w_ptr, out_ptr, pair, stride_om, offs_n, valid, nmask, RNE)
 
 
 def prepare_experts(w: ExpertWeights) -> ExpertWeights:

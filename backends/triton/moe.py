@@ -153,6 +153,25 @@ def _block_pairs(sorted_ptr, n_pairs, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.cons
 
 
 @triton.jit
+def _store_silu_mul(acc_g, acc_u, h_ptr, pair, stride_hm, offs_n, valid, nmask, RNE: tl.constexpr):
+    """h[pair, n] = silu(gate) · up from the fp32 sums, rounded to h's dtype where the reference rounds."""
+    dtype = h_ptr.dtype.element_ty
+    g = _cast(acc_g, dtype, RNE).to(tl.float32)
+    silu = _cast(g / (1.0 + tl.exp(-g)), dtype, RNE).to(tl.float32)
+    h = _cast(silu * _cast(acc_u, dtype, RNE).to(tl.float32), dtype, RNE)
+    tl.store(h_ptr + pair[:, None] * stride_hm + offs_n[None, :], h, mask=valid[:, None] & nmask[None, :])
+
+
+@triton.jit
+def _store_weighted(acc, topk_w_ptr, out_ptr, pair, stride_om, offs_n, valid, nmask, RNE: tl.constexpr):
+    """out[pair, n] = routing weight[pair] · the fp32 sum (rounded to out's dtype first, as the reference)."""
+    dtype = out_ptr.dtype.element_ty
+    rw = tl.load(topk_w_ptr + pair, mask=valid, other=0.0)
+    y = _cast(_cast(acc, dtype, RNE).to(tl.float32) * rw[:, None], dtype, RNE)
+    tl.store(out_ptr + pair[:, None] * stride_om + offs_n[None, :], y, mask=valid[:, None] & nmask[None, :])
+
+
+@triton.jit
 def _gate_up_kernel(x_ptr, xs_ptr, g_ptr, u_ptr, gs_ptr, us_ptr, h_ptr, sorted_ptr, expert_ptr,
                     n_pairs, N, K, stride_xm, stride_xsm, stride_we, stride_wn, stride_se, stride_sn, stride_hm,
                     TOP_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -184,11 +203,7 @@ def _gate_up_kernel(x_ptr, xs_ptr, g_ptr, u_ptr, gs_ptr, us_ptr, h_ptr, sorted_p
         else:
             acc_g += _dot(a, bg, IEEE)
             acc_u += _dot(a, bu, IEEE)
-    dtype = h_ptr.dtype.element_ty
-    g = _cast(acc_g, dtype, RNE).to(tl.float32)
-    silu = _cast(g / (1.0 + tl.exp(-g)), dtype, RNE).to(tl.float32)
-    h = _cast(silu * _cast(acc_u, dtype, RNE).to(tl.float32), dtype, RNE)
-    tl.store(h_ptr + pair[:, None] * stride_hm + offs_n[None, :], h, mask=valid[:, None] & nmask[None, :])
+    _store_silu_mul(acc_g, acc_u, h_ptr, pair, stride_hm, offs_n, valid, nmask, RNE)
 
 
 @triton.jit
@@ -216,10 +231,7 @@ def _down_kernel(h_ptr, hs_ptr, w_ptr, ws_ptr, topk_w_ptr, out_ptr, sorted_ptr, 
             acc += _dot(a, b, IEEE) * sa[:, None] * sb[None, :]
         else:
             acc += _dot(a, b, IEEE)
-    dtype = out_ptr.dtype.element_ty
-    rw = tl.load(topk_w_ptr + pair, mask=valid, other=0.0)
-    y = _cast(_cast(acc, dtype, RNE).to(tl.float32) * rw[:, None], dtype, RNE)
-    tl.store(out_ptr + pair[:, None] * stride_om + offs_n[None, :], y, mask=valid[:, None] & nmask[None, :])
+    _store_weighted(acc, topk_w_ptr, out_ptr, pair, stride_om, offs_n, valid, nmask, RNE)
 
 
 @triton.jit
