@@ -42,6 +42,7 @@ _UNVERIFIED = "never run against the real library: opt-in only"
 
 class CudaOps(TritonOps):
     name = "cuda"
+    fp32_denormals = True
 
     def __init__(self, device):
         super().__init__(device)

@@ -47,40 +47,69 @@ def _group_scale(bits, NV: tl.constexpr):
 
 
 @triton.jit
-def _fp4_tile(w_ptrs, s_ptrs, wmask, smask, NV: tl.constexpr, GROUP: tl.constexpr, BK2: tl.constexpr,
-              BN: tl.constexpr):
-    """(even, odd) fp32 weight values [BK2, BN] of a packed tile, exact. w_ptrs address its bytes; s_ptrs
-    [BK2·2/GROUP, BN] the group scales (each covers GROUP/2 consecutive bytes of a column). An e2m1 code s·e·e·m is
-    moved into an fp16's sign, low exponent and top mantissa bits — a number worth e2m1 · 2^-14 (a denormal when
-    e = 0, which fp16 keeps) — widened to fp32 and multiplied by scale · 2^14: three bit operations, a conversion and a
-    multiply per value."""
-    packed = tl.load(w_ptrs, mask=wmask, other=0).to(tl.int32)
-    scale = _group_scale(tl.load(s_ptrs, mask=smask, other=0).to(tl.int32), NV) * 16384.0  # [BK2·2/GROUP, BN]
-    scale = tl.reshape(tl.broadcast_to(scale[:, None, :], (BK2 * 2 // GROUP, GROUP // 2, BN)), (BK2, BN))
-    lo = (((packed << 9) & 0x0E00) | ((packed << 12) & 0x8000)).to(tl.int16).to(tl.float16, bitcast=True)
-    hi = (((packed << 5) & 0x0E00) | ((packed << 8) & 0x8000)).to(tl.int16).to(tl.float16, bitcast=True)
-    return lo.to(tl.float32) * scale, hi.to(tl.float32) * scale
+def _e2m1(b, F32: tl.constexpr):
+    """fp32 value of the e2m1 code in the low nibble of b (int32), times 2^-126 (F32: its sign, exponent and mantissa
+    bits placed in an fp32's sign, low exponent and top mantissa bits — a denormal when e = 0, exact where fp32
+    denormals are kept, as on NVIDIA GPUs) or times 2^-14 (F32 false: the same through an fp16's bits, which every
+    target converts exactly)."""
+    if F32:
+        return (((b & 7) << 22) | ((b & 8) << 28)).to(tl.float32, bitcast=True)
+    return (((b << 9) & 0x0E00) | ((b << 12) & 0x8000)).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
 
 
 @triton.jit
-def _mac(acc, xe, xo, we, wo, IEEE: tl.constexpr, GEMV: tl.constexpr):
-    """acc + xe · we + xo · wo: on the matrix units, or (GEMV, few rows) as fp32 products summed on the vector
-    units, which keeps the decoded tile in the layout it was loaded in."""
-    if GEMV:
-        return acc + tl.sum(xe.to(tl.float32)[:, :, None] * we[None, :, :] + xo.to(tl.float32)[:, :, None]
-                            * wo[None, :, :], axis=1)
+def _fp4_tile(w_ptrs, s_ptrs, wmask, smask, NV: tl.constexpr, GROUP: tl.constexpr, BK2: tl.constexpr,
+              BN: tl.constexpr):
+    """(even, odd) fp32 weight values [BK2, BN] of a packed tile, exact. w_ptrs address its bytes; s_ptrs
+    [BK2·2/GROUP, BN] the group scales (each covers GROUP/2 consecutive bytes of a column). Codes decoded through fp16
+    bits (`_e2m1`), times scale · 2^14."""
+    packed = tl.load(w_ptrs, mask=wmask, other=0).to(tl.int32)
+    scale = _group_scale(tl.load(s_ptrs, mask=smask, other=0).to(tl.int32), NV) * 16384.0  # [BK2·2/GROUP, BN]
+    scale = tl.reshape(tl.broadcast_to(scale[:, None, :], (BK2 * 2 // GROUP, GROUP // 2, BN)), (BK2, BN))
+    return _e2m1(packed, False) * scale, _e2m1(packed >> 4, False) * scale
+
+
+@triton.jit
+def _mac(acc, xe, xo, we, wo, IEEE: tl.constexpr):
+    """acc + xe · we + xo · wo on the matrix units (the decoded values have ≤ 6 significant bits: exact in bf16)."""
     return acc + _dot(xe, we.to(xe.dtype), IEEE) + _dot(xo, wo.to(xo.dtype), IEEE)
+
+
+@triton.jit
+def _gemv_rows(x_ptr, w_ptr, s_ptr, rows, nmask, k2_lo, k2_hi, stride_wn, stride_sn, NV: tl.constexpr,
+               GROUP: tl.constexpr, BN: tl.constexpr, BK2: tl.constexpr, F32: tl.constexpr):
+    """[BN] fp32: Σ x[k] · W[row, k] over the packed bytes [k2_lo, k2_hi) of each row, for one activation row x, with
+    fp32 products on the vector units. The tile [BN, BK2] keeps each row's bytes contiguous (as stored); a byte's two
+    codes are decoded (`_e2m1`) and joined in place into the row's K order, so the activations are read as stored; the
+    products are summed per scale group inside each thread, the group scale multiplies that sum, and the rows are
+    reduced once, after the loop."""
+    NG: tl.constexpr = 2 * BK2 // GROUP
+    xcols = tl.arange(0, 2 * BK2)
+    acc = tl.zeros([BN, NG], tl.float32)
+    w_row = w_ptr + rows[:, None] * stride_wn
+    s_row = s_ptr + rows[:, None] * stride_sn
+    for k2 in range(k2_lo, k2_hi, BK2):
+        c = k2 + tl.arange(0, BK2)
+        b = tl.load(w_row + c[None, :], mask=nmask[:, None] & (c < k2_hi)[None, :], other=0).to(tl.int32)
+        w = tl.reshape(tl.join(_e2m1(b, F32), _e2m1(b >> 4, F32)), [BN, 2 * BK2])
+        if F32:
+            w *= 8.507059173023462e37  # 2^126: normal fp32 values before the products
+        x = tl.load(x_ptr + 2 * k2 + xcols, mask=2 * k2 + xcols < 2 * k2_hi, other=0.0).to(tl.float32)
+        part = tl.sum(tl.reshape(w * x[None, :], [BN, NG, GROUP]), axis=2)
+        g = 2 * k2 // GROUP + tl.arange(0, NG)
+        sb = tl.load(s_row + g[None, :], mask=nmask[:, None] & (g * GROUP < 2 * k2_hi)[None, :], other=0)
+        acc += part * _group_scale(sb.to(tl.int32), NV)
+    acc = tl.sum(acc, axis=1)
+    return acc if F32 else acc * 16384.0
 
 
 # ---- dense ----------------------------------------------------------------------------------------------------------
 @triton.jit
 def _fp4_gemm_kernel(x_ptr, w_ptr, s_ptr, gs_ptr, c_ptr, M, N, K, stride_xm, stride_wn, stride_sn, stride_cs,
                      stride_cm, k_per_split, GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                     BLOCK_K: tl.constexpr, NV: tl.constexpr, GLOBAL: tl.constexpr, IEEE: tl.constexpr,
-                     GEMV: tl.constexpr):
-    """c[split, m, n] = Σ_{k in split} x[m, k] · W[n, k] (fp32 when split, else c's dtype), W from packed FP4. GEMV
-    (decode, M ≤ BLOCK_M ≤ GEMV_TOKENS): products and sums on the vector units in fp32 (`_mac`), no matrix-unit
-    operand shuffle: the weight tile is decoded in the layout it was loaded in."""
+                     BLOCK_K: tl.constexpr, NV: tl.constexpr, GLOBAL: tl.constexpr, IEEE: tl.constexpr):
+    """c[split, m, n] = Σ_{k in split} x[m, k] · W[n, k] (fp32 when split, else c's dtype), W from packed FP4, on the
+    matrix units."""
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
     split = tl.program_id(2)
@@ -105,21 +134,41 @@ def _fp4_gemm_kernel(x_ptr, w_ptr, s_ptr, gs_ptr, c_ptr, M, N, K, stride_xm, str
         we, wo = _fp4_tile(w_ptr + rn[None, :] * stride_wn + (ke // 2)[:, None],
                            s_ptr + rn[None, :] * stride_sn + kg[:, None], kmask[:, None] & nmask[None, :],
                            (kg * GROUP < k_hi)[:, None] & nmask[None, :], NV, GROUP, BLOCK_K // 2, BLOCK_N)
-        acc = _mac(acc, xe, xo, we, wo, IEEE, GEMV)
+        acc = _mac(acc, xe, xo, we, wo, IEEE)
     if GLOBAL:
         acc *= tl.load(gs_ptr + offs_n, mask=nmask, other=0.0)[None, :]
     c = c_ptr + split.to(tl.int64) * stride_cs + rm[:, None] * stride_cm + offs_n[None, :]
     tl.store(c, acc.to(c_ptr.dtype.element_ty), mask=mmask[:, None] & nmask[None, :])
 
 
+@triton.jit
+def _fp4_gemv_kernel(x_ptr, w_ptr, s_ptr, gs_ptr, c_ptr, N, K, stride_xm, stride_wn, stride_sn, stride_cs, stride_cm,
+                     k2_per_split, GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K2: tl.constexpr,
+                     NV: tl.constexpr, GLOBAL: tl.constexpr, F32: tl.constexpr):
+    """Decode (a few tokens, one per program): c[split, m, n] = Σ_{k in split} x[m, k] · W[n, k] (`_gemv_rows`)."""
+    m = tl.program_id(0).to(tl.int64)
+    rows = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    split = tl.program_id(2)
+    nmask = rows < N
+    k2_lo = split * k2_per_split
+    k2_hi = tl.minimum(k2_lo + k2_per_split, K // 2)
+    acc = _gemv_rows(x_ptr + m * stride_xm, w_ptr, s_ptr, rows.to(tl.int64), nmask, k2_lo, k2_hi, stride_wn,
+                     stride_sn, NV, GROUP, BLOCK_N, BLOCK_K2, F32)
+    if GLOBAL:
+        acc *= tl.load(gs_ptr + rows, mask=nmask, other=0.0)
+    tl.store(c_ptr + split.to(tl.int64) * stride_cs + m * stride_cm + rows, acc.to(c_ptr.dtype.element_ty),
+             mask=nmask)
+
+
 def _dense_config(M: int, N: int, K: int, sms: int) -> tuple[dict, int]:
-    """(meta-parameters, K splits). Up to GEMV_TOKENS tokens: the vector-unit kernel over 16-row × 256-K tiles, K split
-    until about eight programs per SM (at least 1024 K elements per split); up to 64 tokens: 16 × 64 matrix-unit
-    tiles; beyond, 128 × 128. Matrix-unit tiles split K until about two waves (at least 256 K elements per split)."""
-    if M <= GEMV_TOKENS:  # (H200 sweeps, o_proj at 1 token: 16 × 256 with 2 warps and ~3 K splits best of 13)
-        cfg = dict(BLOCK_M=triton.next_power_of_2(M), BLOCK_N=16, BLOCK_K=256, num_warps=2, num_stages=3)
-        tiles = triton.cdiv(N, 16)
-        return cfg, max(1, min(triton.cdiv(8 * sms, tiles), K // 1024))
+    """(meta-parameters, K splits). Up to GEMV_TOKENS tokens: the vector-unit kernel, 8 rows × up to 1024 bytes (2048
+    K) per program, K split until about four programs per SM; up to 64 tokens: 16 × 64 matrix-unit tiles; beyond,
+    128 × 128. Matrix-unit tiles split K until about two waves (at least 256 K elements per split)."""
+    if M <= GEMV_TOKENS:  # (H200 sweep at 1 token, o_proj / expert / shared shapes: 8 × 1024 with 4 warps near best)
+        bk2 = min(1024, max(16, triton.next_power_of_2(K // 2)))
+        cfg = dict(BLOCK_N=8, BLOCK_K2=bk2, num_warps=4, num_stages=3)
+        programs = M * triton.cdiv(N, 8)
+        return cfg, max(1, min(triton.cdiv(4 * sms, programs), triton.cdiv(K // 2, bk2)))
     elif M <= 64:
         cfg = dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=3)
     else:
@@ -131,8 +180,8 @@ def _dense_config(M: int, N: int, K: int, sms: int) -> tuple[dict, int]:
     return cfg, split
 
 
-GEMV_TOKENS = 4  # up to this many tokens the dense kernel multiplies on the vector units (GEMV)
-GEMV_PAIRS = 64  # up to this many (token, expert) pairs the MoE kernels do, one pair per block
+GEMV_TOKENS = 4  # up to this many tokens the dense kernel multiplies on the vector units (GEMV), one per program
+GEMV_PAIRS = 64  # up to this many (token, expert) pairs the MoE kernels do, one pair per program
 
 
 def _bits(scale: torch.Tensor) -> torch.Tensor:
@@ -144,9 +193,11 @@ def _ieee(dtype: torch.dtype) -> bool:
     return dtype == torch.float32 or envs.triton_interpret()
 
 
-def fp4_linear(x: torch.Tensor, w: LinearWeight, split_k: int | None = None, config: dict | None = None) -> torch.Tensor:
+def fp4_linear(x: torch.Tensor, w: LinearWeight, split_k: int | None = None, config: dict | None = None,
+               fp32_denormals: bool = False) -> torch.Tensor:
     """Ops.linear for an FP4 LinearWeight (core/ops.py): y [.., N] = x [.., K] · Wᵀ in x's dtype; x rounded through
-    MXFP4 first when w.act says so. split_k / config override the heuristics (benchmarks, tests)."""
+    MXFP4 first when w.act says so. split_k / config override the heuristics (benchmarks, tests). fp32_denormals:
+    the target keeps fp32 denormals (NVIDIA), so the decode kernels may decode through fp32 bits (`_e2m1`)."""
     K = x.shape[-1]
     N = w.weight.shape[0]
     assert w.weight.shape[1] * 2 == K and w.weight.dtype == torch.uint8
@@ -160,17 +211,22 @@ def fp4_linear(x: torch.Tensor, w: LinearWeight, split_k: int | None = None, con
         return y.view(*x.shape[:-1], N)
     cfg, split = _dense_config(M, N, K, num_sms(x.device, off_gpu=2))
     cfg.update(config or {})
-    bk = cfg["BLOCK_K"]
-    k_per_split = triton.cdiv(triton.cdiv(K, split if split_k is None else split_k), bk) * bk
+    gemv = "BLOCK_K2" in cfg
+    unit = cfg["BLOCK_K2"] * 2 if gemv else cfg["BLOCK_K"]  # K elements per step
+    k_per_split = triton.cdiv(triton.cdiv(K, split if split_k is None else split_k), unit) * unit
     split = triton.cdiv(K, k_per_split)
     out = y if split == 1 else torch.empty(split, M, N, dtype=torch.float32, device=x.device)
     scale = _bits(w.scale_inv)
     gs = w.global_scale if w.global_scale is not None else scale  # (unused without GLOBAL)
-    grid = (triton.cdiv(N, cfg["BLOCK_N"]), triton.cdiv(M, cfg["BLOCK_M"]), split)
-    args = (x2, w.weight, scale, gs, out, M, N, K, x2.stride(0), w.weight.stride(0), w.scale_inv.stride(0), M * N, N,
-            k_per_split)
-    _fp4_gemm_kernel[grid](*args, GROUP=w.block[1], NV=w.fmt == "nvfp4", GLOBAL=w.global_scale is not None,
-                           IEEE=_ieee(x.dtype), GEMV=cfg["BLOCK_M"] <= GEMV_TOKENS, **cfg)
+    common = dict(GROUP=w.block[1], NV=w.fmt == "nvfp4", GLOBAL=w.global_scale is not None)
+    if gemv:
+        _fp4_gemv_kernel[(M, triton.cdiv(N, cfg["BLOCK_N"]), split)](
+            x2, w.weight, scale, gs, out, N, K, x2.stride(0), w.weight.stride(0), w.scale_inv.stride(0), M * N, N,
+            k_per_split // 2, F32=fp32_denormals, **common, **cfg)
+    else:
+        grid = (triton.cdiv(N, cfg["BLOCK_N"]), triton.cdiv(M, cfg["BLOCK_M"]), split)
+        _fp4_gemm_kernel[grid](x2, w.weight, scale, gs, out, M, N, K, x2.stride(0), w.weight.stride(0),
+                               w.scale_inv.stride(0), M * N, N, k_per_split, IEEE=_ieee(x.dtype), **common, **cfg)
     if split > 1:
         block = 1024
         _sum_splits_kernel[(triton.cdiv(M * N, block),)](out, y, M * N, SPLITS=split, BLOCK=block)
@@ -232,7 +288,7 @@ def _fp4_gate_up_kernel(x_ptr, g_ptr, u_ptr, gs_ptr, us_ptr, ggs_ptr, ugs_ptr, h
                         n_pairs, N, K, stride_xm, stride_we, stride_wn, stride_se, stride_sn, stride_ge, stride_hm,
                         GROUP: tl.constexpr, TOP_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                         BLOCK_K: tl.constexpr, NV: tl.constexpr, GLOBAL: tl.constexpr, IEEE: tl.constexpr,
-                        RNE: tl.constexpr, GEMV: tl.constexpr):
+                        RNE: tl.constexpr):
     """h[pair, n] = silu(x[tok]·gate[e, n]) · (x[tok]·up[e, n]) for the pairs of one M-block, FP4 gate / up."""
     e = tl.load(expert_ptr + tl.program_id(0)).to(tl.int64)
     if e < 0:
@@ -256,10 +312,10 @@ def _fp4_gate_up_kernel(x_ptr, g_ptr, u_ptr, gs_ptr, us_ptr, ggs_ptr, ugs_ptr, h
         sm = (kg * GROUP < K)[:, None] & nmask[None, :]
         ge, go = _fp4_tile(g_ptr + w_off + (ke // 2)[:, None], gs_ptr + s_off + kg[:, None], wm, sm, NV, GROUP,
                            BLOCK_K // 2, BLOCK_N)
-        acc_g = _mac(acc_g, xe, xo, ge, go, IEEE, GEMV)
+        acc_g = _mac(acc_g, xe, xo, ge, go, IEEE)
         ue, uo = _fp4_tile(u_ptr + w_off + (ke // 2)[:, None], us_ptr + s_off + kg[:, None], wm, sm, NV, GROUP,
                            BLOCK_K // 2, BLOCK_N)
-        acc_u = _mac(acc_u, xe, xo, ue, uo, IEEE, GEMV)
+        acc_u = _mac(acc_u, xe, xo, ue, uo, IEEE)
     if GLOBAL:
         acc_g *= tl.load(ggs_ptr + e * stride_ge + offs_n, mask=nmask, other=0.0)[None, :]
         acc_u *= tl.load(ugs_ptr + e * stride_ge + offs_n, mask=nmask, other=0.0)[None, :]
@@ -270,8 +326,7 @@ def _fp4_gate_up_kernel(x_ptr, g_ptr, u_ptr, gs_ptr, us_ptr, ggs_ptr, ugs_ptr, h
 def _fp4_down_kernel(h_ptr, w_ptr, s_ptr, gs_ptr, topk_w_ptr, out_ptr, sorted_ptr, expert_ptr, n_pairs, N, K,
                      stride_hm, stride_we, stride_wn, stride_se, stride_sn, stride_ge, stride_om,
                      GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                     NV: tl.constexpr, GLOBAL: tl.constexpr, IEEE: tl.constexpr, RNE: tl.constexpr,
-                     GEMV: tl.constexpr):
+                     NV: tl.constexpr, GLOBAL: tl.constexpr, IEEE: tl.constexpr, RNE: tl.constexpr):
     """out[pair, n] = weight[pair] · (h[pair]·down[e, n]) for the pairs of one M-block, FP4 down."""
     e = tl.load(expert_ptr + tl.program_id(0)).to(tl.int64)
     if e < 0:
@@ -292,10 +347,55 @@ def _fp4_down_kernel(h_ptr, w_ptr, s_ptr, gs_ptr, topk_w_ptr, out_ptr, sorted_pt
         we, wo = _fp4_tile(w_ptr + w_off + (ke // 2)[:, None], s_ptr + s_off + kg[:, None],
                            kmask[:, None] & nmask[None, :], (kg * GROUP < K)[:, None] & nmask[None, :], NV, GROUP,
                            BLOCK_K // 2, BLOCK_N)
-        acc = _mac(acc, he, ho, we, wo, IEEE, GEMV)
+        acc = _mac(acc, he, ho, we, wo, IEEE)
     if GLOBAL:
         acc *= tl.load(gs_ptr + e * stride_ge + offs_n, mask=nmask, other=0.0)[None, :]
     _store_weighted(acc, topk_w_ptr, out_ptr, pair, stride_om, offs_n, valid, nmask, RNE)
+
+
+@triton.jit
+def _fp4_gemv_gate_up_kernel(x_ptr, g_ptr, u_ptr, gs_ptr, us_ptr, ggs_ptr, ugs_ptr, h_ptr, ids_ptr, E, N, K,
+                             stride_xm, stride_we, stride_wn, stride_se, stride_sn, stride_ge, stride_hm,
+                             GROUP: tl.constexpr, TOP_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K2: tl.constexpr,
+                             NV: tl.constexpr, GLOBAL: tl.constexpr, RNE: tl.constexpr, F32: tl.constexpr):
+    """Decode, one (token, slot) pair per program: h[pair, n] = silu(x[tok]·gate[e, n]) · (x[tok]·up[e, n])."""
+    pair = tl.program_id(0).to(tl.int64)
+    e = tl.load(ids_ptr + pair).to(tl.int64)
+    if e >= E:  # another rank's expert
+        return
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    nmask = offs_n < N
+    rows = offs_n.to(tl.int64)
+    x_row = x_ptr + (pair // TOP_K) * stride_xm
+    acc_g = _gemv_rows(x_row, g_ptr + e * stride_we, gs_ptr + e * stride_se, rows, nmask, 0, K // 2, stride_wn,
+                       stride_sn, NV, GROUP, BLOCK_N, BLOCK_K2, F32)
+    acc_u = _gemv_rows(x_row, u_ptr + e * stride_we, us_ptr + e * stride_se, rows, nmask, 0, K // 2, stride_wn,
+                       stride_sn, NV, GROUP, BLOCK_N, BLOCK_K2, F32)
+    if GLOBAL:
+        acc_g *= tl.load(ggs_ptr + e * stride_ge + offs_n, mask=nmask, other=0.0)
+        acc_u *= tl.load(ugs_ptr + e * stride_ge + offs_n, mask=nmask, other=0.0)
+    _store_silu_mul(acc_g[None, :], acc_u[None, :], h_ptr, tl.full([1], pair, tl.int64), stride_hm, offs_n,
+                    tl.full([1], True, tl.int1), nmask, RNE)
+
+
+@triton.jit
+def _fp4_gemv_down_kernel(h_ptr, w_ptr, s_ptr, gs_ptr, topk_w_ptr, out_ptr, ids_ptr, E, N, K, stride_hm, stride_we,
+                          stride_wn, stride_se, stride_sn, stride_ge, stride_om, GROUP: tl.constexpr,
+                          BLOCK_N: tl.constexpr, BLOCK_K2: tl.constexpr, NV: tl.constexpr, GLOBAL: tl.constexpr,
+                          RNE: tl.constexpr, F32: tl.constexpr):
+    """Decode, one pair per program: out[pair, n] = weight[pair] · (h[pair]·down[e, n])."""
+    pair = tl.program_id(0).to(tl.int64)
+    e = tl.load(ids_ptr + pair).to(tl.int64)
+    if e >= E:
+        return
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    nmask = offs_n < N
+    acc = _gemv_rows(h_ptr + pair * stride_hm, w_ptr + e * stride_we, s_ptr + e * stride_se, offs_n.to(tl.int64),
+                     nmask, 0, K // 2, stride_wn, stride_sn, NV, GROUP, BLOCK_N, BLOCK_K2, F32)
+    if GLOBAL:
+        acc *= tl.load(gs_ptr + e * stride_ge + offs_n, mask=nmask, other=0.0)
+    _store_weighted(acc[None, :], topk_w_ptr, out_ptr, tl.full([1], pair, tl.int64), stride_om, offs_n,
+                    tl.full([1], True, tl.int1), nmask, RNE)
 
 
 def prepare_experts(w: ExpertWeights) -> ExpertWeights:
@@ -304,10 +404,13 @@ def prepare_experts(w: ExpertWeights) -> ExpertWeights:
 
 
 def fp4_moe_experts(x: torch.Tensor, experts: ExpertWeights, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
-                    config: dict | None = None) -> torch.Tensor:
+                    config: dict | None = None, fp32_denormals: bool = False) -> torch.Tensor:
     """Ops.moe_experts on FP4 experts from `prepare_experts`: y [T, K] in x's dtype (the fused-MoE structure of
-    backends/triton/moe.py: pairs sorted by expert, gate+up+SiLU kernel, down kernel scaled by the routing weight, a
-    fixed-order sum over each token's top-k). config: block_m, bn1, bn2, bk, warps, stages overrides."""
+    backends/triton/moe.py: gate+up+SiLU kernel, down kernel scaled by the routing weight, a fixed-order sum over each
+    token's top-k). Up to GEMV_PAIRS (token, expert) pairs each pair is a program of its own (vector units); beyond,
+    pairs are sorted by expert into blocks for the matrix units. config overrides the meta-parameters (vector units:
+    bn1, bk1, bn2, bk2 — rows and bytes per step of the two kernels —, warps, stages; matrix units: block_m, bn1,
+    bn2, bk, warps, stages). fp32_denormals as in `fp4_linear`."""
     T, K = x.shape
     top_k = topk_ids.shape[1]
     n_pairs = T * top_k
@@ -319,39 +422,55 @@ def fp4_moe_experts(x: torch.Tensor, experts: ExpertWeights, topk_weights: torch
         return y
     w4a4 = gate.act == "mxfp4"
     x = qdq_mxfp4(x) if w4a4 else x.contiguous()
-    if n_pairs <= 2048:  # (H200 sweep at 8-32 tokens: best of 5)
-        cfg = dict(block_m=16, bn1=32, bn2=64, bk=128, warps=4, stages=4)
-    else:
-        cfg = dict(block_m=64, bn1=64, bn2=128, bk=128, warps=8, stages=3)
-    if n_pairs <= GEMV_PAIRS:  # decode: one pair per block (each pair has its own expert), vector-unit products
-        cfg.update(block_m=1, bn1=16, bn2=16, bk=512, warps=4)  # (H200 sweep at 1-8 tokens: best of 6)
-    cfg.update(config or {})
     ieee = _ieee(dtype)
     rne = dtype == torch.bfloat16 and envs.triton_interpret()
     nv, glob, group = gate.fmt == "nvfp4", gate.global_scale is not None, gate.block[1]
-    sorted_ids, expert_ids = _align(topk_ids, E, cfg["block_m"])
-    n_blocks = expert_ids.numel()
-    h = torch.empty(n_pairs, I, dtype=dtype, device=dev)
     gsc, usc, dsc = _bits(gate.scale_inv), _bits(up.scale_inv), _bits(down.scale_inv)
     ggs = gate.global_scale if glob else gsc
     ugs = up.global_scale if glob else usc
-    _fp4_gate_up_kernel[(n_blocks, triton.cdiv(I, cfg["bn1"]))](
-        x, gate.weight, up.weight, gsc, usc, ggs, ugs, h, sorted_ids, expert_ids, n_pairs, I, K,
-        x.stride(0), gate.weight.stride(0), gate.weight.stride(1), gate.scale_inv.stride(0), gate.scale_inv.stride(1),
-        ggs.stride(0), h.stride(0), GROUP=group, TOP_K=top_k, BLOCK_M=cfg["block_m"], BLOCK_N=cfg["bn1"],
-        BLOCK_K=cfg["bk"], NV=nv, GLOBAL=glob, IEEE=ieee, RNE=rne, GEMV=cfg["block_m"] < 16, num_warps=cfg["warps"],
-        num_stages=cfg["stages"])
-    if w4a4:
-        h = qdq_mxfp4(h)
-    rw = topk_weights.float().reshape(-1).contiguous()
-    out = torch.empty(n_pairs, K, dtype=dtype, device=dev)
     dgs = down.global_scale if glob else dsc
-    _fp4_down_kernel[(n_blocks, triton.cdiv(K, cfg["bn2"]))](
-        h, down.weight, dsc, dgs, rw, out, sorted_ids, expert_ids, n_pairs, K, I,
-        h.stride(0), down.weight.stride(0), down.weight.stride(1), down.scale_inv.stride(0), down.scale_inv.stride(1),
-        dgs.stride(0), out.stride(0), GROUP=group, BLOCK_M=cfg["block_m"], BLOCK_N=cfg["bn2"], BLOCK_K=cfg["bk"],
-        NV=nv, GLOBAL=glob, IEEE=ieee, RNE=rne, GEMV=cfg["block_m"] < 16, num_warps=cfg["warps"],
-        num_stages=cfg["stages"])
+    rw = topk_weights.float().reshape(-1).contiguous()
+    # (W4A4 rounds all of h: zeros where a pair of another rank's expert leaves it unwritten)
+    h = (torch.zeros if w4a4 else torch.empty)(n_pairs, I, dtype=dtype, device=dev)
+    out = torch.empty(n_pairs, K, dtype=dtype, device=dev)
+    if n_pairs <= GEMV_PAIRS:  # decode: one pair per program (each has its own expert), vector-unit products
+        cfg = dict(bn1=8, bk1=512, bn2=8, bk2=1024, warps=4, stages=3)  # (H200 sweep at 1-8 tokens)
+        cfg.update(config or {})
+        ids = topk_ids.reshape(-1).to(torch.int32).contiguous()
+        _fp4_gemv_gate_up_kernel[(n_pairs, triton.cdiv(I, cfg["bn1"]))](
+            x, gate.weight, up.weight, gsc, usc, ggs, ugs, h, ids, E, I, K, x.stride(0), gate.weight.stride(0),
+            gate.weight.stride(1), gate.scale_inv.stride(0), gate.scale_inv.stride(1), ggs.stride(0), h.stride(0),
+            GROUP=group, TOP_K=top_k, BLOCK_N=cfg["bn1"], BLOCK_K2=min(cfg["bk1"], triton.next_power_of_2(K // 2)),
+            NV=nv, GLOBAL=glob, RNE=rne, F32=fp32_denormals, num_warps=cfg["warps"], num_stages=cfg["stages"])
+        if w4a4:
+            h = qdq_mxfp4(h)
+        _fp4_gemv_down_kernel[(n_pairs, triton.cdiv(K, cfg["bn2"]))](
+            h, down.weight, dsc, dgs, rw, out, ids, E, K, I, h.stride(0), down.weight.stride(0),
+            down.weight.stride(1), down.scale_inv.stride(0), down.scale_inv.stride(1), dgs.stride(0), out.stride(0),
+            GROUP=group, BLOCK_N=cfg["bn2"], BLOCK_K2=min(cfg["bk2"], triton.next_power_of_2(I // 2)), NV=nv,
+            GLOBAL=glob, RNE=rne, F32=fp32_denormals, num_warps=cfg["warps"], num_stages=cfg["stages"])
+    else:
+        if n_pairs <= 2048:  # (H200 sweep at 8-32 tokens: best of 5)
+            cfg = dict(block_m=16, bn1=32, bn2=64, bk=128, warps=4, stages=4)
+        else:
+            cfg = dict(block_m=64, bn1=64, bn2=128, bk=128, warps=8, stages=3)
+        cfg.update(config or {})
+        sorted_ids, expert_ids = _align(topk_ids, E, cfg["block_m"])
+        n_blocks = expert_ids.numel()
+        _fp4_gate_up_kernel[(n_blocks, triton.cdiv(I, cfg["bn1"]))](
+            x, gate.weight, up.weight, gsc, usc, ggs, ugs, h, sorted_ids, expert_ids, n_pairs, I, K,
+            x.stride(0), gate.weight.stride(0), gate.weight.stride(1), gate.scale_inv.stride(0),
+            gate.scale_inv.stride(1), ggs.stride(0), h.stride(0), GROUP=group, TOP_K=top_k, BLOCK_M=cfg["block_m"],
+            BLOCK_N=cfg["bn1"], BLOCK_K=cfg["bk"], NV=nv, GLOBAL=glob, IEEE=ieee, RNE=rne, num_warps=cfg["warps"],
+            num_stages=cfg["stages"])
+        if w4a4:
+            h = qdq_mxfp4(h)
+        _fp4_down_kernel[(n_blocks, triton.cdiv(K, cfg["bn2"]))](
+            h, down.weight, dsc, dgs, rw, out, sorted_ids, expert_ids, n_pairs, K, I,
+            h.stride(0), down.weight.stride(0), down.weight.stride(1), down.scale_inv.stride(0),
+            down.scale_inv.stride(1), dgs.stride(0), out.stride(0), GROUP=group, BLOCK_M=cfg["block_m"],
+            BLOCK_N=cfg["bn2"], BLOCK_K=cfg["bk"], NV=nv, GLOBAL=glob, IEEE=ieee, RNE=rne, num_warps=cfg["warps"],
+            num_stages=cfg["stages"])
     block = min(1024, triton.next_power_of_2(K))
     _sum_topk_kernel[(T, triton.cdiv(K, block))](out, topk_ids.contiguous(), y, K, E, TOP_K=top_k, BLOCK=block,
                                                   RNE=rne)

@@ -24,6 +24,10 @@ class TritonOps(Ops):
     says e4m3fnuz gets the fnuz variants (`self.fnuz`)."""
 
     name = "triton"
+    # arithmetic keeps fp32 denormals on this target, so the FP4 decode kernels may decode e2m1 through fp32 bits
+    # (backends/triton/fp4._e2m1, faster than through fp16): true on NVIDIA GPUs (CudaOps; checked on the H200),
+    # not assumed elsewhere
+    fp32_denormals = False
 
     def __init__(self, device="cpu"):
         super().__init__(device)
@@ -73,7 +77,7 @@ class TritonOps(Ops):
         if w.is_fp4:
             from dsv32.backends.triton.fp4 import fp4_linear
 
-            return fp4_linear(x, w)
+            return fp4_linear(x, w, fp32_denormals=self.fp32_denormals)
         if w.is_fp8:
             from dsv32.backends.triton.gemm import fp8_block_linear
 
@@ -172,7 +176,7 @@ class TritonOps(Ops):
         if experts.down.is_fp4:
             from dsv32.backends.triton.fp4 import fp4_moe_experts
 
-            return fp4_moe_experts(x, experts, topk_weights, topk_ids)
+            return fp4_moe_experts(x, experts, topk_weights, topk_ids, fp32_denormals=self.fp32_denormals)
         from dsv32.backends.triton.moe import moe_experts
 
         return moe_experts(x, experts, topk_weights, topk_ids,

@@ -49,12 +49,14 @@ IDS = ["nvfp4", "mxfp4", "mxfp4-w4a4"]
 
 @pytest.mark.parametrize("fmt,act", FORMATS, ids=IDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("M,N,K,split", [(1, 48, 96, None), (5, 40, 224, 3), (33, 72, 64, None)])
-def test_fp4_linear(fmt, act, dtype, M, N, K, split):
+@pytest.mark.parametrize("M,N,K,split,config", [(1, 48, 96, None, None), (3, 40, 224, 3, {"BLOCK_K2": 16}),
+                                                (5, 40, 224, 3, None), (33, 72, 64, None, None)],
+                         ids=["vector-units", "vector-units-split-k", "matrix-units-split-k", "matrix-units"])
+def test_fp4_linear(fmt, act, dtype, M, N, K, split, config):
     ref = ReferenceOps(DEV)
     w = _weight(N, K, fmt, act, M + N + K)
     x = torch.randn(M, K, generator=torch.Generator().manual_seed(K)).to(DEV, dtype)
-    y = tfp4.fp4_linear(x, tfp4.prepare_linear(w), split_k=split)
+    y = tfp4.fp4_linear(x, tfp4.prepare_linear(w), split_k=split, config=config)
     _check(y, ref.linear(x, ref.prepare_linear(w, dtype)), dtype)
 
 
@@ -113,6 +115,25 @@ def test_fp4_moe_experts(fmt, act, dtype, T, E, top_k, I, K):
     _check(y, want, dtype)
 
 
+@pytest.mark.parametrize("fmt,act", FORMATS, ids=IDS)
+def test_fp4_decode_through_fp32_bits(fmt, act):
+    """The decode kernels' fp32-bit e2m1 decode (targets that keep fp32 denormals, as NVIDIA's) equals the reference,
+    dense (split K) and MoE, e2m1 0.5 codes (the denormal ones) included."""
+    ref = ReferenceOps(DEV)
+    w = _weight(40, 224, fmt, act, 5)
+    assert ((w.weight & 7) == 1).any()
+    x = torch.randn(3, 224, generator=torch.Generator().manual_seed(1)).to(DEV)
+    y = tfp4.fp4_linear(x, tfp4.prepare_linear(w), split_k=3, config={"BLOCK_K2": 16}, fp32_denormals=True)
+    _check(y, ref.linear(x, ref.prepare_linear(w, torch.float32)), torch.float32)
+    experts = _experts(4, 32, 64, fmt, act, 2)
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(3, 64, generator=g).to(DEV)
+    ids = torch.stack([torch.randperm(5, generator=g)[:2] for _ in range(3)]).to(DEV)
+    rw = torch.rand(3, 2, generator=g).to(DEV)
+    y = tfp4.fp4_moe_experts(x, tfp4.prepare_experts(experts), rw, ids, fp32_denormals=True)
+    _check(y, ref.moe_experts(x, ref.prepare_experts(experts, torch.float32), rw, ids), torch.float32)
+
+
 @pytest.mark.skipif(DEV != "cuda", reason="V3.2 shapes on the GPU")
 @pytest.mark.parametrize("fmt,act", FORMATS, ids=IDS)
 def test_fp4_v32_shapes_cuda(fmt, act):
@@ -120,7 +141,9 @@ def test_fp4_v32_shapes_cuda(fmt, act):
     for M, N, K in ((1, 7168, 2048), (2, 7168, 16384), (64, 24576, 1536), (300, 7168, 16384)):
         w = _weight(N, K, fmt, act, N)
         x = torch.randn(M, K, generator=torch.Generator().manual_seed(M)).to(DEV, torch.bfloat16)
-        _check(tfp4.fp4_linear(x, w), ref.linear(x, ref.prepare_linear(w, torch.bfloat16)), torch.bfloat16)
+        want = ref.linear(x, ref.prepare_linear(w, torch.bfloat16))
+        for f32 in (False, True):
+            _check(tfp4.fp4_linear(x, w, fp32_denormals=f32), want, torch.bfloat16)
     E, I, K, top_k = 32, 2048, 7168, 8
     experts = _experts(E, I, K, fmt, act, 1)
     for T in (1, 8, 40):  # 8 and 64 pairs: vector units; 320: matrix units
@@ -128,5 +151,7 @@ def test_fp4_v32_shapes_cuda(fmt, act):
         x = torch.randn(T, K, generator=g).to(DEV, torch.bfloat16)
         ids = torch.stack([torch.randperm(E, generator=g)[:top_k] for _ in range(T)]).to(DEV)
         w = torch.rand(T, top_k, generator=g).to(DEV)
-        y = tfp4.fp4_moe_experts(x, tfp4.prepare_experts(experts), w, ids)
-        _check(y, ref.moe_experts(x, ref.prepare_experts(experts, torch.bfloat16), w, ids), torch.bfloat16)
+        want = ref.moe_experts(x, ref.prepare_experts(experts, torch.bfloat16), w, ids)
+        for f32 in (False, True):
+            _check(tfp4.fp4_moe_experts(x, tfp4.prepare_experts(experts), w, ids, fp32_denormals=f32), want,
+                   torch.bfloat16)
