@@ -109,6 +109,8 @@ def _ops(profile: str, device):
         target = {"nvidia": "sm90", "nvidia-no-fp8": "sm80", "nvidia-sm120": "sm120"}[profile]
 
         class Nvidia(TritonOps):
+            fp32_denormals = True  # as CudaOps
+
             def gpu_fp8(self):
                 return (None, "sm_80: no fp8") if target == "sm80" else super().gpu_fp8()
 

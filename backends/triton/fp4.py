@@ -1,22 +1,24 @@
 """FP4 weights without FP4 math (W4A16): dense and grouped-MoE GEMMs that read NVFP4 / MXFP4 weights (core/fp4.py)
 and unpack them in the kernel, on any GPU Triton targets (Hopper, Ampere, AMD CDNA, ...).
 
-A weight tile is loaded as packed bytes [BLOCK_K/2, BLOCK_N]; the low nibbles are the even K elements and the high
-nibbles the odd ones, so instead of interleaving them the activations are read as even and odd columns and the tile
-takes two products: acc += x[:, 0::2] · lo + x[:, 1::2] · hi. Each e2m1 code is moved into an fp16's bits (exact,
-denormals included), widened and multiplied by its group scale (e4m3 for NVFP4, e8m0 for MXFP4, decoded from their
-bytes with integer operations — no fp8 / fp4 conversion instructions, so the same code runs on every target and in the
-CPU interpreter); NVFP4's per-row global scale multiplies the fp32 sum. Prefill-sized batches multiply on the matrix
-units (tl.dot in the activation dtype; the decoded values have ≤ 6 significant bits, exact in bf16); decode (≤ 4 tokens
-for a dense linear, ≤ 64 token-expert pairs for the MoE, one pair per block) multiplies on the vector units in fp32,
-which keeps the decoded tile in the layout it was loaded in. K is split across programs when the output tiles alone
-cannot fill the GPU (partials summed in a fixed order).
+Two forms. Prefill-sized batches (matrix units): a weight tile is loaded as packed bytes [BLOCK_K/2, BLOCK_N]; the
+low nibbles are the even K elements and the high nibbles the odd ones, so the activations are read as even and odd
+columns and the tile takes two products, acc += x[:, 0::2] · lo + x[:, 1::2] · hi (tl.dot in the activation dtype;
+the decoded values have ≤ 6 significant bits, exact in bf16). Decode (≤ GEMV_TOKENS tokens of a dense linear,
+≤ GEMV_PAIRS token-expert pairs of the MoE, one per program; vector units, fp32): `_gemv_rows` keeps each row's bytes
+contiguous in the tile, joins a byte's two codes into K order in place, sums the products per scale group inside the
+thread and reduces the rows once after the loop. Codes are decoded with integer operations into an fp16's bits (every
+target) or, where fp32 denormals are kept (NVIDIA: `fp32_denormals`), an fp32's (`_e2m1`); group scales (e4m3 for
+NVFP4, e8m0 for MXFP4) from their bytes the same way — no fp8 / fp4 conversion instructions, so the same code runs on
+every target and in the CPU interpreter; NVFP4's per-row global scale multiplies the fp32 sum. K is split across
+programs when the output tiles alone cannot fill the GPU (partials summed in a fixed order).
 
-Speed (H200, benchmarks/bench_fp4.py): the unpacking costs more instructions per byte than the bandwidth allows —
-about 0.45-0.65 TB/s of FP4 weights against 1.9-3.8 TB/s for the FP8 kernels, so at decode FP4 runs 0.4-0.6x as
-fast as FP8 (half the bytes, four times the time per byte). A kernel that keeps up with HBM needs the weights
-pre-shuffled into the matrix units' operand layout and a few-instruction conversion of 8 codes at a time (Marlin's
-approach), which Triton does not express; the native FP4 paths (Blackwell, gfx950) are vendor kernels.
+Speed (H200, benchmarks/bench_fp4.py): the decode kernels stream 1.2-1.6 TB/s of FP4 weights (the same loop without
+the decode ~2 TB/s: the decode and the per-element products both bound it), so at batch 1 FP4 runs 0.9-1.5x as fast
+as the FP8 kernels (half the bytes, about twice the time per byte). The matrix-unit form is 3-4x slower than FP8:
+unpacking costs several instructions per weight plus a register-layout shuffle before tl.dot; a kernel that keeps up
+with HBM needs the weights pre-shuffled into the matrix units' operand layout (Marlin's approach, CUDA) or FP4 math
+units (the vendor paths on Blackwell, gfx950).
 
 W4A4 MXFP4 checkpoints (Quark `input_tensors`): activations are first rounded through MXFP4 (`qdq_mxfp4`, the same
 arithmetic as core/fp4.qdq_mxfp4), then multiplied as above (emulated; no FP4 math units are used).
