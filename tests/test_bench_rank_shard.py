@@ -6,7 +6,7 @@ import json
 import os
 import sys
 
-from tests._tiny import TINY
+from _tiny import TINY
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "benchmarks"))
 import bench_rank_shard  # noqa: E402
