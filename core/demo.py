@@ -3,8 +3,8 @@ tokenizer_config.json, generation_config.json), loaded through the normal loader
 
 - the trained demo (`trained_demo_path()`, bundled in core/demo_model/, 3 layers + an MTP layer, 7 MB): made by
   scripts/train_demo.py on CPU from a synthetic corpus in the V3.2 chat encoding. It answers short questions (the form
-  right, the facts often not), thinks in <think> blocks when asked to, calls a weather tool in DSML (the right city for
-  about a third of cities), and its MTP layer drafts well on that domain. `dsv32
+  right, the facts often not), thinks in <think> blocks when asked to, calls a weather tool in DSML (with the right
+  city for about half of held-out cities without thinking), and its MTP layer drafts well on that domain. `dsv32
   serve` without --model and `dsv32 demo` use it, so a new user sees the engine work without downloading anything;
 - `make_demo_checkpoint`: a random-weight model with a byte-level BPE tokenizer carrying the DeepSeek-V3.2 special
   tokens (its text is gibberish), for tests that need any model with a tokenizer."""

@@ -1,6 +1,6 @@
 """The built-in trained demo model (core/demo_model, made by scripts/train_demo.py): what `dsv32 serve` without
 --model serves. Through the OpenAI client: readable answers, reasoning_content in thinking mode, a parseable weather
-tool call (with the right city for Paris: the model copies the city right for about a third of held-out cities, see
+tool call (with the right city for Paris: the model copies the city right for about half of held-out cities, see
 the training script's evaluation), MTP accept length > 1.5 on its own domain; offline: greedy with speculation equals
 greedy without, every weather question gets a parseable call; the training script is deterministic and the shipped
 tokenizer is the one it makes."""
