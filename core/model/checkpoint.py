@@ -287,10 +287,16 @@ def _read_int8_linear(reader: _Reader, name: str, shape, device, shard: Shard | 
     return LinearWeight(weight.to(device), scale.to(device), (1, shape[1]))
 
 
+def _fp4_packed(reader: _Reader, name: str, cfg: ModelConfig) -> bool:
+    """The stored tensor holds packed e2m1 pairs (unsigned or signed bytes) — in FP4 checkpoints only: elsewhere an I8
+    weight is msModelSlim's int8."""
+    return cfg.fp4 is not None and reader.dtype_name(name) in ("U8", "I8")
+
+
 def _read_linear(reader: _Reader, name: str, shape, cfg: ModelConfig, device, shard: Shard | None = None) -> LinearWeight:
     if cfg.fp4 is not None:
         module = name.removesuffix(".weight")
-        fp4 = reader.dtype_name(name) in ("U8", "I8")  # packed e2m1 pairs (as unsigned or signed bytes)
+        fp4 = _fp4_packed(reader, name, cfg)
         if fp4 != cfg.fp4.quantized(module):
             reader.fp4_surprises.append(module)
         if fp4:
@@ -449,8 +455,7 @@ def _read_experts(reader: _Reader, name: str, spec: WeightSpec, cfg: ModelConfig
             if first <= j < first + count:
                 parts.append(_read_linear(reader, tname, shape, cfg, device, plan.expert_shard(pname)))
             else:  # another rank's expert: checked, not read
-                packed = reader.dtype_name(tname) in ("U8", "I8")
-                _check_shape(reader, tname, (shape[0], shape[1] // 2) if packed else shape)
+                _check_shape(reader, tname, (shape[0], shape[1] // 2) if _fp4_packed(reader, tname, cfg) else shape)
                 module = tname.removesuffix(".weight")
                 reader.used.update((tname, tname + "_scale_inv", tname + "_scale", tname + "_offset",
                                     module + ".weight_scale", module + ".weight_scale_2", module + ".input_scale"))

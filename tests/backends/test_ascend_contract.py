@@ -334,6 +334,30 @@ def test_modelslim_checkpoint_loads_exactly(tmp_path):
     assert got == want
 
 
+def test_modelslim_checkpoint_loads_one_expert_parallel_rank(tmp_path):
+    """Under --ep, another rank's int8 experts are shape-checked as int8 [N, K] (not as packed FP4 bytes) and not read;
+    this rank's experts are the whole checkpoint's."""
+    from _tiny import convert_to_modelslim_checkpoint, make_checkpoint
+
+    from dsv32.core.config import ModelConfig
+    from dsv32.core.model.checkpoint import load_weights
+    from dsv32.core.model.plan import ParallelPlan
+    from dsv32.core.parallel import ParallelConfig
+
+    make_checkpoint(str(tmp_path / "src"), seed=5)
+    path = str(tmp_path / "w8a8")
+    convert_to_modelslim_checkpoint(str(tmp_path / "src"), path, str(tmp_path / "deq"))
+    cfg = ModelConfig.from_pretrained(path)
+    ops = ReferenceOps("cpu")
+    full = load_weights(path, cfg, ops, torch.float32, "cpu", progress=False)
+    plan = ParallelPlan(cfg, ParallelConfig(tp_size=2, ep_size=2).layout(1))
+    part = load_weights(path, cfg, ops, torch.float32, "cpu", progress=False, plan=plan)
+    first, n = plan.expert_range()
+    name = next(k for k in full if k.endswith("mlp.experts"))
+    assert 0 < n < cfg.n_routed_experts
+    torch.testing.assert_close(part[name].down.weight, full[name].down.weight[first:first + n], rtol=0, atol=0)
+
+
 def test_modelslim_refusals(tmp_path):
     import json
 
