@@ -13,12 +13,14 @@ NVFP4, e8m0 for MXFP4) from their bytes the same way — no fp8 / fp4 conversion
 every target and in the CPU interpreter; NVFP4's per-row global scale multiplies the fp32 sum. K is split across
 programs when the output tiles alone cannot fill the GPU (partials summed in a fixed order).
 
-Speed (H200, benchmarks/bench_fp4.py): the decode kernels stream 1.2-1.6 TB/s of FP4 weights (the same loop without
-the decode ~2 TB/s: the decode and the per-element products both bound it), so at batch 1 FP4 runs 0.9-1.5x as fast
-as the FP8 kernels (half the bytes, about twice the time per byte). The matrix-unit form is 3-4x slower than FP8:
-unpacking costs several instructions per weight plus a register-layout shuffle before tl.dot; a kernel that keeps up
-with HBM needs the weights pre-shuffled into the matrix units' operand layout (Marlin's approach, CUDA) or FP4 math
-units (the vendor paths on Blackwell, gfx950).
+Speed (H200, benchmarks/bench_fp4.py): the decode kernels stream 1.6-1.7 TB/s of FP4 weights, so at batch 1 the
+routed experts run 1.5x (NVFP4) / 1.7x (MXFP4) as fast as FP8 and the dense linears 1.0-1.4x. What bounds them is
+the work per weight (decode, fp32 product, group sum), not the bytes: the same loop without the decode streamed ~2
+TB/s. Hence the F32 form folds every power-of-two factor out of the per-weight work (codes stay denormal, the
+activations carry 2^64, the sum 2^62) and the MoE's gate and up share one loop. The matrix-unit form is 3-4x slower
+than FP8: unpacking costs several instructions per weight plus a register-layout shuffle before tl.dot; a kernel
+that keeps up with HBM needs the weights pre-shuffled into the matrix units' operand layout (Marlin's approach, CUDA)
+or FP4 math units (the vendor paths on Blackwell, gfx950).
 
 W4A4 MXFP4 checkpoints (Quark `input_tensors`): activations are first rounded through MXFP4 (`qdq_mxfp4`, the same
 arithmetic as core/fp4.qdq_mxfp4), then multiplied as above (emulated; no FP4 math units are used).
@@ -38,9 +40,13 @@ from dsv32.core.ops import ExpertWeights, LinearWeight
 
 # ---- decoding -------------------------------------------------------------------------------------------------------
 @triton.jit
-def _group_scale(bits, NV: tl.constexpr):
-    """fp32 value of stored group scales (int32 bits): NVFP4 e4m3 (positive) or MXFP4 e8m0 (2^(e−127))."""
+def _group_scale(bits, NV: tl.constexpr, F32: tl.constexpr = False):
+    """fp32 value of stored group scales (int32 bits): NVFP4 e4m3 (positive) or MXFP4 e8m0 (2^(e−127)). F32 (fp32
+    denormals kept): e4m3 through an fp32's bits like `_e2m1` — its exponent and mantissa in the fp32's low exponent
+    and top mantissa bits are the value times 2^-120, subnormals included —, then times 2^120."""
     if NV:
+        if F32:
+            return (bits << 20).to(tl.float32, bitcast=True) * 1.329227995784916e36
         e = (bits >> 3) & 15
         m = bits & 7
         normal = (((e + 120) << 23) | (m << 20)).to(tl.float32, bitcast=True)
@@ -78,31 +84,32 @@ def _mac(acc, xe, xo, we, wo, IEEE: tl.constexpr):
 
 
 @triton.jit
-def _gemv_rows(x_ptr, w_ptr, s_ptr, rows, nmask, k2_lo, k2_hi, stride_wn, stride_sn, NV: tl.constexpr,
-               GROUP: tl.constexpr, BN: tl.constexpr, BK2: tl.constexpr, F32: tl.constexpr):
+def _gemv_rows(x_ptr, w_row, s_row, nmask, k2_lo, k2_hi, NV: tl.constexpr, GROUP: tl.constexpr, BN: tl.constexpr,
+               BK2: tl.constexpr, F32: tl.constexpr):
     """[BN] fp32: Σ x[k] · W[row, k] over the packed bytes [k2_lo, k2_hi) of each row, for one activation row x, with
-    fp32 products on the vector units. The tile [BN, BK2] keeps each row's bytes contiguous (as stored); a byte's two
-    codes are decoded (`_e2m1`) and joined in place into the row's K order, so the activations are read as stored; the
-    products are summed per scale group inside each thread, the group scale multiplies that sum, and the rows are
-    reduced once, after the loop."""
+    fp32 products on the vector units. w_row / s_row [BN, 1]: each row's first byte and first group scale (the rows
+    may come from different matrices: the MoE's gate and up share one tile). The tile [BN, BK2] keeps each row's bytes
+    contiguous (as stored); a byte's two codes are decoded (`_e2m1`) and joined in place into the row's K order, so the
+    activations are read as stored; the products are summed per scale group inside each thread, the group scale
+    multiplies that sum, and the rows are reduced once, after the loop. F32: the codes stay denormal (value · 2^-126)
+    and the activations are scaled by 2^64 instead, once per element of x rather than of W — the products
+    (value · x · 2^-62) are exact unless |value · x| < 2^-64, and x overflows only beyond 2^64 —, the sum by 2^62."""
     NG: tl.constexpr = 2 * BK2 // GROUP
     xcols = tl.arange(0, 2 * BK2)
     acc = tl.zeros([BN, NG], tl.float32)
-    w_row = w_ptr + rows[:, None] * stride_wn
-    s_row = s_ptr + rows[:, None] * stride_sn
     for k2 in range(k2_lo, k2_hi, BK2):
         c = k2 + tl.arange(0, BK2)
         b = tl.load(w_row + c[None, :], mask=nmask[:, None] & (c < k2_hi)[None, :], other=0).to(tl.int32)
         w = tl.reshape(tl.join(_e2m1(b, F32), _e2m1(b >> 4, F32)), [BN, 2 * BK2])
-        if F32:
-            w *= 8.507059173023462e37  # 2^126: normal fp32 values before the products
         x = tl.load(x_ptr + 2 * k2 + xcols, mask=2 * k2 + xcols < 2 * k2_hi, other=0.0).to(tl.float32)
+        if F32:
+            x *= 1.8446744073709552e19  # 2^64
         part = tl.sum(tl.reshape(w * x[None, :], [BN, NG, GROUP]), axis=2)
         g = 2 * k2 // GROUP + tl.arange(0, NG)
         sb = tl.load(s_row + g[None, :], mask=nmask[:, None] & (g * GROUP < 2 * k2_hi)[None, :], other=0)
-        acc += part * _group_scale(sb.to(tl.int32), NV)
+        acc += part * _group_scale(sb.to(tl.int32), NV, F32)
     acc = tl.sum(acc, axis=1)
-    return acc if F32 else acc * 16384.0
+    return acc * 4.611686018427388e18 if F32 else acc * 16384.0  # 2^62, 2^14
 
 
 # ---- dense ----------------------------------------------------------------------------------------------------------
@@ -154,8 +161,9 @@ def _fp4_gemv_kernel(x_ptr, w_ptr, s_ptr, gs_ptr, c_ptr, N, K, stride_xm, stride
     nmask = rows < N
     k2_lo = split * k2_per_split
     k2_hi = tl.minimum(k2_lo + k2_per_split, K // 2)
-    acc = _gemv_rows(x_ptr + m * stride_xm, w_ptr, s_ptr, rows.to(tl.int64), nmask, k2_lo, k2_hi, stride_wn,
-                     stride_sn, NV, GROUP, BLOCK_N, BLOCK_K2, F32)
+    r = rows.to(tl.int64)[:, None]
+    acc = _gemv_rows(x_ptr + m * stride_xm, w_ptr + r * stride_wn, s_ptr + r * stride_sn, nmask, k2_lo, k2_hi, NV,
+                     GROUP, BLOCK_N, BLOCK_K2, F32)
     if GLOBAL:
         acc *= tl.load(gs_ptr + rows, mask=nmask, other=0.0)
     tl.store(c_ptr + split.to(tl.int64) * stride_cs + m * stride_cm + rows, acc.to(c_ptr.dtype.element_ty),
@@ -182,7 +190,8 @@ def _dense_config(M: int, N: int, K: int, sms: int) -> tuple[dict, int]:
     return cfg, split
 
 
-GEMV_TOKENS = 4  # up to this many tokens the dense kernel multiplies on the vector units (GEMV), one per program
+GEMV_TOKENS = 2  # up to this many tokens the dense kernel multiplies on the vector units (GEMV), one per program
+# (H200, o_proj: 2 tokens 0.090 ms GEMV vs 0.118 matrix units; 3 tokens 0.131 vs 0.120)
 GEMV_PAIRS = 64  # up to this many (token, expert) pairs the MoE kernels do, one pair per program
 
 
@@ -360,24 +369,27 @@ def _fp4_gemv_gate_up_kernel(x_ptr, g_ptr, u_ptr, gs_ptr, us_ptr, ggs_ptr, ugs_p
                              stride_xm, stride_we, stride_wn, stride_se, stride_sn, stride_ge, stride_hm,
                              GROUP: tl.constexpr, TOP_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K2: tl.constexpr,
                              NV: tl.constexpr, GLOBAL: tl.constexpr, RNE: tl.constexpr, F32: tl.constexpr):
-    """Decode, one (token, slot) pair per program: h[pair, n] = silu(x[tok]·gate[e, n]) · (x[tok]·up[e, n])."""
+    """Decode, one (token, slot) pair per program: h[pair, n] = silu(x[tok]·gate[e, n]) · (x[tok]·up[e, n]) for
+    BLOCK_N rows n — one tile of 2·BLOCK_N rows, gate's then up's, so one loop streams both matrices."""
     pair = tl.program_id(0).to(tl.int64)
     e = tl.load(ids_ptr + pair).to(tl.int64)
     if e >= E:  # another rank's expert
         return
-    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    nmask = offs_n < N
-    rows = offs_n.to(tl.int64)
-    x_row = x_ptr + (pair // TOP_K) * stride_xm
-    acc_g = _gemv_rows(x_row, g_ptr + e * stride_we, gs_ptr + e * stride_se, rows, nmask, 0, K // 2, stride_wn,
-                       stride_sn, NV, GROUP, BLOCK_N, BLOCK_K2, F32)
-    acc_u = _gemv_rows(x_row, u_ptr + e * stride_we, us_ptr + e * stride_se, rows, nmask, 0, K // 2, stride_wn,
-                       stride_sn, NV, GROUP, BLOCK_N, BLOCK_K2, F32)
+    r2 = tl.arange(0, 2 * BLOCK_N)
+    is_up = r2 >= BLOCK_N
+    offs = tl.program_id(1) * BLOCK_N + r2 % BLOCK_N
+    mask2 = offs < N
+    rows = offs.to(tl.int64)[:, None]
+    w_row = tl.where(is_up, u_ptr, g_ptr)[:, None] + e * stride_we + rows * stride_wn
+    s_row = tl.where(is_up, us_ptr, gs_ptr)[:, None] + e * stride_se + rows * stride_sn
+    acc = _gemv_rows(x_ptr + (pair // TOP_K) * stride_xm, w_row, s_row, mask2, 0, K // 2, NV, GROUP, 2 * BLOCK_N,
+                     BLOCK_K2, F32)
     if GLOBAL:
-        acc_g *= tl.load(ggs_ptr + e * stride_ge + offs_n, mask=nmask, other=0.0)
-        acc_u *= tl.load(ugs_ptr + e * stride_ge + offs_n, mask=nmask, other=0.0)
+        acc *= tl.load(tl.where(is_up, ugs_ptr, ggs_ptr) + e * stride_ge + offs, mask=mask2, other=0.0)
+    acc_g, acc_u = tl.split(tl.permute(tl.reshape(acc, [2, BLOCK_N]), [1, 0]))
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     _store_silu_mul(acc_g[None, :], acc_u[None, :], h_ptr, tl.full([1], pair, tl.int64), stride_hm, offs_n,
-                    tl.full([1], True, tl.int1), nmask, RNE)
+                    tl.full([1], True, tl.int1), offs_n < N, RNE)
 
 
 @triton.jit
@@ -392,8 +404,9 @@ def _fp4_gemv_down_kernel(h_ptr, w_ptr, s_ptr, gs_ptr, topk_w_ptr, out_ptr, ids_
         return
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     nmask = offs_n < N
-    acc = _gemv_rows(h_ptr + pair * stride_hm, w_ptr + e * stride_we, s_ptr + e * stride_se, offs_n.to(tl.int64),
-                     nmask, 0, K // 2, stride_wn, stride_sn, NV, GROUP, BLOCK_N, BLOCK_K2, F32)
+    rows = offs_n.to(tl.int64)[:, None]
+    acc = _gemv_rows(h_ptr + pair * stride_hm, w_ptr + e * stride_we + rows * stride_wn,
+                     s_ptr + e * stride_se + rows * stride_sn, nmask, 0, K // 2, NV, GROUP, BLOCK_N, BLOCK_K2, F32)
     if GLOBAL:
         acc *= tl.load(gs_ptr + e * stride_ge + offs_n, mask=nmask, other=0.0)
     _store_weighted(acc[None, :], topk_w_ptr, out_ptr, tl.full([1], pair, tl.int64), stride_om, offs_n,
@@ -436,7 +449,7 @@ def fp4_moe_experts(x: torch.Tensor, experts: ExpertWeights, topk_weights: torch
     h = (torch.zeros if w4a4 else torch.empty)(n_pairs, I, dtype=dtype, device=dev)
     out = torch.empty(n_pairs, K, dtype=dtype, device=dev)
     if n_pairs <= GEMV_PAIRS:  # decode: one pair per program (each has its own expert), vector-unit products
-        cfg = dict(bn1=8, bk1=512, bn2=8, bk2=1024, warps=4, stages=3)  # (H200 sweep at 1-8 tokens)
+        cfg = dict(bn1=8, bk1=512, bn2=16, bk2=1024, warps=4, stages=3)  # (H200 sweep at 1-8 tokens)
         cfg.update(config or {})
         ids = topk_ids.reshape(-1).to(torch.int32).contiguous()
         _fp4_gemv_gate_up_kernel[(n_pairs, triton.cdiv(I, cfg["bn1"]))](

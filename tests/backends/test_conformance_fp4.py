@@ -118,20 +118,32 @@ def test_fp4_moe_experts(fmt, act, dtype, T, E, top_k, I, K):
 @pytest.mark.parametrize("fmt,act", FORMATS, ids=IDS)
 def test_fp4_decode_through_fp32_bits(fmt, act):
     """The decode kernels' fp32-bit e2m1 decode (targets that keep fp32 denormals, as NVIDIA's) equals the reference,
-    dense (split K) and MoE, e2m1 0.5 codes (the denormal ones) included."""
+    dense (split K) and MoE, e2m1 0.5 codes (the denormal ones) included — and equals the fp16-bit decode bit for bit,
+    for activations from 1e-6 to 1e4 (the fp32 form moves the power-of-two factors from the weights to the
+    activations and the sums: the same products and sums, exactly)."""
     ref = ReferenceOps(DEV)
     w = _weight(40, 224, fmt, act, 5)
     assert ((w.weight & 7) == 1).any()
-    x = torch.randn(3, 224, generator=torch.Generator().manual_seed(1)).to(DEV)
-    y = tfp4.fp4_linear(x, tfp4.prepare_linear(w), split_k=3, config={"BLOCK_K2": 16}, fp32_denormals=True)
+    lin = tfp4.prepare_linear(w)
+    x = torch.randn(2, 224, generator=torch.Generator().manual_seed(1)).to(DEV)
+    assert 2 <= tfp4.GEMV_TOKENS
+    cfg = {"BLOCK_K2": 16}
+    y = tfp4.fp4_linear(x, lin, split_k=3, config=cfg, fp32_denormals=True)
     _check(y, ref.linear(x, ref.prepare_linear(w, torch.float32)), torch.float32)
-    experts = _experts(4, 32, 64, fmt, act, 2)
+    for scale in (1e-6, 1.0, 1e4):
+        assert torch.equal(tfp4.fp4_linear(x * scale, lin, split_k=3, config=cfg, fp32_denormals=True),
+                           tfp4.fp4_linear(x * scale, lin, split_k=3, config=cfg, fp32_denormals=False))
+    experts = tfp4.prepare_experts(_experts(4, 32, 64, fmt, act, 2))
     g = torch.Generator().manual_seed(3)
     x = torch.randn(3, 64, generator=g).to(DEV)
     ids = torch.stack([torch.randperm(5, generator=g)[:2] for _ in range(3)]).to(DEV)
     rw = torch.rand(3, 2, generator=g).to(DEV)
-    y = tfp4.fp4_moe_experts(x, tfp4.prepare_experts(experts), rw, ids, fp32_denormals=True)
-    _check(y, ref.moe_experts(x, ref.prepare_experts(experts, torch.float32), rw, ids), torch.float32)
+    y = tfp4.fp4_moe_experts(x, experts, rw, ids, fp32_denormals=True)
+    _check(y, ref.moe_experts(x, ref.prepare_experts(_experts(4, 32, 64, fmt, act, 2), torch.float32), rw, ids),
+           torch.float32)
+    for scale in (1e-6, 1e4):
+        assert torch.equal(tfp4.fp4_moe_experts(x * scale, experts, rw, ids, fp32_denormals=True),
+                           tfp4.fp4_moe_experts(x * scale, experts, rw, ids, fp32_denormals=False))
 
 
 @pytest.mark.skipif(DEV != "cuda", reason="V3.2 shapes on the GPU")
