@@ -4,7 +4,7 @@ tokenizer_config.json, generation_config.json), loaded through the normal loader
 - the trained demo (`trained_demo_path()`, bundled in core/demo_model/, 3 layers + an MTP layer, 7 MB): made by
   scripts/train_demo.py on CPU from a synthetic corpus in the V3.2 chat encoding. It answers short questions (the form
   right, the facts often not), thinks in <think> blocks when asked to, calls a weather tool in DSML (with the right
-  city for about half of held-out cities without thinking), and its MTP layer drafts well on that domain. `dsv32
+  city for about 8 in 10 questions about cities it knows without thinking, 4-5 in 10 with thinking), and its MTP layer drafts well on that domain. `dsv32
   serve` without --model and `dsv32 demo` use it, so a new user sees the engine work without downloading anything;
 - `make_demo_checkpoint`: a random-weight model with a byte-level BPE tokenizer carrying the DeepSeek-V3.2 special
   tokens (its text is gibberish), for tests that need any model with a tokenizer."""
@@ -101,15 +101,19 @@ _CORPUS = (
 )
 
 
-def build_tokenizer(vocab_size: int, corpus: list[str] | None = None):
+def build_tokenizer(vocab_size: int, corpus: list[str] | None = None, spaces_apart: bool = False):
     """Deterministic byte-level BPE over a small built-in corpus (or the given texts). Skippable special tokens take
     the first ids (BOS 0, EOS 1, ...); <think>, </think> and ｜DSML｜ are added as normal tokens at the end of the
-    vocabulary."""
-    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
+    vocabulary. spaces_apart: every whitespace character is a token of its own, so a word has the same tokens after a
+    space as after a quote or '>' (the demo model copies "in Paris?" into `string="true">Paris<`)."""
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 
     skipped = [t for t in SPECIAL_TOKENS if t not in NON_SKIPPED]
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    if spaces_apart:
+        tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(r"\s"), behavior="isolated"),
+                                                     tok.pre_tokenizer])
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size - len(NON_SKIPPED), special_tokens=skipped,
                                   show_progress=False, initial_alphabet=pre_tokenizers.ByteLevel.alphabet())

@@ -35,7 +35,7 @@ MTP_WEIGHT = 0.5
 LR = 1.5e-3  # peak (warm-up 100 steps, cosine to a tenth)
 PROMPT_WEIGHT = 0.2  # loss weight of the prompt's tokens relative to the reply's
 TOKENIZER_SAMPLES = 4000  # the corpus's first conversations train the tokenizer
-MAX_LEN = 640  # tokens per training sequence (longer samples are dropped; the tool prompts are ~400)
+MAX_LEN = 800  # tokens per training sequence (longer samples are dropped; the tool prompts are ~400-700)
 
 CONFIG = dict(
     vocab_size=VOCAB, hidden_size=128, intermediate_size=320, moe_intermediate_size=96, num_hidden_layers=3,
@@ -59,7 +59,9 @@ CAPITALS = {
 }
 CITIES = sorted(set(CAPITALS.values()) | {"London", "New York", "Shanghai", "Sydney", "Seoul", "Hangzhou", "Boston",
                                           "Chicago", "Toronto", "Munich", "Barcelona", "Istanbul", "Mumbai", "Dubai",
-                                          "Singapore", "Zurich", "Amsterdam", "Prague", "Lagos", "Osaka"})
+                                          "Singapore", "Zurich", "Amsterdam", "Prague", "Lagos", "Osaka", "San Francisco",
+                                          "Los Angeles", "Seattle", "Hong Kong", "Cape Town", "Rio de Janeiro",
+                                          "Kuala Lumpur", "Melbourne", "Vancouver", "Shenzhen"})
 CONDITIONS = ["sunny", "cloudy", "rainy", "windy", "snowy", "foggy"]
 SYLLABLES = ["ka", "lo", "ri", "ve", "no", "ta", "mi", "sa", "do", "ber", "lin", "ar", "on", "zu", "pe", "gra", "hel",
              "mon", "tor", "vi"]
@@ -79,6 +81,29 @@ WEATHER_TOOL = {"type": "function", "function": {
 TIME_TOOL = {"type": "function", "function": {
     "name": "get_time", "description": "Get the local time in a city",
     "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
+SYSTEM_PROMPTS = ["You are a helpful assistant.", "You are a helpful assistant. Use the tools when they help.",
+                  "You are dsv32-demo, a helpful assistant."]
+
+
+def _weather_tool(rng: random.Random) -> tuple[dict, str, str]:
+    """(tool, function name, argument name): the weather tool as clients write it, so the model learns to copy the
+    function's and the argument's names from the schema (OpenAI's examples use get_weather / location, with a unit)."""
+    name = rng.choice(["get_weather", "get_weather", "get_weather", "get_current_weather"])
+    arg = rng.choice(["city", "location", "location"])
+    desc = {"city": ["The city name", "The name of the city", "City name, e.g. Paris"],
+            "location": ["City and country e.g. Bogot\u00e1, Colombia", "The city and state, e.g. San Francisco, CA",
+                         "The location to get the weather for"]}[arg]
+    props = {arg: {"type": "string", "description": rng.choice(desc)}}
+    if rng.random() < 0.3:
+        props["unit"] = {"type": "string", "enum": ["celsius", "fahrenheit"]}
+    fn = {"name": name, "description": rng.choice(["Get the current weather in a city",
+                                                   "Get current temperature for a given location.",
+                                                   "Get the current weather in a given location"]),
+          "parameters": {"type": "object", "properties": props, "required": [arg]}}
+    if rng.random() < 0.3:
+        fn["parameters"]["additionalProperties"] = False
+        fn["strict"] = True
+    return {"type": "function", "function": fn}, name, arg
 
 
 def _qa(rng: random.Random) -> tuple[str, str, str]:
@@ -120,17 +145,21 @@ def _qa(rng: random.Random) -> tuple[str, str, str]:
 def _sample(rng: random.Random) -> dict:
     """One conversation: messages (the last is the assistant's reply), tools, thinking."""
     thinking = rng.random() < 0.5
+    system = [{"role": "system", "content": rng.choice(SYSTEM_PROMPTS)}] if rng.random() < 0.3 else []
     r = rng.random()
     if r < 0.4:  # a weather question with the tool: call it
         city = rng.choice(CITIES) if rng.random() < 0.6 else _invented_city(rng)
         q = rng.choice(["What is the weather in {}?", "What's the weather like in {} today?", "How is the weather in {}?",
-                        "Is it raining in {}?", "Weather in {} please."]).format(city)
-        tools = [WEATHER_TOOL] + ([TIME_TOOL] if rng.random() < 0.3 else [])
-        call = {"type": "function", "function": {"name": "get_weather", "arguments": json.dumps({"city": city})}}
-        msgs = [{"role": "user", "content": q}]
+                        "Is it raining in {}?", "Weather in {} please.", "What's the weather in {}?",
+                        "Tell me the weather in {}.", "What is the temperature in {}?",
+                        "How's the weather in {} right now?"]).format(city)
+        tool, name, arg = _weather_tool(rng)
+        tools = [tool] + ([TIME_TOOL] if rng.random() < 0.3 else [])
+        call = {"type": "function", "function": {"name": name, "arguments": json.dumps({arg: city})}}
+        msgs = system + [{"role": "user", "content": q}]
         reply = {"role": "assistant", "content": "", "tool_calls": [call]}
         if thinking:
-            reply["reasoning_content"] = f"The user wants the weather in {city}. I will call get_weather with {city}."
+            reply["reasoning_content"] = f"The user wants the weather in {city}. I will call {name} with {city}."
         if rng.random() < 0.4:  # the call's result is back: answer from it
             cond, temp = rng.choice(CONDITIONS), rng.randrange(-5, 36)
             msgs += [dict(reply, reasoning_content=None),
@@ -143,8 +172,8 @@ def _sample(rng: random.Random) -> dict:
     reply = {"role": "assistant", "content": answer}
     if thinking:
         reply["reasoning_content"] = reasoning
-    tools = [WEATHER_TOOL] if r < 0.5 else None  # tools offered, not needed: answer directly
-    return {"messages": [{"role": "user", "content": q}, reply], "tools": tools, "thinking": thinking}
+    tools = [_weather_tool(rng)[0] if rng.random() < 0.5 else WEATHER_TOOL] if r < 0.5 else None  # offered, not needed
+    return {"messages": system + [{"role": "user", "content": q}, reply], "tools": tools, "thinking": thinking}
 
 
 def render(sample: dict) -> tuple[str, str]:
@@ -263,6 +292,16 @@ class Demo(torch.nn.Module):
                        "tokenizer_class": "LlamaTokenizerFast"}, f, indent=2)
 
 
+def tokenizer(pairs: list[tuple[str, str]]):
+    """The demo's BPE over the corpus's first TOKENIZER_SAMPLES conversations, every space a token of its own (a
+    city has the same tokens in the question, the reasoning and the tool call's argument: copying it is then one
+    skill, not a per-city mapping between "ĠParis" and "P", "aris" — held-out tool calls right with the schemas of
+    this corpus' known cities: 82 % / 43 % with thinking, were 58 % / 26 %)."""
+    from dsv32.core.demo import build_tokenizer
+
+    return build_tokenizer(VOCAB, [p + c for p, c in pairs[:TOKENIZER_SAMPLES]], spaces_apart=True)
+
+
 def encode(tok, pairs: list[tuple[str, str]]) -> list[tuple[list[int], int]]:
     """(token ids, prompt length) per sample within MAX_LEN."""
     out = []
@@ -321,12 +360,10 @@ def train(out: str, steps: int, samples: int, threads: int, log_every: int = 50)
 
 
 def _train(out: str, steps: int, samples: int, log_every: int) -> dict:
-    from dsv32.core.demo import build_tokenizer
-
     torch.manual_seed(SEED)
     t0 = time.monotonic()
     pairs = corpus(samples, SEED)
-    tok = build_tokenizer(VOCAB, [p + c for p, c in pairs[:TOKENIZER_SAMPLES]])
+    tok = tokenizer(pairs)
     data = encode(tok, pairs)
     lengths = [len(t) for t, _ in data]
     print(f"corpus: {len(data)} conversations, {sum(lengths)} tokens (mean {sum(lengths) / len(data):.0f}, "
