@@ -13,7 +13,7 @@ NVFP4, e8m0 for MXFP4) from their bytes the same way — no fp8 / fp4 conversion
 every target and in the CPU interpreter; NVFP4's per-row global scale multiplies the fp32 sum. K is split across
 programs when the output tiles alone cannot fill the GPU (partials summed in a fixed order).
 
-Speed (H200, benchmarks/bench_fp4.py): the decode kernels stream 1.6-1.7 TB/s of FP4 weights, so at batch 1 the
+Speed (H200, benchmarks/bench_fp4.py): the decode kernels stream 1.6-1.7 TB/s of FP4 weights (MoE; dense ~1.3), so at batch 1 the
 routed experts run 1.5x (NVFP4) / 1.7x (MXFP4) as fast as FP8 and the dense linears 1.0-1.4x. What bounds them is
 the work per weight (decode, fp32 product, group sum), not the bytes: the same loop without the decode streamed ~2
 TB/s. Hence the F32 form folds every power-of-two factor out of the per-weight work (codes stay denormal, the
