@@ -3,9 +3,10 @@ tokenizer_config.json, generation_config.json), loaded through the normal loader
 
 - the trained demo (`trained_demo_path()`, bundled in core/demo_model/, 3 layers + an MTP layer, 7 MB): made by
   scripts/train_demo.py on CPU from a synthetic corpus in the V3.2 chat encoding. It answers short questions (the form
-  right, the facts often not), thinks in <think> blocks when asked to, calls a weather tool in DSML (with the right
-  city for about 8 in 10 questions about cities it knows without thinking, 4-5 in 10 with thinking), and its MTP layer drafts well on that domain. `dsv32
-  serve` without --model and `dsv32 demo` use it, so a new user sees the engine work without downloading anything;
+  right, the facts often not), thinks in <think> blocks when asked to, calls a weather tool in DSML (the right
+  city in about 8 of 10 questions about cities it knows without thinking, 4-5 of 10 with thinking), and its MTP layer
+  drafts well on that domain. `dsv32 serve` without --model and `dsv32 demo` use it, so a new user sees the engine
+  work without downloading anything;
 - `make_demo_checkpoint`: a random-weight model with a byte-level BPE tokenizer carrying the DeepSeek-V3.2 special
   tokens (its text is gibberish), for tests that need any model with a tokenizer."""
 

@@ -22,11 +22,6 @@ WEATHER = {"type": "function", "function": {
     "name": "get_weather", "description": "Get the current weather in a city",
     "parameters": {"type": "object", "properties": {"city": {"type": "string", "description": "The city name"}},
                    "required": ["city"]}}}
-OPENAI_WEATHER = {"type": "function", "function": {  # (OpenAI's function-calling guide)
-    "name": "get_weather", "description": "Get current temperature for a given location.",
-    "parameters": {"type": "object", "properties": {"location": {"type": "string", "description": "City and country "
-                                                                 "e.g. Bogotá, Colombia"}},
-                   "required": ["location"], "additionalProperties": False}, "strict": True}}
 QUESTIONS = [("What is the capital of France?", False, False), ("What is the capital of Japan?", True, False),
              ("Who are you?", False, False), ("What is 2 plus 5?", True, False),
              ("What is the weather in Tokyo?", False, True), ("How is the weather in London?", True, True)]
@@ -86,7 +81,7 @@ def test_demo_served_through_the_openai_client(tmp_path):
         assert call.name == "get_weather" and json.loads(call.arguments) == {"city": "Paris"}
         r = c.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "What's the weather like in "
                                                                                          "Paris today?"}],
-                                      temperature=0, tools=[OPENAI_WEATHER])
+                                      temperature=0, tools=[_train_demo().OPENAI_WEATHER_TOOL])
         call = r.choices[0].message.tool_calls[0].function
         assert call.name == "get_weather" and json.loads(call.arguments) == {"location": "Paris"}
         info = http.get(server.url + "/server_info").json()
