@@ -13,14 +13,16 @@ NVFP4, e8m0 for MXFP4) from their bytes the same way — no fp8 / fp4 conversion
 every target and in the CPU interpreter; NVFP4's per-row global scale multiplies the fp32 sum. K is split across
 programs when the output tiles alone cannot fill the GPU (partials summed in a fixed order).
 
-Speed (H200, benchmarks/bench_fp4.py): the decode kernels stream 1.6-1.7 TB/s of FP4 weights (MoE; dense ~1.3), so at batch 1 the
-routed experts run 1.5x (NVFP4) / 1.7x (MXFP4) as fast as FP8 and the dense linears 1.0-1.4x. What bounds them is
-the work per weight (decode, fp32 product, group sum), not the bytes: the same loop without the decode streamed ~2
-TB/s. Hence the F32 form folds every power-of-two factor out of the per-weight work (codes stay denormal, the
-activations carry 2^64, the sum 2^62) and the MoE's gate and up share one loop. The matrix-unit form is 3-4x slower
-than FP8: unpacking costs several instructions per weight plus a register-layout shuffle before tl.dot; a kernel
-that keeps up with HBM needs the weights pre-shuffled into the matrix units' operand layout (Marlin's approach, CUDA)
-or FP4 math units (the vendor paths on Blackwell, gfx950).
+Speed (H200, benchmarks/bench_fp4.py): the decode kernels stream ~1.7 TB/s of FP4 weights (MoE; dense ~1.3), so at
+batch 1 the routed experts run 1.6x (NVFP4) / 1.75x (MXFP4) as fast as FP8 and the dense linears 1.0-1.4x. What
+bounds them is the work per weight (decode, fp32 product, group sum), not the bytes. Hence the F32 form folds every
+power-of-two factor out of the per-weight work (codes stay denormal, the activations carry 2^64, the sum 2^62), the
+MoE's gate and up share one loop, and where the tile divides K (EVEN) no K mask is applied. (Vector loads of the
+GEMV tiles were measured slower than Triton's byte-wise layout for the gate/up tile: 0.118 vs 0.070 ms.) The
+matrix-unit form loads activations and packed bytes as contiguous tiles and splits even / odd columns in registers
+(`_even_odd`); it is 1.4-4x slower than FP8 from 32 tokens on: unpacking costs several instructions per weight plus a
+register-layout shuffle before tl.dot; a kernel that keeps up with HBM needs the weights pre-shuffled into the
+matrix units' operand layout (Marlin's approach, CUDA) or FP4 math units (the vendor paths on Blackwell, gfx950).
 
 W4A4 MXFP4 checkpoints (Quark `input_tensors`): activations are first rounded through MXFP4 (`qdq_mxfp4`, the same
 arithmetic as core/fp4.qdq_mxfp4), then multiplied as above (emulated; no FP4 math units are used).
@@ -78,6 +80,12 @@ def _fp4_tile(w_ptrs, s_ptrs, wmask, smask, NV: tl.constexpr, GROUP: tl.constexp
 
 
 @triton.jit
+def _even_odd(x):
+    """Columns 0, 2, 4, ... and 1, 3, 5, ... of a tile loaded whole (contiguous, vectorized loads)."""
+    return tl.split(tl.reshape(x, [x.shape[0], x.shape[1] // 2, 2]))
+
+
+@triton.jit
 def _mac(acc, xe, xo, we, wo, IEEE: tl.constexpr):
     """acc + xe · we + xo · wo on the matrix units (the decoded values have ≤ 6 significant bits: exact in bf16)."""
     return acc + _dot(xe, we.to(xe.dtype), IEEE) + _dot(xo, wo.to(xo.dtype), IEEE)
@@ -85,7 +93,7 @@ def _mac(acc, xe, xo, we, wo, IEEE: tl.constexpr):
 
 @triton.jit
 def _gemv_rows(x_ptr, w_row, s_row, nmask, k2_lo, k2_hi, NV: tl.constexpr, GROUP: tl.constexpr, BN: tl.constexpr,
-               BK2: tl.constexpr, F32: tl.constexpr):
+               BK2: tl.constexpr, F32: tl.constexpr, EVEN: tl.constexpr = False):
     """[BN] fp32: Σ x[k] · W[row, k] over the packed bytes [k2_lo, k2_hi) of each row, for one activation row x, with
     fp32 products on the vector units. w_row / s_row [BN, 1]: each row's first byte and first group scale (the rows
     may come from different matrices: the MoE's gate and up share one tile). The tile [BN, BK2] keeps each row's bytes
@@ -99,14 +107,21 @@ def _gemv_rows(x_ptr, w_row, s_row, nmask, k2_lo, k2_hi, NV: tl.constexpr, GROUP
     acc = tl.zeros([BN, NG], tl.float32)
     for k2 in range(k2_lo, k2_hi, BK2):
         c = k2 + tl.arange(0, BK2)
-        b = tl.load(w_row + c[None, :], mask=nmask[:, None] & (c < k2_hi)[None, :], other=0).to(tl.int32)
+        if EVEN:  # no K mask: the loads are vectorized
+            b = tl.load(w_row + c[None, :], mask=nmask[:, None], other=0).to(tl.int32)
+            x = tl.load(x_ptr + 2 * k2 + xcols).to(tl.float32)
+        else:
+            b = tl.load(w_row + c[None, :], mask=nmask[:, None] & (c < k2_hi)[None, :], other=0).to(tl.int32)
+            x = tl.load(x_ptr + 2 * k2 + xcols, mask=2 * k2 + xcols < 2 * k2_hi, other=0.0).to(tl.float32)
         w = tl.reshape(tl.join(_e2m1(b, F32), _e2m1(b >> 4, F32)), [BN, 2 * BK2])
-        x = tl.load(x_ptr + 2 * k2 + xcols, mask=2 * k2 + xcols < 2 * k2_hi, other=0.0).to(tl.float32)
         if F32:
             x *= 1.8446744073709552e19  # 2^64
         part = tl.sum(tl.reshape(w * x[None, :], [BN, NG, GROUP]), axis=2)
         g = 2 * k2 // GROUP + tl.arange(0, NG)
-        sb = tl.load(s_row + g[None, :], mask=nmask[:, None] & (g * GROUP < 2 * k2_hi)[None, :], other=0)
+        if EVEN:
+            sb = tl.load(s_row + g[None, :], mask=nmask[:, None], other=0)
+        else:
+            sb = tl.load(s_row + g[None, :], mask=nmask[:, None] & (g * GROUP < 2 * k2_hi)[None, :], other=0)
         acc += part * _group_scale(sb.to(tl.int32), NV, F32)
     acc = tl.sum(acc, axis=1)
     return acc * 4.611686018427388e18 if F32 else acc * 16384.0  # 2^62, 2^14
@@ -134,13 +149,13 @@ def _fp4_gemm_kernel(x_ptr, w_ptr, s_ptr, gs_ptr, c_ptr, M, N, K, stride_xm, str
     rn = offs_n.to(tl.int64)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(k_lo, k_hi, BLOCK_K):
-        ke = k0 + 2 * half  # even K indices of this block
-        kmask = ke < k_hi
-        xm = mmask[:, None] & kmask[None, :]
-        xe = tl.load(x_ptr + rm[:, None] * stride_xm + ke[None, :], mask=xm, other=0.0)
-        xo = tl.load(x_ptr + rm[:, None] * stride_xm + ke[None, :] + 1, mask=xm, other=0.0)
+        kb = k0 // 2 + half  # bytes of this block (K elements 2·kb, 2·kb + 1)
+        kmask = kb < k_hi // 2
+        ks = k0 + tl.arange(0, BLOCK_K)
+        xe, xo = _even_odd(tl.load(x_ptr + rm[:, None] * stride_xm + ks[None, :],
+                                   mask=mmask[:, None] & (ks < k_hi)[None, :], other=0.0))
         kg = k0 // GROUP + groups
-        we, wo = _fp4_tile(w_ptr + rn[None, :] * stride_wn + (ke // 2)[:, None],
+        we, wo = _fp4_tile(w_ptr + rn[None, :] * stride_wn + kb[:, None],
                            s_ptr + rn[None, :] * stride_sn + kg[:, None], kmask[:, None] & nmask[None, :],
                            (kg * GROUP < k_hi)[:, None] & nmask[None, :], NV, GROUP, BLOCK_K // 2, BLOCK_N)
         acc = _mac(acc, xe, xo, we, wo, IEEE)
@@ -153,7 +168,7 @@ def _fp4_gemm_kernel(x_ptr, w_ptr, s_ptr, gs_ptr, c_ptr, M, N, K, stride_xm, str
 @triton.jit
 def _fp4_gemv_kernel(x_ptr, w_ptr, s_ptr, gs_ptr, c_ptr, N, K, stride_xm, stride_wn, stride_sn, stride_cs, stride_cm,
                      k2_per_split, GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K2: tl.constexpr,
-                     NV: tl.constexpr, GLOBAL: tl.constexpr, F32: tl.constexpr):
+                     NV: tl.constexpr, GLOBAL: tl.constexpr, F32: tl.constexpr, EVEN: tl.constexpr):
     """Decode (a few tokens, one per program): c[split, m, n] = Σ_{k in split} x[m, k] · W[n, k] (`_gemv_rows`)."""
     m = tl.program_id(0).to(tl.int64)
     rows = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -163,7 +178,7 @@ def _fp4_gemv_kernel(x_ptr, w_ptr, s_ptr, gs_ptr, c_ptr, N, K, stride_xm, stride
     k2_hi = tl.minimum(k2_lo + k2_per_split, K // 2)
     r = rows.to(tl.int64)[:, None]
     acc = _gemv_rows(x_ptr + m * stride_xm, w_ptr + r * stride_wn, s_ptr + r * stride_sn, nmask, k2_lo, k2_hi, NV,
-                     GROUP, BLOCK_N, BLOCK_K2, F32)
+                     GROUP, BLOCK_N, BLOCK_K2, F32, EVEN)
     if GLOBAL:
         acc *= tl.load(gs_ptr + rows, mask=nmask, other=0.0)
     tl.store(c_ptr + split.to(tl.int64) * stride_cs + m * stride_cm + rows, acc.to(c_ptr.dtype.element_ty),
@@ -191,8 +206,9 @@ def _dense_config(M: int, N: int, K: int, sms: int) -> tuple[dict, int]:
 
 
 GEMV_TOKENS = 2  # up to this many tokens the dense kernel multiplies on the vector units (GEMV), one per program
-# (H200, o_proj: 2 tokens 0.090 ms GEMV vs 0.118 matrix units; 3 tokens 0.131 vs 0.120)
-GEMV_PAIRS = 64  # up to this many (token, expert) pairs the MoE kernels do, one pair per program
+# (H200, NVFP4 o_proj: 2 tokens 0.073 ms GEMV vs 0.086 matrix units; 3 tokens 0.105 vs 0.086)
+GEMV_PAIRS = 384  # up to this many (token, expert) pairs the MoE kernels do, one pair per program
+# (H200, NVFP4: 48 tokens × top 8 4.25 ms GEMV vs 5.16 on the matrix units; 64 tokens 5.64 vs 5.55)
 
 
 def _bits(scale: torch.Tensor) -> torch.Tensor:
@@ -233,7 +249,7 @@ def fp4_linear(x: torch.Tensor, w: LinearWeight, split_k: int | None = None, con
     if gemv:
         _fp4_gemv_kernel[(M, triton.cdiv(N, cfg["BLOCK_N"]), split)](
             x2, w.weight, scale, gs, out, N, K, x2.stride(0), w.weight.stride(0), w.scale_inv.stride(0), M * N, N,
-            k_per_split // 2, F32=fp32_denormals, **common, **cfg)
+            k_per_split // 2, F32=fp32_denormals, EVEN=(K // 2) % cfg["BLOCK_K2"] == 0, **common, **cfg)
     else:
         grid = (triton.cdiv(N, cfg["BLOCK_N"]), triton.cdiv(M, cfg["BLOCK_M"]), split)
         _fp4_gemm_kernel[grid](x2, w.weight, scale, gs, out, M, N, K, x2.stride(0), w.weight.stride(0),
@@ -313,18 +329,18 @@ def _fp4_gate_up_kernel(x_ptr, g_ptr, u_ptr, gs_ptr, us_ptr, ggs_ptr, ugs_ptr, h
     acc_g = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     acc_u = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     for k0 in range(0, K, BLOCK_K):
-        ke = k0 + 2 * half
-        kmask = ke < K
-        am = valid[:, None] & kmask[None, :]
-        xe = tl.load(x_ptr + tok[:, None] * stride_xm + ke[None, :], mask=am, other=0.0)
-        xo = tl.load(x_ptr + tok[:, None] * stride_xm + ke[None, :] + 1, mask=am, other=0.0)
+        kb = k0 // 2 + half
+        kmask = kb < K // 2
+        ks = k0 + tl.arange(0, BLOCK_K)
+        xe, xo = _even_odd(tl.load(x_ptr + tok[:, None] * stride_xm + ks[None, :],
+                                   mask=valid[:, None] & (ks < K)[None, :], other=0.0))
         wm = kmask[:, None] & nmask[None, :]
         kg = k0 // GROUP + groups
         sm = (kg * GROUP < K)[:, None] & nmask[None, :]
-        ge, go = _fp4_tile(g_ptr + w_off + (ke // 2)[:, None], gs_ptr + s_off + kg[:, None], wm, sm, NV, GROUP,
+        ge, go = _fp4_tile(g_ptr + w_off + kb[:, None], gs_ptr + s_off + kg[:, None], wm, sm, NV, GROUP,
                            BLOCK_K // 2, BLOCK_N)
         acc_g = _mac(acc_g, xe, xo, ge, go, IEEE)
-        ue, uo = _fp4_tile(u_ptr + w_off + (ke // 2)[:, None], us_ptr + s_off + kg[:, None], wm, sm, NV, GROUP,
+        ue, uo = _fp4_tile(u_ptr + w_off + kb[:, None], us_ptr + s_off + kg[:, None], wm, sm, NV, GROUP,
                            BLOCK_K // 2, BLOCK_N)
         acc_u = _mac(acc_u, xe, xo, ue, uo, IEEE)
     if GLOBAL:
@@ -349,13 +365,13 @@ def _fp4_down_kernel(h_ptr, w_ptr, s_ptr, gs_ptr, topk_w_ptr, out_ptr, sorted_pt
     s_off = e * stride_se + offs_n[None, :].to(tl.int64) * stride_sn
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     for k0 in range(0, K, BLOCK_K):
-        ke = k0 + 2 * half
-        kmask = ke < K
-        am = valid[:, None] & kmask[None, :]
-        he = tl.load(h_ptr + pair[:, None] * stride_hm + ke[None, :], mask=am, other=0.0)
-        ho = tl.load(h_ptr + pair[:, None] * stride_hm + ke[None, :] + 1, mask=am, other=0.0)
+        kb = k0 // 2 + half
+        kmask = kb < K // 2
+        ks = k0 + tl.arange(0, BLOCK_K)
+        he, ho = _even_odd(tl.load(h_ptr + pair[:, None] * stride_hm + ks[None, :],
+                                   mask=valid[:, None] & (ks < K)[None, :], other=0.0))
         kg = k0 // GROUP + groups
-        we, wo = _fp4_tile(w_ptr + w_off + (ke // 2)[:, None], s_ptr + s_off + kg[:, None],
+        we, wo = _fp4_tile(w_ptr + w_off + kb[:, None], s_ptr + s_off + kg[:, None],
                            kmask[:, None] & nmask[None, :], (kg * GROUP < K)[:, None] & nmask[None, :], NV, GROUP,
                            BLOCK_K // 2, BLOCK_N)
         acc = _mac(acc, he, ho, we, wo, IEEE)
@@ -368,7 +384,8 @@ def _fp4_down_kernel(h_ptr, w_ptr, s_ptr, gs_ptr, topk_w_ptr, out_ptr, sorted_pt
 def _fp4_gemv_gate_up_kernel(x_ptr, g_ptr, u_ptr, gs_ptr, us_ptr, ggs_ptr, ugs_ptr, h_ptr, ids_ptr, E, N, K,
                              stride_xm, stride_we, stride_wn, stride_se, stride_sn, stride_ge, stride_hm,
                              GROUP: tl.constexpr, TOP_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K2: tl.constexpr,
-                             NV: tl.constexpr, GLOBAL: tl.constexpr, RNE: tl.constexpr, F32: tl.constexpr):
+                             NV: tl.constexpr, GLOBAL: tl.constexpr, RNE: tl.constexpr, F32: tl.constexpr,
+                             EVEN: tl.constexpr):
     """Decode, one (token, slot) pair per program: h[pair, n] = silu(x[tok]·gate[e, n]) · (x[tok]·up[e, n]) for
     BLOCK_N rows n — one tile of 2·BLOCK_N rows, gate's then up's, so one loop streams both matrices."""
     pair = tl.program_id(0).to(tl.int64)
@@ -383,7 +400,7 @@ def _fp4_gemv_gate_up_kernel(x_ptr, g_ptr, u_ptr, gs_ptr, us_ptr, ggs_ptr, ugs_p
     w_row = tl.where(is_up, u_ptr, g_ptr)[:, None] + e * stride_we + rows * stride_wn
     s_row = tl.where(is_up, us_ptr, gs_ptr)[:, None] + e * stride_se + rows * stride_sn
     acc = _gemv_rows(x_ptr + (pair // TOP_K) * stride_xm, w_row, s_row, mask2, 0, K // 2, NV, GROUP, 2 * BLOCK_N,
-                     BLOCK_K2, F32)
+                     BLOCK_K2, F32, EVEN)
     if GLOBAL:
         acc *= tl.load(tl.where(is_up, ugs_ptr, ggs_ptr) + e * stride_ge + offs, mask=mask2, other=0.0)
     acc_g, acc_u = tl.split(tl.permute(tl.reshape(acc, [2, BLOCK_N]), [1, 0]))
@@ -396,7 +413,7 @@ def _fp4_gemv_gate_up_kernel(x_ptr, g_ptr, u_ptr, gs_ptr, us_ptr, ggs_ptr, ugs_p
 def _fp4_gemv_down_kernel(h_ptr, w_ptr, s_ptr, gs_ptr, topk_w_ptr, out_ptr, ids_ptr, E, N, K, stride_hm, stride_we,
                           stride_wn, stride_se, stride_sn, stride_ge, stride_om, GROUP: tl.constexpr,
                           BLOCK_N: tl.constexpr, BLOCK_K2: tl.constexpr, NV: tl.constexpr, GLOBAL: tl.constexpr,
-                          RNE: tl.constexpr, F32: tl.constexpr):
+                          RNE: tl.constexpr, F32: tl.constexpr, EVEN: tl.constexpr):
     """Decode, one pair per program: out[pair, n] = weight[pair] · (h[pair]·down[e, n])."""
     pair = tl.program_id(0).to(tl.int64)
     e = tl.load(ids_ptr + pair).to(tl.int64)
@@ -406,7 +423,8 @@ def _fp4_gemv_down_kernel(h_ptr, w_ptr, s_ptr, gs_ptr, topk_w_ptr, out_ptr, ids_
     nmask = offs_n < N
     rows = offs_n.to(tl.int64)[:, None]
     acc = _gemv_rows(h_ptr + pair * stride_hm, w_ptr + e * stride_we + rows * stride_wn,
-                     s_ptr + e * stride_se + rows * stride_sn, nmask, 0, K // 2, NV, GROUP, BLOCK_N, BLOCK_K2, F32)
+                     s_ptr + e * stride_se + rows * stride_sn, nmask, 0, K // 2, NV, GROUP, BLOCK_N, BLOCK_K2, F32,
+                     EVEN)
     if GLOBAL:
         acc *= tl.load(gs_ptr + e * stride_ge + offs_n, mask=nmask, other=0.0)
     _store_weighted(acc[None, :], topk_w_ptr, out_ptr, tl.full([1], pair, tl.int64), stride_om, offs_n,
@@ -449,26 +467,27 @@ def fp4_moe_experts(x: torch.Tensor, experts: ExpertWeights, topk_weights: torch
     h = (torch.zeros if w4a4 else torch.empty)(n_pairs, I, dtype=dtype, device=dev)
     out = torch.empty(n_pairs, K, dtype=dtype, device=dev)
     if n_pairs <= GEMV_PAIRS:  # decode: one pair per program (each has its own expert), vector-unit products
-        cfg = dict(bn1=8, bk1=512, bn2=16, bk2=1024, warps=4, stages=3)  # (H200 sweep at 1-8 tokens)
+        cfg = dict(bn1=16, bk1=512, bn2=32, bk2=256, warps=4, stages=3)  # (H200 sweep at 1, 2, 8 tokens)
         cfg.update(config or {})
-        ids = topk_ids.reshape(-1).to(torch.int32).contiguous()
+        ids = topk_ids.reshape(-1).contiguous()  # (int64 as routed: no conversion kernel)
+        bk1, bk2 = min(cfg["bk1"], triton.next_power_of_2(K // 2)), min(cfg["bk2"], triton.next_power_of_2(I // 2))
         _fp4_gemv_gate_up_kernel[(n_pairs, triton.cdiv(I, cfg["bn1"]))](
             x, gate.weight, up.weight, gsc, usc, ggs, ugs, h, ids, E, I, K, x.stride(0), gate.weight.stride(0),
             gate.weight.stride(1), gate.scale_inv.stride(0), gate.scale_inv.stride(1), ggs.stride(0), h.stride(0),
-            GROUP=group, TOP_K=top_k, BLOCK_N=cfg["bn1"], BLOCK_K2=min(cfg["bk1"], triton.next_power_of_2(K // 2)),
-            NV=nv, GLOBAL=glob, RNE=rne, F32=fp32_denormals, num_warps=cfg["warps"], num_stages=cfg["stages"])
+            GROUP=group, TOP_K=top_k, BLOCK_N=cfg["bn1"], BLOCK_K2=bk1, NV=nv, GLOBAL=glob, RNE=rne,
+            F32=fp32_denormals, EVEN=(K // 2) % bk1 == 0, num_warps=cfg["warps"], num_stages=cfg["stages"])
         if w4a4:
             h = qdq_mxfp4(h)
         _fp4_gemv_down_kernel[(n_pairs, triton.cdiv(K, cfg["bn2"]))](
             h, down.weight, dsc, dgs, rw, out, ids, E, K, I, h.stride(0), down.weight.stride(0),
             down.weight.stride(1), down.scale_inv.stride(0), down.scale_inv.stride(1), dgs.stride(0), out.stride(0),
-            GROUP=group, BLOCK_N=cfg["bn2"], BLOCK_K2=min(cfg["bk2"], triton.next_power_of_2(I // 2)), NV=nv,
-            GLOBAL=glob, RNE=rne, F32=fp32_denormals, num_warps=cfg["warps"], num_stages=cfg["stages"])
+            GROUP=group, BLOCK_N=cfg["bn2"], BLOCK_K2=bk2, NV=nv, GLOBAL=glob, RNE=rne, F32=fp32_denormals,
+            EVEN=(I // 2) % bk2 == 0, num_warps=cfg["warps"], num_stages=cfg["stages"])
     else:
-        if n_pairs <= 2048:  # (H200 sweep at 8-32 tokens: best of 5)
+        if n_pairs <= 2048:  # (H200 sweep at 32 / 256 tokens: best of 12)
             cfg = dict(block_m=16, bn1=32, bn2=64, bk=128, warps=4, stages=4)
         else:
-            cfg = dict(block_m=64, bn1=64, bn2=128, bk=128, warps=8, stages=3)
+            cfg = dict(block_m=64, bn1=64, bn2=64, bk=128, warps=4, stages=3)  # (1024 / 4096 tokens: best of 8)
         cfg.update(config or {})
         sorted_ids, expert_ids = _align(topk_ids, E, cfg["block_m"])
         n_blocks = expert_ids.numel()
