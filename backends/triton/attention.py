@@ -2,6 +2,12 @@
 every query token carries its own list of slots).
 
 One program per (query token, block of heads): an online softmax over the token's slots in blocks of BLOCK_K.
+Heads-major (the default): scores heads × keys, so a program's heads are the matrix products' M dimension — with 16
+heads per rank (TP 8) the default 64-head block pads them to 64 (4× the matrix work), and a 16-head block compiles to
+mma.sync, not Hopper's wgmma (sm_90 PTX checked). The
+keys-major form (`keys_major=True`: keys × heads, output cᵀ · pᵀ) puts the keys and latent channels in M; with 64
+keys per block it compiles to wgmma only. It is tested against the reference (CPU interpreter)
+but not yet timed on a GPU, so it is opt-in until it is measured.
 The score of a slot is q_lat·c + q_pe·k_pe (absorbed MLA, 576-wide at V3.2 sizes), the output Σ p·c (512 wide).
 The "combined" cache layouts (core/platform.py): float [slots, L+R] and the fp8 entry [c e4m3 | fp32 scale per 128 |
 k_pe bf16] (e4m3fn, or e4m3fnuz on platforms that compute in it), dequantized in the kernel. Invalid slots (−1 or ≥ number of slots) are skipped; a token with none outputs 0.
@@ -18,11 +24,23 @@ from dsv32.core.kv_cache import latent_scale_blocks
 
 
 @triton.jit
+def _mm(a, b, IEEE: tl.constexpr):
+    """a · b with fp32 accumulation; IEEE: exact fp32 products (fp32 models)."""
+    if IEEE:
+        return tl.dot(a, b, input_precision="ieee")
+    return tl.dot(a, b)
+
+
+@triton.jit
 def _sparse_mla_kernel(q_ptr, kv_ptr, idx_ptr, out_ptr, lse_ptr, stride_qt, stride_qh, stride_it, stride_ot, stride_os,
                        stride_oh, entry_stride, n_slots, H, K, keys_per_split, scale,
                        L: tl.constexpr, R: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_R: tl.constexpr,
                        BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, FP8: tl.constexpr, NB: tl.constexpr,
-                       SB: tl.constexpr, IEEE: tl.constexpr, SPLIT: tl.constexpr, FNUZ: tl.constexpr):
+                       SB: tl.constexpr, IEEE: tl.constexpr, SPLIT: tl.constexpr, FNUZ: tl.constexpr,
+                       KEYS_MAJOR: tl.constexpr = False):
+    """KEYS_MAJOR: scores computed transposed, keys × heads (c · q_latᵀ, and the output as cᵀ · pᵀ), so the matrix
+    products have the keys (or the 512 latent channels) as their M dimension and the heads as N: with few heads per
+    program (16 per rank at TP 8) the heads-major form pads them to the matrix units' minimum M."""
     t = tl.program_id(0).to(tl.int64)
     heads = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     split = tl.program_id(2)
@@ -40,7 +58,12 @@ def _sparse_mla_kernel(q_ptr, kv_ptr, idx_ptr, out_ptr, lse_ptr, stride_qt, stri
 
     m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_H], tl.float32)
-    acc = tl.zeros([BLOCK_H, BLOCK_L], tl.float32)
+    if KEYS_MAJOR:
+        q_lat_t = tl.trans(q_lat)
+        q_pe_t = tl.trans(q_pe)
+        acc_t = tl.zeros([BLOCK_L, BLOCK_H], tl.float32)
+    else:
+        acc = tl.zeros([BLOCK_H, BLOCK_L], tl.float32)
     k_begin = split * keys_per_split
     k_end = tl.minimum(K, k_begin + keys_per_split)
     for k0 in range(k_begin, k_end, BLOCK_K):
@@ -68,21 +91,27 @@ def _sparse_mla_kernel(q_ptr, kv_ptr, idx_ptr, out_ptr, lse_ptr, stride_qt, stri
             else:
                 c = tl.load(kv_ptr + base[:, None] + offs_l[None, :], mask=lm, other=0.0).to(dtype)
                 k_pe = tl.load(kv_ptr + base[:, None] + L + offs_r[None, :], mask=rm, other=0.0).to(dtype)
-            if IEEE:
-                s = tl.dot(q_lat, tl.trans(c), input_precision="ieee") + tl.dot(q_pe, tl.trans(k_pe), input_precision="ieee")
+            if KEYS_MAJOR:
+                st = _mm(c, q_lat_t, IEEE) + _mm(k_pe, q_pe_t, IEEE)  # [BLOCK_K, BLOCK_H]
+                st = tl.where(valid[:, None], st * scale, float("-inf"))
+                m_new = tl.maximum(m_i, tl.max(st, axis=0))
+                m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+                alpha = tl.exp(m_i - m_safe)
+                pt = tl.exp(st - m_safe[None, :])
+                l_i = l_i * alpha + tl.sum(pt, axis=0)
+                acc_t = acc_t * alpha[None, :] + _mm(tl.trans(c), pt.to(dtype), IEEE)
             else:
-                s = tl.dot(q_lat, tl.trans(c)) + tl.dot(q_pe, tl.trans(k_pe))
-            s = tl.where(valid[None, :], s * scale, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, axis=1))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            alpha = tl.exp(m_i - m_safe)
-            p = tl.exp(s - m_safe[:, None])
-            l_i = l_i * alpha + tl.sum(p, axis=1)
-            if IEEE:
-                acc = acc * alpha[:, None] + tl.dot(p.to(dtype), c, input_precision="ieee")
-            else:
-                acc = acc * alpha[:, None] + tl.dot(p.to(dtype), c)
+                s = _mm(q_lat, tl.trans(c), IEEE) + _mm(q_pe, tl.trans(k_pe), IEEE)
+                s = tl.where(valid[None, :], s * scale, float("-inf"))
+                m_new = tl.maximum(m_i, tl.max(s, axis=1))
+                m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+                alpha = tl.exp(m_i - m_safe)
+                p = tl.exp(s - m_safe[:, None])
+                l_i = l_i * alpha + tl.sum(p, axis=1)
+                acc = acc * alpha[:, None] + _mm(p.to(dtype), c, IEEE)
             m_i = m_new
+    if KEYS_MAJOR:
+        acc = tl.trans(acc_t)
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
     o_ptr = out_ptr + t * stride_ot + split * stride_os + heads[:, None] * stride_oh + offs_l[None, :]
     if SPLIT:  # partial result of this split of the keys (fp32) and its log-sum-exp; _combine_kernel merges
@@ -120,10 +149,11 @@ def _combine_kernel(part_ptr, lse_ptr, out_ptr, H, NSPLIT, stride_pt, stride_ps,
 def sparse_mla_attention(q: torch.Tensor, latent_cache: torch.Tensor, topk_slots: torch.Tensor,
                          softmax_scale: float, kv_lora_rank: int, block_h: int | None = None, block_k: int | None = None,
                          num_warps: int | None = None, keys_per_split: int | None = None,
-                         num_stages: int | None = None, fnuz: bool = False) -> torch.Tensor:
-    """Tuning knobs (None: the defaults below): heads per program, keys per block, warps, and keys per split
-    (flash-decoding: few query tokens spread their keys over several programs, merged by a second kernel). fnuz: the
-    fp8 cache holds e4m3fnuz."""
+                         num_stages: int | None = None, fnuz: bool = False,
+                         keys_major: bool | None = None) -> torch.Tensor:
+    """Tuning knobs (None: the defaults below): heads per program, keys per block, warps, keys per split
+    (flash-decoding: few query tokens spread their keys over several programs, merged by a second kernel) and the
+    keys-major form (KEYS_MAJOR in the kernel). fnuz: the fp8 cache holds e4m3fnuz."""
     T, H, D = q.shape
     L, R = kv_lora_rank, D - kv_lora_rank
     q = q.contiguous()
@@ -161,7 +191,7 @@ def sparse_mla_attention(q: torch.Tensor, latent_cache: torch.Tensor, topk_slots
         pool.stride(0), n_slots, H, K, keys_per_split, softmax_scale,
         L=L, R=R, BLOCK_L=block_l, BLOCK_R=max(16, triton.next_power_of_2(R)),
         BLOCK_H=block_h, BLOCK_K=block_k, FP8=fp8, NB=latent_scale_blocks(L), SB=min(128, block_l), IEEE=ieee,
-        SPLIT=nsplit > 1, FNUZ=fnuz, num_warps=num_warps or (4 if block_h <= 16 else 8),
+        SPLIT=nsplit > 1, FNUZ=fnuz, KEYS_MAJOR=bool(keys_major), num_warps=num_warps or (4 if block_h <= 16 else 8),
         **({"num_stages": num_stages} if num_stages else {}))
     if nsplit > 1:
         _combine_kernel[(T, H)](part, lse, out, H, nsplit, part.stride(0), part.stride(1), part.stride(2),

@@ -151,6 +151,28 @@ def test_sparse_mla_attention_split_keys(fp8):
         assert torch.equal(sparse_mla_attention(q, cache.latent[0], padded, 0.2, 32, block_k=16, keys_per_split=kps), got)
 
 
+@pytest.mark.parametrize("fp8", [False, True], ids=["float-cache", "fp8-cache"])
+@pytest.mark.parametrize("H,kps", [(4, None), (19, 16), (16, 32)])
+def test_sparse_mla_attention_keys_major(fp8, H, kps):
+    """The keys-major form (scores as keys × heads; for few heads per program) matches the reference, with and
+    without key splits, invalid and out-of-range slots and a row with no valid key."""
+    from dsv32.backends.triton.attention import sparse_mla_attention
+
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    cache, slots, g = _latent_setup(dev, torch.float32, 50, 32, 16, 8, fp8, H)
+    q = (torch.randn(3, H, 48, generator=g) / 7).to(dev)
+    idx = slots.cpu()[torch.stack([torch.randperm(50, generator=g)[:40] for _ in range(3)])].to(torch.int32)
+    idx[torch.rand(3, 40, generator=g) < 0.2] = -1
+    idx[1] = -1
+    idx[0, -1] = 10**7
+    idx = idx.to(dev)
+    want = ReferenceOps(dev).sparse_mla_attention(q, cache.latent[0], idx, 0.2, 32)
+    got = sparse_mla_attention(q, cache.latent[0], idx, 0.2, 32, block_h=16, block_k=16, keys_per_split=kps,
+                               keys_major=True)
+    close(got, want, torch.float32)
+    assert torch.count_nonzero(got[1]) == 0
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("backend", backends_under_test())
 @pytest.mark.parametrize("fp8", [False, True], ids=["bf16-cache", "fp8-cache"])
