@@ -1,7 +1,7 @@
 """Kernel benchmarks at DeepSeek-V3.2 shapes on one GPU, against ceilings measured in the same run.
 
     python benchmarks/bench_kernels.py [--backend cuda] [--only indexer,topk,mla,moe,gemm] [--quick]
-        [--out benchmarks/results/kernels.json]
+        [--mla-heads 128,16] [--out benchmarks/results/kernels.json]
 
 Each row: median ms (CUDA-graph replay, cold L2), the bytes and FLOPs the op must move/do at minimum (stated per
 section), and achieved GB/s and TFLOP/s as ratios of the measured copy bandwidth and fp8 (or bf16) GEMM rate.
@@ -10,8 +10,9 @@ Sections:
            4k/16k tokens, causal): logits over the fp8 paged keys + top-2048, ops.indexer_topk. Floor bytes: keys
            (132 B/token) + queries; FLOPs: 2·64 heads·128·keys per query (fp8).
   topk     top-2048 alone over fp32 logit rows of the same sizes (bytes: the row read once).
-  mla      sparse MLA, 128 heads, 2048 selected keys per query: decode batch 1/32/128 (bf16 and fp8 cache) and prefill
-           of 4096 queries (bf16 cache). FLOPs 2·128·2048·(576+512) per query (bf16 rate); bytes: selected entries.
+  mla      sparse MLA, 128 heads (--mla-heads: also a TP rank's share, e.g. 16 at TP 8, with the Triton kernel's
+           heads-major and keys-major forms side by side), 2048 selected keys per query: decode batch 1/32/128 (bf16
+           and fp8 cache) and prefill of 4096 queries (bf16 cache; both caches below 128 heads). FLOPs 2·128·2048·(576+512) per query (bf16 rate); bytes: selected entries.
            Prefill is also compared with FlashMLA's published 640 TFLOP/s (H800) for its sparse prefill kernel.
   moe      256 FP8 experts (7168→2048→7168), top-8 of random router logits, 1/32/256/4096 tokens: bytes = distinct
            experts' weights + scales; FLOPs = tokens·8·2·3·7168·2048.
@@ -93,11 +94,12 @@ def bench_indexer(ops, ceil, quick):
     return {"indexer": rows, "topk": trows}
 
 
-def bench_mla(ops, ceil, quick):
+def bench_mla(ops, ceil, quick, heads=(128,)):
     from dsv32.backends.reference.ops import ReferenceOps
+    from dsv32.backends.triton.attention import sparse_mla_attention
     from dsv32.core.kv_cache import KVCache, KVCacheSpec, latent_entry_bytes
 
-    H, L, R, n_tokens = 128, 512, 64, 1 << 17
+    L, R, n_tokens = 512, 64, 1 << 17
     rows = []
     for cache_dtype in ("bf16", "fp8"):
         spec = KVCacheSpec(1, n_tokens // PAGE, PAGE, L, R, DI, "fp8_e4m3" if cache_dtype == "fp8" else torch.bfloat16,
@@ -106,22 +108,34 @@ def bench_mla(ops, ceil, quick):
         ReferenceOps(dev).write_latent_cache(cache.latent[0], torch.randn(n_tokens, L, device=dev),
                                              torch.randn(n_tokens, R, device=dev), torch.arange(n_tokens, device=dev))
         entry = latent_entry_bytes(L, R) if cache_dtype == "fp8" else (L + R) * 2
-        cases = [("decode", t) for t in (1, 32, 128)] + ([("prefill", 4096)] if cache_dtype == "bf16" else [])
-        if quick:
-            cases = cases[1:2] + cases[3:]
-        for mode, T in cases:
-            q = torch.randn(T, H, L + R, dtype=torch.bfloat16, device=dev) / 24
-            idx = torch.randint(0, n_tokens, (T, TOPK), device=dev, dtype=torch.int32)
-            ms, graphed = time_ms(lambda: ops.sparse_mla_attention(q, cache.latent[0], idx, 0.1352338, L), iters=10)
-            flops = 2 * T * H * TOPK * (L + R + L)
-            bytes_ = T * TOPK * entry + q.numel() * 2 + T * H * L * 2 + idx.numel() * 4
-            r = {"mode": mode, "cache": cache_dtype, "queries": T, "graph": graphed,
-                 **rate_row(ms, bytes_, flops, ceil, "bf16")}
-            if mode == "prefill":
-                r["vs_flashmla_640"] = round(r["TFLOPs"] / 640, 3)
-            rows.append(r)
-    print_table("sparse MLA (128 heads, top-2048 keys per query)", rows,
-                ["mode", "cache", "queries", "ms", "GBps", "bw_ratio", "TFLOPs", "flop_ratio", "vs_flashmla_640"])
+        for H in heads:
+            cases = [("decode", t) for t in (1, 32, 128)] + ([("prefill", 4096)] if cache_dtype == "bf16" or H < 128
+                                                             else [])
+            if quick:
+                cases = cases[1:2] + cases[3:]
+            # the op as the backend runs it; with few heads per program (a TP rank's share) also the Triton kernel's
+            # forms by hand: heads-major with 16-head blocks and keys-major (backends/triton/attention.py)
+            forms = {"op": lambda q, idx: ops.sparse_mla_attention(q, cache.latent[0], idx, 0.1352338, L)}
+            if H <= 32:
+                for name, kw in (("heads-major 16", dict(block_h=16, num_warps=4)),
+                                 ("keys-major 64 keys, 4 warps", dict(block_h=16, block_k=64, num_warps=4, keys_major=True)),
+                                 ("keys-major 64 keys, 8 warps", dict(block_h=16, block_k=64, num_warps=8, keys_major=True))):
+                    forms[name] = lambda q, idx, kw=kw: sparse_mla_attention(q, cache.latent[0], idx, 0.1352338, L, **kw)
+            for mode, T in cases:
+                q = torch.randn(T, H, L + R, dtype=torch.bfloat16, device=dev) / 24
+                idx = torch.randint(0, n_tokens, (T, TOPK), device=dev, dtype=torch.int32)
+                for form, fn in forms.items():
+                    ms, graphed = time_ms(lambda: fn(q, idx), iters=10)
+                    flops = 2 * T * H * TOPK * (L + R + L)
+                    bytes_ = T * TOPK * entry + q.numel() * 2 + T * H * L * 2 + idx.numel() * 4
+                    r = {"mode": mode, "cache": cache_dtype, "heads": H, "form": form, "queries": T, "graph": graphed,
+                         **rate_row(ms, bytes_, flops, ceil, "bf16")}
+                    if mode == "prefill":
+                        r["vs_flashmla_640"] = round(r["TFLOPs"] / 640, 3)
+                    rows.append(r)
+    print_table("sparse MLA (top-2048 keys per query)", rows,
+                ["mode", "cache", "heads", "form", "queries", "ms", "GBps", "bw_ratio", "TFLOPs", "flop_ratio",
+                 "vs_flashmla_640"])
     return {"sparse_mla": rows}
 
 
@@ -187,6 +201,8 @@ def main() -> None:
     p.add_argument("--backend", default="cuda")
     p.add_argument("--only", default="indexer,mla,moe,gemm", help="comma-separated sections (topk runs with indexer)")
     p.add_argument("--quick", action="store_true", help="one or two sizes per section")
+    p.add_argument("--mla-heads", default="128",
+                   help="comma-separated head counts for the mla section (128: one GPU; 16: a rank of TP 8)")
     p.add_argument("--out", default="benchmarks/results/kernels.json")
     args = p.parse_args()
     ops = gpu_ops(args.backend)
@@ -194,7 +210,8 @@ def main() -> None:
     payload = {**header(ceil), "backend": args.backend}
     sections = {"indexer": bench_indexer, "mla": bench_mla, "moe": bench_moe, "gemm": bench_gemm}
     for name in args.only.split(","):
-        payload.update(sections[name](ops, ceil, args.quick))
+        extra = {"heads": tuple(int(h) for h in args.mla_heads.split(","))} if name == "mla" else {}
+        payload.update(sections[name](ops, ceil, args.quick, **extra))
         torch.cuda.empty_cache()
     write_json(args.out, payload)
 
