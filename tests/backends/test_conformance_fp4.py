@@ -101,9 +101,14 @@ def _experts(E, I, K, fmt, act, seed):
 
 @pytest.mark.parametrize("fmt,act", FORMATS, ids=IDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("T,E,top_k,I,K", [(3, 4, 2, 32, 64), (21, 8, 3, 96, 160), (40, 4, 2, 32, 64)],
-                         ids=["vector-units", "vector-units-partial-tiles", "matrix-units"])  # ≤ / > GEMV_PAIRS
-def test_fp4_moe_experts(fmt, act, dtype, T, E, top_k, I, K):
+@pytest.mark.parametrize("T,E,top_k,I,K,gemv_pairs", [(3, 4, 2, 32, 64, None), (21, 8, 3, 96, 160, None),
+                                                       (40, 4, 2, 32, 64, 0), (700, 8, 3, 32, 64, None)],
+                         ids=["vector-units", "vector-units-partial-tiles", "matrix-units", "matrix-units-large-tiles"])
+def test_fp4_moe_experts(fmt, act, dtype, T, E, top_k, I, K, gemv_pairs, monkeypatch):
+    """Both forms: one pair per program (≤ GEMV_PAIRS pairs; 0 forces the matrix units) and the matrix-unit
+    kernels with their small (≤ 2048 pairs) and large tiles (700 × 3 = 2100 pairs)."""
+    if gemv_pairs is not None:
+        monkeypatch.setattr(tfp4, "GEMV_PAIRS", gemv_pairs)
     ref = ReferenceOps(DEV)
     experts = _experts(E, I, K, fmt, act, T)
     g = torch.Generator().manual_seed(T + E)
@@ -158,7 +163,7 @@ def test_fp4_v32_shapes_cuda(fmt, act):
             _check(tfp4.fp4_linear(x, w, fp32_denormals=f32), want, torch.bfloat16)
     E, I, K, top_k = 32, 2048, 7168, 8
     experts = _experts(E, I, K, fmt, act, 1)
-    for T in (1, 8, 40):  # 8 and 64 pairs: vector units; 320: matrix units
+    for T in (1, 8, 40, 64, 300):  # 8 / 64 / 320 pairs: vector units; 512: matrix units; 2400: their large tiles
         g = torch.Generator().manual_seed(T)
         x = torch.randn(T, K, generator=g).to(DEV, torch.bfloat16)
         ids = torch.stack([torch.randperm(E, generator=g)[:top_k] for _ in range(T)]).to(DEV)
