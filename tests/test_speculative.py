@@ -147,15 +147,24 @@ def test_speculation_with_penalties_logprobs_stops(mtp_text_dir):
     assert llm.stats()["avg_spec_accept_length"] > 1.5
 
 
+def _verify_impl(name):
+    """Ops.verify of the reference backend (row by row) or of the GPU backends (batched torch ops, also on the CPU)."""
+    from dsv32.backends.reference.ops import ReferenceOps
+    from dsv32.backends.triton import sampling
+
+    return ReferenceOps() if name == "reference" else sampling
+
+
+@pytest.mark.parametrize("impl", ["reference", "batched"])
 @pytest.mark.parametrize("kw", [dict(temperature=1.0), dict(temperature=0.7, top_k=3), dict(temperature=1.3, top_p=0.8),
                                 dict(temperature=1.0, min_p=0.2)])
-def test_rejection_sampling_preserves_the_target_distribution(kw):
+def test_rejection_sampling_preserves_the_target_distribution(kw, impl):
     """Ops.verify with a one-hot draft: the emitted token's frequencies over N draws match the target distribution p
     (as `sample` defines it from the row's parameters). Bound: every token's frequency within 5 standard errors
     (sqrt(p(1-p)/N)) + 1e-3 of p; the draft is accepted with frequency p(draft). Seeded: deterministic."""
-    from dsv32.backends.reference.ops import ReferenceOps, _sampling_probs
+    from dsv32.backends.reference.ops import _sampling_probs
 
-    ops = ReferenceOps()
+    ops = _verify_impl(impl)
     V, N = 8, 20000
     logits = torch.tensor([[2.0, 1.5, 1.0, 0.5, 0.0, -0.5, -1.0, 3.0]])
     p = _sampling_probs(logits[0], kw["temperature"], kw.get("top_p", 1.0), kw.get("top_k", -1), kw.get("min_p", 0.0))
@@ -171,13 +180,32 @@ def test_rejection_sampling_preserves_the_target_distribution(kw):
         assert ((freq - p).abs() <= bound).all(), (draft, freq, p)
 
 
-def test_greedy_verify_accepts_only_the_argmax():
-    from dsv32.backends.reference.ops import ReferenceOps
-
+@pytest.mark.parametrize("impl", ["reference", "batched"])
+def test_greedy_verify_accepts_only_the_argmax(impl):
     logits = torch.tensor([[0.0, 3.0, 1.0], [2.0, 0.0, 1.0], [0.0, 0.0, 5.0]])
     z = torch.zeros(3)
-    out = ReferenceOps().verify(logits, torch.tensor([1, 2, -1]), z, z + 1, torch.full((3,), -1), z, [None] * 3)
+    out = _verify_impl(impl).verify(logits, torch.tensor([1, 2, -1]), z, z + 1, torch.full((3,), -1), z, [None] * 3)
     assert out.tolist() == [1, 0, 2]
+
+
+def test_batched_verify_mixes_rows_and_is_seeded():
+    """One batch of greedy, drafted and undrafted sampled rows: greedy rows emit the argmax, a draft the target
+    cannot produce (top-k cut) is never emitted, a sure draft (p = 1 after top-k 1) always is, and seeded rows give
+    the same tokens in any batch (their own generator draws their uniforms and noise)."""
+    from dsv32.backends.triton.sampling import verify
+
+    logits = torch.tensor([[0.0, 3.0, 1.0, 0.5], [2.0, 0.0, 1.0, 0.5], [0.1, 0.2, 0.3, 0.4], [1.0, 2.0, 3.0, 4.0]])
+    temps = torch.tensor([0.0, 1.0, 1.0, 1.0])
+    top_k = torch.tensor([-1, 2, -1, 1])
+    ones, zeros = torch.ones(4), torch.zeros(4)
+    drafts = torch.tensor([1, 1, -1, 3])  # row 1: token 1 is outside its top 2 (tokens 0, 2)
+    for seed in range(20):
+        gens = [None, torch.Generator().manual_seed(seed), torch.Generator().manual_seed(100 + seed), None]
+        out = verify(logits, drafts, temps, ones, top_k, zeros, gens).tolist()
+        assert out[0] == 1 and out[1] in (0, 2) and out[3] == 3
+        alone = verify(logits[2:3], drafts[2:3], temps[2:3], ones[:1], top_k[2:3], zeros[:1],
+                       [torch.Generator().manual_seed(100 + seed)])
+        assert alone.tolist() == [out[2]]
 
 
 def test_speculative_flag_errors(mtp_dir, tiny_dir):

@@ -187,6 +187,11 @@ class TritonOps(Ops):
 
         return sample(logits, temperatures, top_ps, top_ks, min_ps, generators)
 
+    def verify(self, logits, drafts, temperatures, top_ps, top_ks, min_ps, generators):
+        from dsv32.backends.triton.sampling import verify
+
+        return verify(logits, drafts, temperatures, top_ps, top_ks, min_ps, generators)
+
     # ---- the platform, device graphs and events: torch.cuda covers CUDA and HIP (ROCm) ----------------------------
     def platform(self) -> Platform:
         on_gpu = self.device.type == "cuda"
