@@ -3,7 +3,7 @@ build it (random weights, `--load-format dummy`), its memory, and the time of it
 in (no communication), so the step times are the rank's own compute, a lower bound for the real multi-GPU run.
 
     python benchmarks/bench_rank_shard.py [--tp 8] [--rank 0] [--layers 61] [--concurrency 1,8] \
-        [--input 4096] [--output 64] [--out benchmarks/results/rank_shard.json]
+        [--input 4096] [--output 64] [--mla-keys-major] [--out benchmarks/results/rank_shard.json]
 
 Model: the official DeepSeek-V3.2 config (`core.config.deepseek_v32_config`, FP8-block weights) with --layers
 decoder layers; fp8 KV cache; graphs and overlap on; --mem-fraction-static of the device as `dsv32 serve` would.
@@ -93,9 +93,20 @@ def run(args) -> dict:
         scheduler=SchedulerConfig(max_model_len=args.input + args.output + 64, max_running_requests=max(concs),
                                   graph_max_bs=max(concs) if args.device != "cpu" else None),
         parallel=parallel)
+    if getattr(args, "mla_keys_major", False):  # the Triton sparse-MLA kernel's keys-major form (attention.py)
+        from dsv32.backends.triton.ops import TritonOps
+
+        TritonOps.mla_tiles = lambda self, fp8_cache: dict(block_h=16, block_k=64, num_warps=4, keys_major=True)
     t0 = time.perf_counter()
     core = build_engine_core(config, groups=stand_in_groups(parallel, args.rank))
     startup = time.perf_counter() - t0
+    if getattr(args, "mla_keys_major", False):
+        from dsv32.backends.triton.ops import TritonOps
+
+        ops = core.engine.ops
+        if not isinstance(ops, TritonOps) or getattr(ops, "_flashmla_auto", None):
+            raise SystemExit(f"--mla-keys-major: sparse MLA here does not run the Triton kernel ({type(ops).__name__}"
+                             f"{', FlashMLA' if getattr(ops, '_flashmla_auto', None) else ''})")
     gib = 1024 ** 3
     mem = {k: (round(v / gib, 2) if isinstance(v, int) and k != "max_tokens" else v) for k, v in core.memory.items()}
     print(f"rank {args.rank} of TP {args.tp}: built in {startup:.1f} s; memory {mem}", flush=True)
@@ -144,6 +155,8 @@ def main() -> None:
     p.add_argument("--mem-fraction-static", type=float, default=0.85)
     p.add_argument("--device", default="cuda")
     p.add_argument("--config-overrides", default="{}", help="JSON merged into the config (tests: a tiny model)")
+    p.add_argument("--mla-keys-major", action="store_true",
+                   help="run the Triton sparse-MLA kernel in its keys-major form (16 heads, 64 keys per block)")
     p.add_argument("--out", default="benchmarks/results/rank_shard.json")
     args = p.parse_args()
     res = run(args)
