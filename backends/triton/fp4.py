@@ -101,7 +101,8 @@ def _gemv_rows(x_ptr, w_row, s_row, nmask, k2_lo, k2_hi, NV: tl.constexpr, GROUP
     activations are read as stored; the products are summed per scale group inside each thread, the group scale
     multiplies that sum, and the rows are reduced once, after the loop. F32: the codes stay denormal (value · 2^-126)
     and the activations are scaled by 2^64 instead, once per element of x rather than of W — the products
-    (value · x · 2^-62) are exact unless |value · x| < 2^-64, and x overflows only beyond 2^64 —, the sum by 2^62."""
+    (value · x · 2^-62) are exact unless |value · x| < 2^-64, and x overflows only beyond 2^64 —, the sum by 2^62.
+    EVEN: BK2 divides k2_hi − k2_lo (and k2_lo), so no step needs a K mask."""
     NG: tl.constexpr = 2 * BK2 // GROUP
     xcols = tl.arange(0, 2 * BK2)
     acc = tl.zeros([BN, NG], tl.float32)
