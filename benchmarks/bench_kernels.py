@@ -12,7 +12,8 @@ Sections:
   topk     top-2048 alone over fp32 logit rows of the same sizes (bytes: the row read once).
   mla      sparse MLA, 128 heads (--mla-heads: also a TP rank's share, e.g. 16 at TP 8, with the Triton kernel's
            heads-major and keys-major forms side by side), 2048 selected keys per query: decode batch 1/32/128 (bf16
-           and fp8 cache) and prefill of 4096 queries (bf16 cache; both caches below 128 heads). FLOPs 2·128·2048·(576+512) per query (bf16 rate); bytes: selected entries.
+           and fp8 cache) and prefill of 4096 queries (bf16 cache; both caches below 128 heads). FLOPs
+           2·heads·2048·(576+512) per query (bf16 rate); bytes: selected entries.
            Prefill is also compared with FlashMLA's published 640 TFLOP/s (H800) for its sparse prefill kernel.
   moe      256 FP8 experts (7168→2048→7168), top-8 of random router logits, 1/32/256/4096 tokens: bytes = distinct
            experts' weights + scales; FLOPs = tokens·8·2·3·7168·2048.

@@ -93,20 +93,20 @@ def run(args) -> dict:
         scheduler=SchedulerConfig(max_model_len=args.input + args.output + 64, max_running_requests=max(concs),
                                   graph_max_bs=max(concs) if args.device != "cpu" else None),
         parallel=parallel)
-    if getattr(args, "mla_keys_major", False):  # the Triton sparse-MLA kernel's keys-major form (attention.py)
+    keys_major = getattr(args, "mla_keys_major", False)
+    if keys_major:  # the Triton sparse-MLA kernel's keys-major form (attention.py), in every step and graph
         from dsv32.backends.triton.ops import TritonOps
 
         TritonOps.mla_tiles = lambda self, fp8_cache: dict(block_h=16, block_k=64, num_warps=4, keys_major=True)
     t0 = time.perf_counter()
     core = build_engine_core(config, groups=stand_in_groups(parallel, args.rank))
     startup = time.perf_counter() - t0
-    if getattr(args, "mla_keys_major", False):
-        from dsv32.backends.triton.ops import TritonOps
-
+    if keys_major:
         ops = core.engine.ops
-        if not isinstance(ops, TritonOps) or getattr(ops, "_flashmla_auto", None):
+        flashmla = getattr(ops, "_flashmla_auto", None)
+        if not isinstance(ops, TritonOps) or flashmla:
             raise SystemExit(f"--mla-keys-major: sparse MLA here does not run the Triton kernel ({type(ops).__name__}"
-                             f"{', FlashMLA' if getattr(ops, '_flashmla_auto', None) else ''})")
+                             f"{', FlashMLA' if flashmla else ''})")
     gib = 1024 ** 3
     mem = {k: (round(v / gib, 2) if isinstance(v, int) and k != "max_tokens" else v) for k, v in core.memory.items()}
     print(f"rank {args.rank} of TP {args.tp}: built in {startup:.1f} s; memory {mem}", flush=True)

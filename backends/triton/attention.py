@@ -20,15 +20,8 @@ import triton
 import triton.language as tl
 
 from dsv32.backends.triton.gemm import num_sms
+from dsv32.backends.triton.moe import _dot
 from dsv32.core.kv_cache import latent_scale_blocks
-
-
-@triton.jit
-def _mm(a, b, IEEE: tl.constexpr):
-    """a · b with fp32 accumulation; IEEE: exact fp32 products (fp32 models)."""
-    if IEEE:
-        return tl.dot(a, b, input_precision="ieee")
-    return tl.dot(a, b)
 
 
 @triton.jit
@@ -92,23 +85,23 @@ def _sparse_mla_kernel(q_ptr, kv_ptr, idx_ptr, out_ptr, lse_ptr, stride_qt, stri
                 c = tl.load(kv_ptr + base[:, None] + offs_l[None, :], mask=lm, other=0.0).to(dtype)
                 k_pe = tl.load(kv_ptr + base[:, None] + L + offs_r[None, :], mask=rm, other=0.0).to(dtype)
             if KEYS_MAJOR:
-                st = _mm(c, q_lat_t, IEEE) + _mm(k_pe, q_pe_t, IEEE)  # [BLOCK_K, BLOCK_H]
+                st = _dot(c, q_lat_t, IEEE) + _dot(k_pe, q_pe_t, IEEE)  # [BLOCK_K, BLOCK_H]
                 st = tl.where(valid[:, None], st * scale, float("-inf"))
                 m_new = tl.maximum(m_i, tl.max(st, axis=0))
                 m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
                 alpha = tl.exp(m_i - m_safe)
                 pt = tl.exp(st - m_safe[None, :])
                 l_i = l_i * alpha + tl.sum(pt, axis=0)
-                acc_t = acc_t * alpha[None, :] + _mm(tl.trans(c), pt.to(dtype), IEEE)
+                acc_t = acc_t * alpha[None, :] + _dot(tl.trans(c), pt.to(dtype), IEEE)
             else:
-                s = _mm(q_lat, tl.trans(c), IEEE) + _mm(q_pe, tl.trans(k_pe), IEEE)
+                s = _dot(q_lat, tl.trans(c), IEEE) + _dot(q_pe, tl.trans(k_pe), IEEE)
                 s = tl.where(valid[None, :], s * scale, float("-inf"))
                 m_new = tl.maximum(m_i, tl.max(s, axis=1))
                 m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
                 alpha = tl.exp(m_i - m_safe)
                 p = tl.exp(s - m_safe[:, None])
                 l_i = l_i * alpha + tl.sum(p, axis=1)
-                acc = acc * alpha[:, None] + _mm(p.to(dtype), c, IEEE)
+                acc = acc * alpha[:, None] + _dot(p.to(dtype), c, IEEE)
             m_i = m_new
     if KEYS_MAJOR:
         acc = tl.trans(acc_t)
