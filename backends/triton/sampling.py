@@ -47,15 +47,20 @@ def _filtered(logits: torch.Tensor, temperatures: torch.Tensor, top_ps: torch.Te
     return greedy_tokens, greedy, probs
 
 
+def _random_(t: torch.Tensor, generators: list, method: str) -> torch.Tensor:
+    """t filled in place by `method` (uniform_, exponential_), each seeded row from its own generator."""
+    if all(g is None for g in generators):
+        getattr(t, method)()
+    else:
+        for i, g in enumerate(generators):
+            getattr(t[i], method)(generator=g)
+    return t
+
+
 def _race(weights: torch.Tensor, generators: list) -> torch.Tensor:
     """A draw per row from the (unnormalized, non-negative) weights: argmax(w / E), E ~ Exp(1); seeded rows draw
     their noise from their own generator."""
-    noise = torch.empty_like(weights)
-    if all(g is None for g in generators):
-        noise.exponential_()
-    else:
-        for i, g in enumerate(generators):
-            noise[i].exponential_(generator=g)
+    noise = _random_(torch.empty_like(weights), generators, "exponential_")
     # Exp(1) noise can be 0 (a uniform draw of exactly 1): 0/0 would be NaN, which argmax takes. Banned tokens never win.
     return (weights / noise).masked_fill(weights <= 0, -1.0).argmax(-1)
 
@@ -82,12 +87,7 @@ def verify(logits: torch.Tensor, drafts: torch.Tensor, temperatures: torch.Tenso
     has = d >= 0
     at = d.clamp(min=0)[:, None]
     p_draft = probs.gather(1, at)[:, 0] / probs.sum(-1).clamp(min=1e-30)  # min-p leaves the weights unnormalized
-    u = torch.empty(probs.shape[0], device=dev)
-    if all(g is None for g in generators):
-        u.uniform_()
-    else:
-        for i, g in enumerate(generators):
-            u[i:i + 1].uniform_(generator=g)
+    u = _random_(torch.empty(probs.shape[0], device=dev), generators, "uniform_")
     accept = has & (u < p_draft)
     rest = torch.where(has[:, None], probs.scatter(1, at, 0.0), probs)
     sampled = torch.where(accept, d, _race(rest, generators))
